@@ -1,0 +1,41 @@
+"""lora_jax: Low-Rank Adaptation as a pure parameter-tree transform.
+
+    spec = lora_jax.LoraSpec([lora_jax.Rule(r".*/(query|value)/kernel", rank=8)])
+    lora = lora_jax.init(key, params, spec)          # {"...": {"a": A, "b": B}}
+    p = lora_jax.combine(params, lora, spec)         # W0 + s A@B, inside jit
+    serving = lora_jax.merge(params, lora, spec)     # plain tree, base dtypes
+"""
+
+from lora_jax.adapters import adapter_count
+from lora_jax.combine import combine
+from lora_jax.describe import Description, describe
+from lora_jax.errors import AdapterMismatchError, LoraError, SpecError
+from lora_jax.initializers import init
+from lora_jax.merge import merge, unmerge
+from lora_jax.optim import adapter_only, trainable_labels
+from lora_jax.plan import KernelLayout, Target, plan
+from lora_jax.spec import LoraSpec, Rule, freeze, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterMismatchError",
+    "Description",
+    "KernelLayout",
+    "LoraError",
+    "LoraSpec",
+    "Rule",
+    "SpecError",
+    "Target",
+    "adapter_count",
+    "adapter_only",
+    "combine",
+    "describe",
+    "freeze",
+    "init",
+    "merge",
+    "plan",
+    "train",
+    "trainable_labels",
+    "unmerge",
+]

@@ -1,0 +1,87 @@
+"""The adapter tree: its layout, and the check that it fits a base tree and spec.
+
+An adapter tree (``lora``) is a nested dict that mirrors the base tree's paths.
+At each adapted kernel's path it holds ``{"a": A [*stack, *in, r],
+"b": B [*stack, r, *out]}``; at each fully trainable leaf's path it holds the
+trainable copy of that leaf. Nothing else is in it, so every leaf of ``lora``
+is trainable and ``lora`` can go straight to ``jax.grad``, optax or orbax.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from lora_jax.errors import AdapterMismatchError
+from lora_jax.paths import PathTuple, flatten, path_str
+from lora_jax.plan import Target, abstract_leaf, plan
+from lora_jax.spec import LoraSpec
+
+A_KEY = "a"
+B_KEY = "b"
+
+
+def expected_leaves(targets: tuple[Target, ...]) -> dict[PathTuple, tuple[tuple[int, ...], Target]]:
+    """Path of each adapter-tree leaf -> (its shape, the target it belongs to)."""
+    expected = {}
+    for target in targets:
+        if target.layout is None:
+            expected[target.path] = (target.shape, target)
+        else:
+            expected[(*target.path, A_KEY)] = (target.a_shape, target)
+            expected[(*target.path, B_KEY)] = (target.b_shape, target)
+    return expected
+
+
+def check_fits(targets: tuple[Target, ...], lora: Any) -> dict[PathTuple, Any]:
+    """Check that ``lora`` has exactly the leaves and shapes ``targets`` call for.
+
+    Returns:
+      The adapter-tree leaves by path.
+
+    Raises:
+      AdapterMismatchError: naming the first missing, unexpected or misshapen path.
+    """
+    expected = expected_leaves(targets)
+    found, _ = flatten(lora)
+    leaves = dict(found)
+    missing = [p for p in expected if p not in leaves]
+    if missing:
+        raise AdapterMismatchError(
+            f"adapter tree has no leaf at {path_str(missing[0])} "
+            f"({len(missing)} missing); was it made for another spec or base tree?"
+        )
+    extra = [p for p in leaves if p not in expected]
+    if extra:
+        raise AdapterMismatchError(
+            f"adapter tree has a leaf at {path_str(extra[0])} that the spec does not adapt "
+            f"({len(extra)} unexpected); was it made for another spec or base tree?"
+        )
+    for path, value in leaves.items():
+        want = expected[path][0]
+        got = abstract_leaf(value)
+        if tuple(got.shape) != tuple(want):
+            raise AdapterMismatchError(f"adapter leaf {path_str(path)} has shape {tuple(got.shape)}, expected {want}")
+        if not np.issubdtype(got.dtype, np.floating):
+            raise AdapterMismatchError(f"adapter leaf {path_str(path)} has dtype {got.dtype}, expected floating")
+    return leaves
+
+
+def resolve(params: Any, lora: Any, spec: LoraSpec) -> list[tuple[Target, Any]]:
+    """Pair each target with its adapter value: ``(A, B)`` or the trainable leaf."""
+    targets = plan(params, spec)
+    leaves = check_fits(targets, lora)
+    pairs = []
+    for target in targets:
+        if target.layout is None:
+            pairs.append((target, leaves[target.path]))
+        else:
+            pairs.append((target, (leaves[(*target.path, A_KEY)], leaves[(*target.path, B_KEY)])))
+    return pairs
+
+
+def adapter_count(lora: Any) -> int:
+    """Number of scalars in an adapter tree."""
+    return sum(int(np.prod(abstract_leaf(x).shape)) for x in jax.tree_util.tree_leaves(lora))

@@ -1,0 +1,67 @@
+"""``combine``: the materialized application ``W = W0 + s * A @ B``, for any model.
+
+``combine`` returns a tree with the base's structure and dtypes, so any
+function of a param tree (a linen ``apply``, ``nnx.merge``, a plain function)
+runs on it unchanged. Its cost: a kernel-sized temporary per adapted leaf and,
+under ``jax.grad``, a kernel-sized gradient that is then projected onto A and B.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.adapters import resolve
+from lora_jax.errors import LoraError
+from lora_jax.paths import flatten
+from lora_jax.spec import LoraSpec
+
+
+def add_updates(params: Any, lora: Any, spec: LoraSpec, sign: float) -> Any:
+    """``W0 + sign * s * A @ B`` for each adapted kernel, accumulated in float32.
+
+    Fully trainable leaves take their value from ``lora`` when ``sign > 0`` and
+    are left as they are otherwise. Every leaf keeps the base's dtype.
+    """
+    pairs = resolve(params, lora, spec)
+    flat, treedef = flatten(params)
+    leaves = [leaf for _, leaf in flat]
+    index = {path: i for i, (path, _) in enumerate(flat)}
+    for target, value in pairs:
+        i = index[target.path]
+        base = jnp.asarray(leaves[i])
+        if target.layout is None:
+            if sign > 0:
+                leaves[i] = jnp.asarray(value).astype(base.dtype)
+            continue
+        a, b = value
+        update = (sign * target.rule.scale) * target.layout.delta(a, b)
+        leaves[i] = (base.astype(jnp.float32) + update).astype(base.dtype)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def combine(params: Any, lora: Any, spec: LoraSpec, *, dropout_rng: jax.Array | None = None) -> Any:
+    """Base params with each adapted kernel replaced by ``W0 + s * A @ B``.
+
+    Use it inside the jitted loss and differentiate with respect to ``lora``;
+    the base, closed over, gets no gradient.
+
+    Args:
+      params: the frozen base tree; kernels of any shape per the spec's layouts.
+      lora: the adapter tree from :func:`lora_jax.init` (A ``[*stack, *in, r]``,
+        B ``[*stack, r, *out]``), plus fully trainable leaves.
+      spec: the spec ``lora`` was made with.
+      dropout_rng: must be ``None``. LoRA dropout acts on the adapter's input
+        activations, which a materialized weight cannot express.
+
+    Returns:
+      A tree with ``params``' structure, shapes and dtypes.
+    """
+    if dropout_rng is not None and spec.has_dropout:
+        raise LoraError(
+            "combine materializes W0 + s*A@B and cannot apply LoRA dropout to the adapter input; "
+            "use the factored path (lora_jax.factored) for dropout, or call combine without dropout_rng"
+        )
+    return add_updates(params, lora, spec, sign=1.0)

@@ -1,0 +1,81 @@
+"""``describe``: what a spec does to a base tree, as a table with totals."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+
+from lora_jax.plan import Target, abstract_leaf, plan
+from lora_jax.spec import LoraSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Description:
+    """The targets of a spec on a base tree; ``str()`` gives the table."""
+
+    targets: tuple[Target, ...]
+    base_size: int
+
+    @property
+    def trainable_size(self) -> int:
+        """Scalars that train: adapter entries plus fully trainable leaves."""
+        return sum(t.trainable_size for t in self.targets)
+
+    @property
+    def adapter_size(self) -> int:
+        """Scalars in (A, B) pairs only."""
+        return sum(t.trainable_size for t in self.targets if t.layout is not None)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_size / self.base_size if self.base_size else 0.0
+
+    def rows(self) -> list[dict[str, str]]:
+        rows = []
+        for t in self.targets:
+            layout = t.layout
+            if layout is None:
+                axes, rank, alpha = "-", "full", "-"
+            else:
+                axes = f"stack{layout.stack} in{layout.inputs} out{layout.outputs}"
+                axes += " (inferred)" if layout.inferred else ""
+                rank, alpha = str(t.rule.rank), f"{t.rule.alpha:g}"
+            rows.append(
+                {
+                    "path": t.name,
+                    "shape": "x".join(map(str, t.shape)),
+                    "dtype": str(t.dtype),
+                    "axes": axes,
+                    "rank": rank,
+                    "alpha": alpha,
+                    "params": f"{t.trainable_size:,}",
+                }
+            )
+        return rows
+
+    def __str__(self) -> str:
+        rows = self.rows()
+        headers = ["path", "shape", "dtype", "axes", "rank", "alpha", "params"]
+        widths = {h: max([len(h)] + [len(r[h]) for r in rows]) for h in headers}
+        line = "  ".join(h.ljust(widths[h]) for h in headers)
+        out = [line, "-" * len(line)]
+        out += ["  ".join(r[h].ljust(widths[h]) for h in headers) for r in rows]
+        out.append(
+            f"trainable: {self.trainable_size:,} of {self.base_size:,} base parameters "
+            f"({100 * self.trainable_fraction:.4f}%); adapters {self.adapter_size:,}"
+        )
+        return "\n".join(out)
+
+
+def describe(params: Any, spec: LoraSpec) -> Description:
+    """Matched paths, kernel shapes, axes, ranks, alphas and adapter sizes, with totals.
+
+    Works on real arrays or on ``jax.eval_shape`` output. Raises like
+    :func:`lora_jax.plan.plan` when a rule matches nothing.
+    """
+    targets = plan(params, spec)
+    base_size = sum(math.prod(abstract_leaf(x).shape) for x in jax.tree_util.tree_leaves(params))
+    return Description(targets, base_size)

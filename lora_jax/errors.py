@@ -1,0 +1,13 @@
+"""Errors raised by lora_jax; each message names the offending path and the fix."""
+
+
+class LoraError(ValueError):
+    """Base class for input that lora_jax cannot use."""
+
+
+class SpecError(LoraError):
+    """A rule does not fit the base tree: no match, bad rank, missing axes, non-float kernel."""
+
+
+class AdapterMismatchError(LoraError):
+    """An adapter tree whose paths, shapes or dtypes do not fit the base tree and spec."""

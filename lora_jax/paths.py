@@ -1,0 +1,65 @@
+"""Param paths: how lora_jax names a leaf of any pytree.
+
+A leaf's path is its key path joined with ``/``, for example
+``encoder/layer_0/attention/query/kernel``. Flax NNX wraps arrays in
+``Variable`` objects whose key path ends in ``.value``; that suffix is dropped
+so linen and NNX trees read the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+
+PathTuple = tuple[str, ...]
+
+
+def _key_name(key: Any) -> str:
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def key_path_to_tuple(key_path: Iterable[Any]) -> PathTuple:
+    """Turn a JAX key path into a tuple of strings (NNX's trailing ``value`` dropped)."""
+    keys = list(key_path)
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
+        keys = keys[:-1]
+    return tuple(_key_name(k) for k in keys)
+
+
+def path_str(path: PathTuple) -> str:
+    """``("a", "b", "kernel") -> "a/b/kernel"``."""
+    return "/".join(path)
+
+
+def flatten(tree: Any) -> tuple[list[tuple[PathTuple, Any]], Any]:
+    """Leaves of ``tree`` with their path tuples, plus the treedef to rebuild it."""
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return [(key_path_to_tuple(kp), leaf) for kp, leaf in leaves_with_paths], treedef
+
+
+def nested_set(tree: dict, path: PathTuple, value: Any) -> None:
+    """Set ``tree[p0][p1]...[pn] = value`` on a dict being built, creating levels."""
+    node = tree
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+
+
+def nested_get(tree: Mapping, path: PathTuple) -> Any:
+    """``tree[p0][p1]...[pn]``; raises ``KeyError`` naming the missing level."""
+    node: Any = tree
+    for depth, key in enumerate(path):
+        if not isinstance(node, Mapping) or key not in node:
+            raise KeyError(path_str(path[: depth + 1]))
+        node = node[key]
+    return node

@@ -1,0 +1,233 @@
+"""Resolve a spec against a base tree: which leaf gets what, and its kernel layout.
+
+``plan(params, spec)`` is the one place where rules meet leaves. Everything
+else (init, combine, merge, describe, sharding, checkpoints) works from its
+:class:`Target` list, so all of them agree on paths, axes and shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.errors import SpecError
+from lora_jax.paths import PathTuple, flatten, path_str
+from lora_jax.spec import Axes, LoraSpec, Rule
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """How a kernel's axes split into stacked, input and output axes.
+
+    For a kernel ``W`` of shape ``shape``, the adapter is ``A [*stack, *in, r]``
+    and ``B [*stack, r, *out]``; the update ``A @ B`` is laid back out in ``W``'s
+    own axis order.
+    """
+
+    shape: tuple[int, ...]
+    stack: Axes
+    inputs: Axes
+    outputs: Axes
+    inferred: bool = False
+
+    def _dims(self, axes: Axes) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in axes)
+
+    @property
+    def stack_shape(self) -> tuple[int, ...]:
+        return self._dims(self.stack)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return self._dims(self.inputs)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self._dims(self.outputs)
+
+    @property
+    def in_size(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def out_size(self) -> int:
+        return math.prod(self.out_shape)
+
+    def a_shape(self, rank: int) -> tuple[int, ...]:
+        return (*self.stack_shape, *self.in_shape, rank)
+
+    def b_shape(self, rank: int) -> tuple[int, ...]:
+        return (*self.stack_shape, rank, *self.out_shape)
+
+    def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        """``A @ B`` in float32, laid out like the kernel.
+
+        Args:
+          a: ``[*stack, *in, r]``.
+          b: ``[*stack, r, *out]``.
+
+        Returns:
+          ``[*shape]`` float32, the unscaled low-rank update.
+        """
+        rank = a.shape[-1]
+        a2 = a.astype(jnp.float32).reshape(*self.stack_shape, self.in_size, rank)
+        b2 = b.astype(jnp.float32).reshape(*self.stack_shape, rank, self.out_size)
+        # HIGHEST: TPUs otherwise multiply float32 in bfloat16 passes.
+        update = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST)
+        update = update.reshape(*self.stack_shape, *self.in_shape, *self.out_shape)
+        source_order = self.stack + self.inputs + self.outputs
+        return jnp.transpose(update, [source_order.index(axis) for axis in range(len(self.shape))])
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A leaf of the base tree chosen by a rule."""
+
+    path: PathTuple
+    rule: Rule
+    rule_index: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    layout: KernelLayout | None  # None for fully trainable leaves
+
+    @property
+    def name(self) -> str:
+        return path_str(self.path)
+
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        assert self.layout is not None
+        return self.layout.a_shape(self.rule.rank)
+
+    @property
+    def b_shape(self) -> tuple[int, ...]:
+        assert self.layout is not None
+        return self.layout.b_shape(self.rule.rank)
+
+    @property
+    def trainable_size(self) -> int:
+        if self.layout is None:
+            return math.prod(self.shape)
+        return math.prod(self.a_shape) + math.prod(self.b_shape)
+
+
+def abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of a leaf: an array, a ``ShapeDtypeStruct`` or a Python scalar."""
+    if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+        return jax.ShapeDtypeStruct(tuple(leaf.shape), np.dtype(leaf.dtype))
+    array = np.asarray(leaf)
+    return jax.ShapeDtypeStruct(array.shape, array.dtype)
+
+
+def _normalize(axes: Axes | None, ndim: int, rule: Rule, name: str, what: str) -> Axes | None:
+    if axes is None:
+        return None
+    out = []
+    for axis in axes:
+        if not -ndim <= axis < ndim:
+            raise SpecError(f"{rule.label}: {what} {axes} out of range for the {ndim}-dim kernel at {name}")
+        out.append(axis % ndim)
+    if len(set(out)) != len(out):
+        raise SpecError(f"{rule.label}: {what} {axes} repeats an axis at {name}")
+    return tuple(out)
+
+
+def resolve_layout(rule: Rule, name: str, shape: tuple[int, ...]) -> KernelLayout:
+    """Split ``shape``'s axes per ``rule``, inferring what a 2-dim remainder implies."""
+    ndim = len(shape)
+    stack = _normalize(rule.stack_axes, ndim, rule, name, "stack_axes") or ()
+    inputs = _normalize(rule.in_axes, ndim, rule, name, "in_axes")
+    outputs = _normalize(rule.out_axes, ndim, rule, name, "out_axes")
+    rest = [a for a in range(ndim) if a not in stack]
+    inferred = False
+    if inputs is None and outputs is None:
+        if len(rest) != 2:
+            raise SpecError(
+                f"{rule.label} matched {name} with shape {shape}: a kernel with more than two axes needs "
+                "in_axes or out_axes (and stack_axes for a leading layer axis), "
+                "for example Rule(..., in_axes=(0,), out_axes=(1, 2)) for a [embed, heads, head_dim] kernel"
+            )
+        inputs, outputs = (rest[0],), (rest[1],)
+        inferred = ndim > 2
+    elif inputs is None:
+        inputs = tuple(a for a in rest if a not in outputs)
+    elif outputs is None:
+        outputs = tuple(a for a in rest if a not in inputs)
+    used = list(stack) + list(inputs) + list(outputs)
+    if sorted(used) != list(range(ndim)) or not inputs or not outputs:
+        raise SpecError(
+            f"{rule.label}: axes stack={stack} in={inputs} out={outputs} must cover each axis of the "
+            f"kernel at {name} with shape {shape} exactly once, with at least one input and one output axis"
+        )
+    return KernelLayout(shape, stack, inputs, outputs, inferred)
+
+
+def _closest(pattern: Any, names: list[str]) -> str:
+    if not isinstance(pattern, str):
+        return ", ".join(names[:5])
+    close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.0)
+    return ", ".join(close)
+
+
+def plan(params: Any, spec: LoraSpec) -> tuple[Target, ...]:
+    """Match ``spec`` against ``params``: one :class:`Target` per adapted or trainable leaf.
+
+    Args:
+      params: any pytree of arrays (or ``jax.ShapeDtypeStruct``), e.g. Flax
+        linen ``params``, an NNX ``State`` or a plain dict.
+      spec: the rules.
+
+    Returns:
+      Targets in the tree's leaf order.
+
+    Raises:
+      SpecError: a rule matches nothing (with the closest paths), a rank
+        exceeds ``min(in, out)``, a kernel is not floating point, or axes are
+        missing or do not cover the kernel.
+    """
+    leaves, _ = flatten(params)
+    names = [path_str(path) for path, _ in leaves]
+    hits = [0] * len(spec.rules)
+    claimed = [0] * len(spec.rules)
+    targets = []
+    for (path, leaf), name in zip(leaves, names):
+        abstract = abstract_leaf(leaf)
+        winner = None
+        for index, rule in enumerate(spec.rules):
+            if rule.matches(name, abstract):
+                hits[index] += 1
+                if winner is None:
+                    winner = index
+        if winner is None:
+            continue
+        claimed[winner] += 1
+        rule = spec.rules[winner]
+        if rule.mode == "freeze":
+            continue
+        shape, dtype = tuple(abstract.shape), np.dtype(abstract.dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise SpecError(f"{rule.label} matched {name} of dtype {dtype}: only floating-point leaves can train")
+        layout = None
+        if rule.mode == "lora":
+            if len(shape) < 2:
+                raise SpecError(f"{rule.label} matched {name} with shape {shape}: LoRA needs a kernel of 2+ axes")
+            layout = resolve_layout(rule, name, shape)
+            limit = min(layout.in_size, layout.out_size)
+            if rule.rank > limit:
+                raise SpecError(
+                    f"{rule.label}: rank {rule.rank} exceeds min(in, out) = {limit} for {name} "
+                    f"(in {layout.in_shape}, out {layout.out_shape}); use rank <= {limit}"
+                )
+        targets.append(Target(path, rule, winner, shape, dtype, layout))
+    for index, rule in enumerate(spec.rules):
+        if hits[index] == 0:
+            raise SpecError(f"{rule.label} matches no leaf; closest paths: {_closest(rule.pattern, names)}")
+        if claimed[index] == 0:
+            raise SpecError(f"{rule.label} matches {hits[index]} leaves, all taken by earlier rules")
+    return tuple(targets)
