@@ -1,9 +1,9 @@
 """lora_jax: Low-Rank Adaptation as a pure parameter-tree transform.
 
-    spec = lora_jax.LoraSpec([lora_jax.Rule(r".*/(query|value)/kernel", rank=8)])
-    lora = lora_jax.init(key, params, spec)          # {"...": {"a": A, "b": B}}
-    p = lora_jax.combine(params, lora, spec)         # W0 + s A@B, inside jit
-    serving = lora_jax.merge(params, lora, spec)     # plain tree, base dtypes
+spec = lora_jax.LoraSpec([lora_jax.Rule(r".*/(query|value)/kernel", rank=8)])
+lora = lora_jax.init(key, params, spec)          # {"...": {"a": A, "b": B}}
+p = lora_jax.combine(params, lora, spec)         # W0 + s A@B, inside jit
+serving = lora_jax.merge(params, lora, spec)     # plain tree, base dtypes
 """
 
 from lora_jax.adapters import adapter_count
