@@ -10,6 +10,8 @@ from flax import nnx
 
 import lora_jax as lj
 
+pytestmark = pytest.mark.core
+
 
 class LinenNet(nn.Module):
     """Embed -> Conv -> DenseGeneral (two out axes) -> Dense head: every kernel kind."""

@@ -7,6 +7,8 @@ import pytest
 
 import lora_jax as lj
 
+pytestmark = pytest.mark.core
+
 PARAMS = {
     "encoder": {
         "query": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)},

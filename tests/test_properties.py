@@ -5,10 +5,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lora_jax as lj
+
+pytestmark = pytest.mark.core
 
 
 @st.composite

@@ -1,0 +1,62 @@
+"""Shared by the experiment scripts: machine/version header, markdown tables, plots."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def environment() -> str:
+    """One line naming the machine and the versions that shape the numbers."""
+    import flax
+    import jax
+    import jaxlib
+    import optax
+
+    devices = jax.devices()
+    kind = f"{len(devices)} x {devices[0].device_kind}"
+    return (
+        f"{platform.machine()} {os.cpu_count()} CPU cores, {kind}; Python {sys.version.split()[0]}, "
+        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}, optax {optax.__version__}; "
+        f"{datetime.date.today().isoformat()}"
+    )
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, title: str, body: str) -> Path:
+    """Write ``# title``, the environment line and ``body`` to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {title}\n\n{environment()}\n\n{body.rstrip()}\n")
+    return path
+
+
+def plot_lines(path: Path, series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str) -> Path:
+    """Save one line per series as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, values in series.items():
+        ax.plot(range(1, len(values) + 1), values, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
