@@ -1,0 +1,238 @@
+"""Building blocks shared by the BERT, GPT-2 and Llama modules.
+
+Shapes: ``B`` batch, ``T`` query length, ``S`` key length, ``D`` model width,
+``H`` query heads, ``K`` key/value heads, ``Dh`` head width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Cache = dict[str, jax.Array]
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The Hugging Face activation called ``name`` (``gelu`` is the exact erf form)."""
+    table: dict[str, Callable[[jax.Array], jax.Array]] = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+    }
+    return table[name]
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    """A LayerNorm with the two-pass variance PyTorch uses (params ``scale [D]``, ``bias [D]``)."""
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm as in Llama: statistics in float32, ``scale [D]``."""
+
+    eps: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x [..., D] -> [..., D]``."""
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # Llama casts back to the input dtype before the scale multiplies.
+        return (scale.astype(self.dtype) * normed.astype(self.dtype)).astype(self.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, half-split ("rotate_half") convention.
+
+    Args:
+      x: ``[B, T, heads, Dh]``.
+      positions: ``[B, T]`` or ``[T]`` integer positions.
+      theta: the base of the frequencies.
+
+    Returns:
+      ``[B, T, heads, Dh]`` in ``x``'s dtype.
+    """
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B?, T, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[..., None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x32 = x.astype(jnp.float32)
+    half = dim // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention probabilities with grouped key/value heads.
+
+    Args:
+      q: ``[B, T, H, Dh]``.
+      k: ``[B, S, K, Dh]`` with ``H`` a multiple of ``K``.
+      mask: boolean, broadcastable to ``[B, 1, T, S]``; True keeps a key.
+
+    Returns:
+      ``[B, K, H/K, T, S]`` float32 probabilities.
+    """
+    batch, length, heads, dim = q.shape
+    groups = heads // k.shape[2]
+    q = q.reshape(batch, length, k.shape[2], groups, dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(dim))
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with optional rotary positions, grouped KV heads and a KV cache.
+
+    Params: ``query/kernel [D, H, Dh]``, ``key/kernel`` and ``value/kernel``
+    ``[D, K, Dh]``, ``out/kernel [H, Dh, D]`` (biases ``[H, Dh]``/``[D]`` when
+    ``use_bias``).
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    use_bias: bool = True
+    rope_theta: float | None = None
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        positions: jax.Array | None = None,
+        cache: Cache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Attend from ``x`` to itself, or to the cache after writing ``x``'s keys into it.
+
+        Args:
+          x: ``[B, T, D]``.
+          mask: boolean ``[B, 1, T, S]``; ``S = T`` without a cache, else the cache length.
+          positions: ``[B, T]`` or ``[T]``, needed for rotary embeddings.
+          cache: ``{"key", "value"}`` each ``[B, S, K, Dh]``, or None.
+          cache_index: where ``x``'s first token goes in the cache.
+
+        Returns:
+          ``([B, T, D], updated cache or None)``.
+        """
+        features = x.shape[-1]
+
+        def proj(heads: int, name: str) -> nn.DenseGeneral:
+            return nn.DenseGeneral(
+                (heads, self.head_dim),
+                use_bias=self.use_bias,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=name,
+            )
+
+        q = proj(self.num_heads, "query")(x)
+        k = proj(self.num_kv_heads, "key")(x)
+        v = proj(self.num_kv_heads, "value")(x)
+        if self.rope_theta is not None:
+            q = rotary(q, positions, self.rope_theta)
+            k = rotary(k, positions, self.rope_theta)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
+            cache = {"key": k, "value": v}
+        probs = attention_weights(q, k.astype(q.dtype), mask)
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=self.deterministic)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(self.dtype), v.astype(self.dtype))
+        out = out.reshape(*out.shape[:2], self.num_heads, self.head_dim)
+        out = nn.DenseGeneral(
+            features,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="out",
+        )(out)
+        return out, cache
+
+
+def causal_mask(query_positions: jax.Array, key_length: int, padding: jax.Array | None = None) -> jax.Array:
+    """Boolean ``[B|1, 1, T, S]``: key ``s`` visible to query ``t`` iff ``s <= pos[t]`` (and not padding).
+
+    Args:
+      query_positions: ``[T]`` absolute positions of the queries.
+      key_length: ``S``.
+      padding: optional ``[B, S]`` mask, 1 for real tokens.
+    """
+    mask = jnp.arange(key_length)[None, :] <= query_positions[:, None]
+    mask = mask[None, None]
+    if padding is not None:
+        mask = mask & padding.astype(bool)[:, None, None, :]
+    return mask
+
+
+def init_cache(
+    num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: Dtype = jnp.float32
+) -> Cache:
+    """An empty KV cache: ``{"key", "value"}`` each ``[layers, B, length, K, Dh]``."""
+    shape = (num_layers, batch, length, kv_heads, head_dim)
+    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+
+class BlockStack(nn.Module):
+    """``num_layers`` copies of ``block``, unrolled (``layer_0``, ...) or under ``nn.scan`` (``layers``).
+
+    ``block(config, deterministic=, dtype=, param_dtype=)`` must map
+    ``(hidden, cache, mask, positions, cache_index) -> (hidden, cache)``.
+    Scanned params carry a leading layer axis; both layouts compute the same.
+    """
+
+    block: type[nn.Module]
+    config: Any
+    num_layers: int
+    scan: bool = False
+    deterministic: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        hidden: jax.Array,
+        mask: jax.Array,
+        positions: jax.Array | None = None,
+        cache: Cache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, Cache | None]:
+        """``hidden [B, T, D]``, cache leaves ``[layers, B, S, K, Dh]`` -> same shapes."""
+        kwargs = {"deterministic": self.deterministic, "dtype": self.dtype, "param_dtype": self.param_dtype}
+        if self.scan:
+            scanned = nn.scan(
+                self.block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=self.num_layers,
+            )
+            return scanned(self.config, **kwargs, name="layers")(hidden, cache, mask, positions, cache_index)
+        updated = []
+        for i in range(self.num_layers):
+            layer_cache = None if cache is None else jax.tree_util.tree_map(lambda c: c[i], cache)
+            layer = self.block(self.config, **kwargs, name=f"layer_{i}")
+            hidden, layer_cache = layer(hidden, layer_cache, mask, positions, cache_index)
+            updated.append(layer_cache)
+        if cache is not None:
+            cache = jax.tree_util.tree_map(lambda *c: jnp.stack(c), *updated)
+        return hidden, cache
