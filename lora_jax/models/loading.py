@@ -1,0 +1,304 @@
+"""``from_pretrained``: a local Hugging Face model directory -> (Flax module, params).
+
+Tensors are read one at a time with ``safetensors.safe_open`` (numpy), reshaped,
+cast and moved to JAX straight away, so peak host memory stays near one copy
+of the weights. Scanned layouts fill one preallocated ``[layers, ...]`` buffer
+per param and hand it to JAX once its last layer arrives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import warnings
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from lora_jax.models.bert import BertForSequenceClassification, BertModel
+from lora_jax.models.config import BertConfig, ConfigError, GPT2Config, LlamaConfig, ModelConfig
+from lora_jax.models.convert import CheckpointError, Tensor, is_ignored, key_map, normalize_name
+from lora_jax.models.gpt2 import GPT2LMHeadModel
+from lora_jax.models.llama import LlamaForCausalLM
+from lora_jax.paths import PathTuple, flatten, nested_set, path_str
+
+# architecture name -> (config class, module class)
+ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
+    "BertModel": (BertConfig, BertModel),
+    "BertForSequenceClassification": (BertConfig, BertForSequenceClassification),
+    "GPT2LMHeadModel": (GPT2Config, GPT2LMHeadModel),
+    "GPT2Model": (GPT2Config, GPT2LMHeadModel),  # the head is tied, so the weights are the same
+    "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM),
+}
+DEFAULT_FOR_TYPE = {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of a model directory as a dict; FileNotFoundError names the file."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: a model directory needs config.json")
+    return json.loads(file.read_text())
+
+
+def resolve_architecture(values: dict[str, Any], architecture: str | None = None) -> str:
+    """The supported architecture to build for a ``config.json``.
+
+    ``architecture`` overrides the file (e.g. ``"BertForSequenceClassification"``
+    on a plain encoder checkpoint). An unlisted head of a known ``model_type``
+    falls back to that type's base model, with a warning.
+    """
+    supported = ", ".join(ARCHITECTURES)
+    if architecture is not None:
+        if architecture not in ARCHITECTURES:
+            raise ConfigError(f"unknown architecture {architecture!r}; supported: {supported}")
+        return architecture
+    listed = values.get("architectures") or []
+    for name in listed:
+        if name in ARCHITECTURES:
+            return name
+    model_type = values.get("model_type")
+    if model_type in DEFAULT_FOR_TYPE:
+        fallback = DEFAULT_FOR_TYPE[model_type]
+        if listed:
+            warnings.warn(f"architecture {listed[0]!r} is not supported; loading {fallback}", stacklevel=3)
+        return fallback
+    raise ConfigError(f"unknown architecture {listed or None} (model_type {model_type!r}); supported: {supported}")
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """``model.safetensors``, or the shards named by ``model.safetensors.index.json``."""
+    path = Path(path)
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    index = path / INDEX_FILE
+    if not index.is_file():
+        others = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else []
+        hint = f" (found {others}; only safetensors are read)" if others else ""
+        raise FileNotFoundError(f"{path / SINGLE_FILE} not found, and no sharded {INDEX_FILE} either{hint}")
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index} has no 'weight_map'")
+    files = [path / name for name in dict.fromkeys(weight_map.values())]
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"shard {file} listed in {index} not found")
+    return files
+
+
+def checkpoint_names(files: list[Path]) -> list[str]:
+    """Tensor names across files; reads headers only."""
+    names = []
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            names.extend(f.keys())
+    return names
+
+
+def _tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    for file in files:
+        with safe_open(file, framework="numpy") as f:
+            for name in list(f.keys()):
+                yield name, f.get_tensor(name)
+
+
+def build_model(
+    architecture: str,
+    values: dict[str, Any],
+    *,
+    scan_layers: bool = False,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    num_labels: int | None = None,
+    add_pooler: bool = True,
+) -> nn.Module:
+    """The Flax module for ``architecture`` and a ``config.json`` dict."""
+    config_cls, module_cls = ARCHITECTURES[architecture]
+    if values.get("model_type", config_cls.model_type) != config_cls.model_type:
+        raise ConfigError(f"architecture {architecture} does not fit model_type {values.get('model_type')!r}")
+    config: ModelConfig = config_cls.from_hf(values)
+    if num_labels is not None:
+        config = dataclasses.replace(config, num_labels=num_labels)
+    kwargs = {"scan_layers": scan_layers, "dtype": dtype, "param_dtype": param_dtype}
+    if module_cls is BertModel:
+        kwargs["add_pooler"] = add_pooler
+    return module_cls(config, **kwargs)
+
+
+def abstract_params(model: nn.Module) -> dict[PathTuple, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of ``model``'s params by path, without allocating them."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids)["params"])
+    leaves, _ = flatten(shapes)
+    return dict(leaves)
+
+
+_UNROLLED = re.compile(r"layer_(\d+)")
+
+
+def _placement(path: PathTuple, scan: bool) -> tuple[PathTuple, int | None]:
+    """Unrolled path -> (path in the model's layout, layer index or None)."""
+    if not scan:
+        return path, None
+    for depth, key in enumerate(path):
+        match = _UNROLLED.fullmatch(key)
+        if match:
+            return (*path[:depth], "layers", *path[depth + 1 :]), int(match.group(1))
+    return path, None
+
+
+def _init_head(model: nn.Module, path: PathTuple, shape: tuple[int, ...], dtype: Any, key: jax.Array) -> jax.Array:
+    """A fresh classifier leaf as Hugging Face draws it: kernel ``N(0, range^2)``, bias 0."""
+    if path[-1] == "bias":
+        return jnp.zeros(shape, dtype)
+    key = jax.random.fold_in(key, zlib.crc32(path_str(path).encode()) % (2**31))
+    return (model.config.initializer_range * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def load_params(
+    path: str | Path, model: nn.Module, key: jax.Array | None = None, classifier: bool | None = None
+) -> dict[str, Any]:
+    """Read the safetensors in ``path`` into ``model``'s param tree.
+
+    Args:
+      path: a directory with ``model.safetensors`` or a sharded index.
+      model: a module from :func:`build_model` (either layer layout, any param dtype).
+      key: draws a classifier head the checkpoint lacks (default ``key(0)``).
+      classifier: whether ``model`` has a ``bert/`` + ``classifier/`` tree;
+        inferred from the module class.
+
+    Raises:
+      FileNotFoundError: no ``model.safetensors`` / index / shard.
+      CheckpointError: a tensor's shape does not fit, or required tensors are missing.
+    """
+    files = checkpoint_files(path)
+    config = model.config
+    model_type = config.model_type
+    classifier = isinstance(model, BertForSequenceClassification) if classifier is None else classifier
+    scan = bool(getattr(model, "scan_layers", False))
+    pooler = getattr(model, "add_pooler", True)
+    mapping = key_map(config, classifier=classifier, pooler=pooler)
+    targets = abstract_params(model)
+    np_dtype = np.dtype(model.param_dtype)
+
+    params: dict[str, Any] = {}
+    buffers: dict[PathTuple, np.ndarray] = {}
+    filled: dict[PathTuple, set[int]] = {}
+    done: set[PathTuple] = set()
+    unexpected = []
+    for raw_name, array in _tensors(files):
+        name = normalize_name(raw_name, model_type, classifier)
+        if name not in mapping:
+            if not is_ignored(name, model_type) and not is_ignored(raw_name, model_type):
+                unexpected.append(raw_name)
+            continue
+        for tensor in mapping[name]:
+            _place(raw_name, array, tensor, scan, targets, np_dtype, params, buffers, filled, done)
+        del array
+
+    missing = [t for ts in mapping.values() for t in ts if t.path not in done]
+    head_missing = [t for t in missing if t.path[0] == "classifier"]
+    if head_missing:
+        warnings.warn("the checkpoint has no classifier; drawing a new one", stacklevel=2)
+        key = jax.random.key(0) if key is None else key
+        for t in head_missing:
+            leaf = targets[t.path]
+            nested_set(params, t.path, _init_head(model, t.path, tuple(leaf.shape), leaf.dtype, key))
+        missing = [t for t in missing if t.path[0] != "classifier"]
+    if missing:
+        wanted = {t.path: name for name, ts in mapping.items() for t in ts}
+        listed = ", ".join(f"{wanted[t.path]} -> {path_str(t.path)}" for t in missing[:8])
+        more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        raise CheckpointError(f"{len(missing)} tensors missing from the checkpoint in {path}: {listed}{more}")
+    if unexpected:
+        warnings.warn(f"ignored {len(unexpected)} unused checkpoint tensors: {unexpected[:8]}", stacklevel=2)
+    return params
+
+
+def _place(
+    name: str,
+    array: np.ndarray,
+    tensor: Tensor,
+    scan: bool,
+    targets: dict[PathTuple, jax.ShapeDtypeStruct],
+    np_dtype: np.dtype,
+    params: dict[str, Any],
+    buffers: dict[PathTuple, np.ndarray],
+    filled: dict[PathTuple, set[int]],
+    done: set[PathTuple],
+) -> None:
+    """Convert one checkpoint tensor and put it in ``params`` (or its layer's slot of a buffer)."""
+    dest, layer = _placement(tensor.path, scan)
+    if dest not in targets:
+        raise CheckpointError(f"checkpoint tensor {name!r} maps to {path_str(dest)!r}, which the model lacks")
+    target = targets[dest]
+    shape = tuple(target.shape)
+    if layer is None:
+        nested_set(params, dest, jnp.asarray(tensor.convert(name, array, shape).astype(np_dtype)))
+        done.add(tensor.path)
+        return
+    count = shape[0]
+    if dest not in buffers:
+        buffers[dest] = np.empty(shape, np_dtype)
+        filled[dest] = set()
+    buffers[dest][layer] = tensor.convert(name, array, shape[1:])
+    filled[dest].add(layer)
+    done.add(tensor.path)
+    if len(filled[dest]) == count:
+        nested_set(params, dest, jnp.asarray(buffers.pop(dest)))
+
+
+def from_pretrained(
+    path: str | Path,
+    *,
+    architecture: str | None = None,
+    scan_layers: bool = False,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    num_labels: int | None = None,
+    key: jax.Array | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a local Hugging Face model directory.
+
+    Args:
+      path: holds ``config.json`` and ``model.safetensors`` (or
+        ``model.safetensors.index.json`` with its ``model-*.safetensors`` shards).
+      architecture: build this instead of ``config.json``'s ``architectures``,
+        e.g. ``"BertForSequenceClassification"`` on a plain encoder.
+      scan_layers: stack the layers under ``nn.scan`` (params ``.../layers/...``
+        with a leading layer axis) instead of ``layer_0``, ``layer_1``, ...
+      dtype: compute dtype; param_dtype: storage dtype of the params.
+      num_labels: classifier width (classification only).
+      key: draws a classifier head the checkpoint lacks.
+
+    Returns:
+      ``(module, params)``; call ``module.apply({"params": params}, ...)``.
+    """
+    values = read_config(path)
+    name = resolve_architecture(values, architecture)
+    files = checkpoint_files(path)
+    pooler = True
+    if name == "BertModel":
+        pooler = any(n.endswith("pooler.dense.weight") for n in checkpoint_names(files))
+    if num_labels is not None and name != "BertForSequenceClassification":
+        raise ConfigError(f"num_labels applies to BertForSequenceClassification, not {name}")
+    model = build_model(
+        name,
+        values,
+        scan_layers=scan_layers,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        num_labels=num_labels,
+        add_pooler=pooler,
+    )
+    return model, load_params(path, model, key=key)
