@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from lora_jax.data import (
@@ -23,6 +24,7 @@ from lora_jax.data import (
     matthews_corrcoef,
     num_batches,
     parse_tsv,
+    prepare,
     tokenize,
 )
 from lora_jax.data.encoding import truncated_lengths
@@ -293,3 +295,26 @@ def test_weights_drop_padding_rows() -> None:
     weights = [1, 1, 1, 1, 1, 0, 0]
     got = compute_metrics(["accuracy", "f1", "matthews_corrcoef"], preds, labels, weights)
     assert got == pytest.approx({"accuracy": 3 / 5, "f1": 2 / 3, "matthews_corrcoef": 1 / 6})
+
+
+def test_download_path_reads_official_glue_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Official CoLA files are headerless (source, label, annotation, sentence); fake the download offline.
+    extracted = tmp_path / "extracted"
+    write(
+        extracted / "CoLA" / "train.tsv", ["gj04\t1\t\tOur friends won't buy this.", "gj04\t0\t*\tThey drank the pub."]
+    )
+    write(extracted / "CoLA" / "dev.tsv", ["cj99\t1\t\tThe sailors rode."])
+    urls: list[str] = []
+
+    def fake_download(self: object, url: str) -> Path:
+        urls.append(url)
+        return extracted
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", fake_download)
+    builder = prepare(TASKS["cola"], None, tmp_path / "tfds")
+    assert urls == [TASKS["cola"].url]
+    assert builder.builder_config.name == "cola"
+    train = load_split("cola", "train", tfds_dir=tmp_path / "tfds", download=True)  # reuses, no new download
+    assert urls == [TASKS["cola"].url]
+    assert train.texts == (("Our friends won't buy this.", "They drank the pub."),)
+    assert train.labels.tolist() == [1, 0]

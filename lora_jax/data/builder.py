@@ -86,13 +86,15 @@ class TsvClassification(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         task = self.task
-        source = _manual_dir(dl_manager)
         header = None
-        if source is None:
-            if task.url is None:
-                raise FileNotFoundError(f"task {task.name!r} has no download URL; give the directory with its files")
+        if self.builder_config.name in TASKS:
+            # Registered configs always download, even if TFDS's default manual dir holds other files.
             source = Path(os.fspath(dl_manager.download_and_extract(task.url))) / task.subdir
             header = task.remote_header
+        else:
+            source = _manual_dir(dl_manager)
+            if source is None:
+                raise FileNotFoundError(f"task {task.name!r}: give the directory with its train.tsv and dev.tsv")
         return {split: self._generate_examples(source / name, header) for split, name in SPLIT_FILES.items()}
 
     def _generate_examples(self, path: Path, header: tuple[str, ...] | None) -> Iterator[tuple[int, dict]]:

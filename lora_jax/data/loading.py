@@ -62,6 +62,7 @@ def load_split(
     label_column: str | None = None,
     num_classes: int = 2,
     label_names: Sequence[str] | None = None,
+    download: bool = False,
 ) -> Examples:
     """Prepares (or reuses) the task under ``tfds_dir`` and returns one split in file order.
 
@@ -76,11 +77,15 @@ def load_split(
         label_column: Header name of the label column (custom tasks).
         num_classes: Number of classes of a custom task.
         label_names: Optional class names of a custom task; label fields may hold these names.
+        download: Fetch a registered task's official GLUE files instead of reading local ones.
     """
     spec = resolve_task(task, text_columns, label_column, num_classes, label_names)
     if split not in SPLIT_ALIASES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_ALIASES)}")
-    if data_dir is None:
+    if download:
+        if data_dir is not None:
+            raise ValueError("give either data_dir or download=True, not both")
+    elif data_dir is None:
         if spec.url is None:
             raise ValueError(f"task {spec.name!r}: give data_dir, the folder with its train.tsv and dev.tsv")
         data_dir = default_glue_dir()
