@@ -44,15 +44,14 @@ def _manual_dir(dl_manager: tfds.download.DownloadManager) -> Path | None:
 class TsvClassification(tfds.core.GeneratorBasedBuilder):
     """Text classification from ``train.tsv`` and ``dev.tsv``, one or two text columns and a label.
 
-    With a manual dir (``DownloadConfig(manual_dir=...)``) the files are read from that directory;
-    without one, a registered GLUE config downloads the official archive.
+    The registered configs (``sst2``, ``rte``, ``cola``) download the official GLUE archive; any other
+    config (see :func:`local_config`) reads the manual dir given as ``DownloadConfig(manual_dir=...)``.
     """
 
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = _registered_configs()
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Put train.tsv and dev.tsv (tab-separated, header row, the task's text and label columns) "
-        "in the manual dir, or in <manual dir>/<GLUE task folder> for GLUE tasks."
+        "Put train.tsv and dev.tsv (tab-separated, header row, the task's text and label columns) in the manual dir."
     )
 
     @tfds.core.utils.classproperty
