@@ -1,0 +1,128 @@
+"""Greedy and sampled decoding with a KV cache, jitted with static shapes.
+
+The prompt fills the cache in one pass; then ``jax.lax.fori_loop`` feeds one
+token per step. Shapes depend only on the prompt length and ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.models.config import GPT2Config, LlamaConfig
+from lora_jax.models.layers import Cache, init_cache
+
+
+def cache_for(model: nn.Module, batch: int, length: int) -> Cache:
+    """An empty KV cache for ``model``: ``{"key", "value"}`` each ``[layers, B, length, K, Dh]``."""
+    cfg = model.config
+    if isinstance(cfg, GPT2Config):
+        if length > cfg.n_positions:
+            raise ValueError(f"{length} tokens exceed GPT-2's n_positions = {cfg.n_positions}")
+        return init_cache(cfg.n_layer, batch, length, cfg.n_head, cfg.head_dim, model.dtype)
+    if isinstance(cfg, LlamaConfig):
+        return init_cache(cfg.num_hidden_layers, batch, length, cfg.kv_heads, cfg.head_dim, model.dtype)
+    raise TypeError(f"generation needs a GPT-2 or Llama model, got {type(model).__name__}")
+
+
+def choose(logits: jax.Array, key: jax.Array | None, temperature: float, top_k: int | None) -> jax.Array:
+    """Next tokens ``[B]`` from ``logits [B, V]``: argmax at temperature 0, else a sample."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "eos_token_id", "pad_token_id")
+)
+def _generate(
+    model: nn.Module,
+    params: dict,
+    input_ids: jax.Array,
+    key: jax.Array | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    eos_token_id: int | None,
+    pad_token_id: int,
+) -> jax.Array:
+    batch, prompt = input_ids.shape
+    total = prompt + max_new_tokens
+    variables = {"params": params}
+    out = model.apply(variables, input_ids, cache=cache_for(model, batch, total), cache_index=0)
+    tokens = jnp.full((batch, total), pad_token_id, jnp.int32).at[:, :prompt].set(input_ids)
+
+    def emit(step: jax.Array, logits: jax.Array, tokens: jax.Array, done: jax.Array) -> tuple[jax.Array, jax.Array]:
+        step_key = None if key is None else jax.random.fold_in(key, step)
+        nxt = choose(logits, step_key, temperature, top_k)
+        if eos_token_id is not None:
+            nxt = jnp.where(done, pad_token_id, nxt)
+            done = done | (nxt == eos_token_id)
+        tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, prompt + step))
+        return tokens, done
+
+    def body(step: jax.Array, state: tuple) -> tuple:
+        tokens, cache, logits, done = state
+        tokens, done = emit(step, logits, tokens, done)
+        nxt = jax.lax.dynamic_slice(tokens, (0, prompt + step), (batch, 1))
+        out = model.apply(variables, nxt, cache=cache, cache_index=prompt + step)
+        return tokens, out.cache, out.logits[:, -1], done
+
+    state = (tokens, out.cache, out.logits[:, -1], jnp.zeros((batch,), bool))
+    tokens, _, logits, done = jax.lax.fori_loop(0, max_new_tokens - 1, body, state)
+    tokens, _ = emit(jnp.int32(max_new_tokens - 1), logits, tokens, done)
+    return tokens
+
+
+def generate(
+    model: nn.Module,
+    params: dict,
+    input_ids: jax.Array,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    key: jax.Array | None = None,
+    top_k: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> jax.Array:
+    """Continue ``input_ids`` by ``max_new_tokens`` tokens.
+
+    Args:
+      model: a :class:`GPT2LMHeadModel` or :class:`LlamaForCausalLM`.
+      params: its params (or ``lora_jax.combine(...)`` of them).
+      input_ids: ``[B, P]`` prompts of equal length (no padding).
+      max_new_tokens: ``N``; the cache holds ``P + N`` positions.
+      temperature: 0 picks the argmax (greedy); above 0 samples from
+        ``softmax(logits / temperature)``, optionally among the ``top_k`` best.
+      key: the RNG key for sampling; step ``i`` uses ``fold_in(key, i)``.
+      eos_token_id: after it, a row emits ``pad_token_id``.
+
+    Returns:
+      ``[B, P + N]`` int32: the prompt followed by the new tokens.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs an explicit RNG key")
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    return _generate(
+        model,
+        params,
+        input_ids,
+        key if temperature > 0 else None,
+        max_new_tokens,
+        float(temperature),
+        top_k,
+        eos_token_id,
+        pad_token_id,
+    )
