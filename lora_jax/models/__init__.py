@@ -1,0 +1,65 @@
+"""Pretrained transformers in Flax linen that load Hugging Face safetensors.
+
+    model, params = lora_jax.models.from_pretrained(lora_jax.models.minilm_path())
+    spec = lora_jax.models.lora_spec(model, "qv", rank=8)
+    lora = lora_jax.init(key, params, spec)
+    out = model.apply({"params": lora_jax.combine(params, lora, spec)}, input_ids, attention_mask)
+
+Models: :class:`BertModel`, :class:`BertForSequenceClassification`,
+:class:`GPT2LMHeadModel`, :class:`LlamaForCausalLM`; each takes
+``scan_layers``, ``dtype`` and ``param_dtype``.
+"""
+
+from lora_jax.models.bert import BertForSequenceClassification, BertModel, BertOutput
+from lora_jax.models.config import BertConfig, ConfigError, GPT2Config, LlamaConfig
+from lora_jax.models.convert import CheckpointError
+from lora_jax.models.decoder import DecoderOutput
+from lora_jax.models.generate import cache_for, generate
+from lora_jax.models.gpt2 import GPT2LMHeadModel
+from lora_jax.models.layers import init_cache
+from lora_jax.models.llama import LlamaForCausalLM
+from lora_jax.models.loading import ARCHITECTURES, build_model, checkpoint_files, from_pretrained, load_params
+from lora_jax.models.presets import HEAD_PATTERN, lora_spec
+from lora_jax.models.stacking import stack_layers, unstack_layers
+from lora_jax.models.text import (
+    embed_texts,
+    encode,
+    l2_normalize,
+    load_tokenizer,
+    mean_pool,
+    minilm_path,
+    sentence_embeddings,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "HEAD_PATTERN",
+    "BertConfig",
+    "BertForSequenceClassification",
+    "BertModel",
+    "BertOutput",
+    "CheckpointError",
+    "ConfigError",
+    "DecoderOutput",
+    "GPT2Config",
+    "GPT2LMHeadModel",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "build_model",
+    "cache_for",
+    "checkpoint_files",
+    "embed_texts",
+    "encode",
+    "from_pretrained",
+    "generate",
+    "init_cache",
+    "l2_normalize",
+    "load_params",
+    "load_tokenizer",
+    "lora_spec",
+    "mean_pool",
+    "minilm_path",
+    "sentence_embeddings",
+    "stack_layers",
+    "unstack_layers",
+]
