@@ -10,6 +10,7 @@ from lora_jax.adapters import adapter_count
 from lora_jax.combine import combine
 from lora_jax.describe import Description, describe
 from lora_jax.errors import AdapterMismatchError, LoraError, SpecError
+from lora_jax.factored import LowRankKernel, factored
 from lora_jax.initializers import init
 from lora_jax.merge import merge, unmerge
 from lora_jax.optim import adapter_only, trainable_labels
@@ -24,6 +25,7 @@ __all__ = [
     "KernelLayout",
     "LoraError",
     "LoraSpec",
+    "LowRankKernel",
     "Rule",
     "SpecError",
     "Target",
@@ -31,6 +33,7 @@ __all__ = [
     "adapter_only",
     "combine",
     "describe",
+    "factored",
     "freeze",
     "init",
     "merge",

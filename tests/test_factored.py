@@ -1,0 +1,214 @@
+"""The factored path: same numbers as combine, no kernel-sized work, dropout only in training."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import lora_jax as lj
+
+pytestmark = pytest.mark.core
+
+
+class ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):  # x [B, T, 6]
+        return jnp.tanh(nn.Dense(6, name="dense")(x)), None
+
+
+class EveryKernel(nn.Module):
+    """Embed, Conv, remat Dense, DenseGeneral, Einsum, cond and an nn.scan stack, all with distinct shapes."""
+
+    @nn.compact
+    def __call__(self, tokens):  # tokens [B, T] int
+        x = nn.Embed(11, 5, name="embed")(tokens)  # [11, 5]
+        x = nn.Conv(7, (3,), name="conv")(x)  # [3, 5, 7]
+        x = nn.remat(nn.Dense)(9, name="remat_dense")(x)  # [7, 9]
+        x = nn.DenseGeneral((2, 4), name="qkv")(x)  # [9, 2, 4]
+        w = self.param("einsum", nn.initializers.normal(0.3), (2, 4, 6))  # [heads, head_dim, out]
+        x = jnp.einsum("bthd,hdo->bto", x, w)
+        x = jax.lax.cond(x.sum() > 0, lambda a: 2 * a, lambda a: -a, x)
+        x, _ = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(name="stack")(
+            x, None
+        )  # kernel [3, 6, 6]
+        return x
+
+
+SPEC = lj.LoraSpec(
+    [
+        lj.Rule("embed/embedding", rank=2),
+        lj.Rule("conv/kernel", rank=2, out_axes=-1),
+        lj.Rule("remat_dense/kernel", rank=3),
+        lj.Rule("qkv/kernel", rank=2, in_axes=0),
+        lj.Rule("einsum", rank=2, out_axes=-1),
+        lj.Rule("stack/dense/kernel", rank=2, stack_axes=0),
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = EveryKernel()
+    tokens = jnp.arange(24).reshape(3, 8) % 11
+    params = model.init(jax.random.key(0), tokens)["params"]
+    lora = lj.init(jax.random.key(1), params, SPEC)
+    # Nonzero B so the low-rank branch matters.
+    lora = jax.tree_util.tree_map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(2), x.shape), lora)
+
+    def forward(p, tokens):
+        return model.apply({"params": p}, tokens)
+
+    return forward, params, lora, tokens
+
+
+def _loss(out):
+    return jnp.sum(jnp.sin(out) ** 2)
+
+
+def test_outputs_and_gradients_match_combine(setup):
+    forward, params, lora, tokens = setup
+    fast = lj.factored(forward, SPEC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback anywhere in this model
+        out = jax.jit(fast)(params, lora, tokens)
+        grads = jax.jit(jax.grad(lambda l: _loss(fast(params, l, tokens))))(lora)
+    ref = forward(lj.combine(params, lora, SPEC), tokens)
+    ref_grads = jax.grad(lambda l: _loss(forward(lj.combine(params, l, SPEC), tokens)))(lora)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        r = ref_grads
+        for key in path:
+            r = r[key.key]
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def _sub_jaxprs(eqn):
+    for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else [param]:
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def _shapes_depending_on(jaxpr, tainted: set) -> list[tuple[int, ...]]:
+    """Shapes of equation outputs that depend on a tainted input, through jit, scan, cond and remat.
+
+    A sub-jaxpr's inputs line up with the last of its equation's inputs; a scan's carry is
+    treated as tainted whenever any input is, which only makes the check stricter.
+    """
+    found = []
+    for eqn in jaxpr.eqns:
+        hit = any(not hasattr(v, "val") and v in tainted for v in eqn.invars)
+        for inner in _sub_jaxprs(eqn):
+            offset = len(eqn.invars) - len(inner.invars)
+            inner_tainted = {
+                iv
+                for k, iv in enumerate(inner.invars)
+                if hit and (eqn.primitive.name == "scan" or eqn.invars[offset + k] in tainted)
+            }
+            found += _shapes_depending_on(inner, inner_tainted)
+        if hit:
+            tainted.update(eqn.outvars)
+            found += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+    return found
+
+
+def test_training_step_never_forms_a_kernel_shaped_value(setup):
+    """No value that depends on the adapters has an adapted kernel's shape: no W0 + s*A@B, no dW."""
+    forward, params, lora, tokens = setup
+    kernel_shapes = {t.shape for t in lj.plan(params, SPEC)}
+
+    def shapes(fn):
+        closed = jax.make_jaxpr(jax.value_and_grad(lambda l: _loss(fn(l))))(lora)
+        return set(_shapes_depending_on(closed.jaxpr, set(closed.jaxpr.invars)))
+
+    materialized = shapes(lambda l: forward(lj.combine(params, l, SPEC), tokens))
+    fast = shapes(lambda l: lj.factored(forward, SPEC)(params, l, tokens))
+    assert kernel_shapes <= materialized  # the check sees what combine forms ...
+    assert not kernel_shapes & fast  # ... and the factored step forms none of it, forward or backward
+
+
+def test_no_gradient_for_frozen_leaves(setup):
+    """With one kernel adapted, no frozen kernel (adapted or not) gets a gradient-shaped value."""
+    forward, params, _, tokens = setup
+    spec = lj.LoraSpec([lj.Rule("qkv/kernel", rank=2, in_axes=0)])
+    lora = lj.init(jax.random.key(0), params, spec)
+    frozen = {tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(params) if "bias" not in str(p)}
+
+    def shapes(fn):
+        closed = jax.make_jaxpr(jax.grad(lambda l: _loss(fn(l))))(lora)
+        return set(_shapes_depending_on(closed.jaxpr, set(closed.jaxpr.invars)))
+
+    assert (9, 2, 4) in shapes(lambda l: forward(lj.combine(params, l, spec), tokens))
+    assert not frozen & shapes(lambda l: lj.factored(forward, spec)(params, l, tokens))
+
+
+def test_dropout_only_with_an_rng(setup):
+    forward, params, lora, tokens = setup
+    spec = lj.LoraSpec([lj.Rule(r.pattern, **{**_rule_kwargs(r), "dropout": 0.5}) for r in SPEC.rules])
+    fast = jax.jit(lj.factored(forward, spec))
+    eval_out = fast(params, lora, tokens)
+    np.testing.assert_allclose(eval_out, forward(lj.combine(params, lora, spec), tokens), rtol=1e-5, atol=1e-5)
+    train_a = fast(params, lora, tokens, dropout_rng=jax.random.key(7))
+    train_b = fast(params, lora, tokens, dropout_rng=jax.random.key(7))
+    train_c = fast(params, lora, tokens, dropout_rng=jax.random.key(8))
+    np.testing.assert_array_equal(train_a, train_b)
+    assert not np.allclose(train_a, eval_out) and not np.allclose(train_a, train_c)
+    # Dropout acts on the adapter branch only: with B = 0 the base output is untouched.
+    zero_b = lj.init(jax.random.key(1), params, spec)
+    np.testing.assert_allclose(
+        fast(params, zero_b, tokens, dropout_rng=jax.random.key(7)), forward(params, tokens), rtol=1e-6, atol=1e-6
+    )
+
+
+def _rule_kwargs(rule):
+    fields = ("rank", "in_axes", "out_axes", "stack_axes")
+    return {f: getattr(rule, f) for f in fields}
+
+
+def test_unsupported_use_falls_back_and_says_so():
+    params = {"w": jax.random.normal(jax.random.key(0), (6, 4))}
+    spec = lj.LoraSpec([lj.Rule("w", rank=2)])
+    lora = lj.init(jax.random.key(1), params, spec)
+    lora["w"]["b"] = jnp.ones((2, 4))
+
+    def fn(p, x):  # a weight penalty reads the kernel itself, which has no low-rank form
+        return x @ p["w"], jnp.sum(p["w"] ** 2)
+
+    x = jnp.ones((3, 6))
+    with pytest.warns(UserWarning, match=r"factored: w: it meets `integer_pow`"):
+        out, penalty = lj.factored(fn, spec)(params, lora, x)
+    ref_out, ref_penalty = fn(lj.combine(params, lora, spec), x)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-6)
+    np.testing.assert_allclose(penalty, ref_penalty, rtol=1e-6)
+
+
+def test_nnx_and_plain_functions():
+    graphdef, state = nnx.split(nnx.Linear(5, 3, rngs=nnx.Rngs(0)))
+    spec = lj.LoraSpec([lj.Rule("kernel", rank=2)])
+    lora = lj.init(jax.random.key(0), state, spec)
+    lora["kernel"]["b"] = jnp.ones((2, 3))
+    x = jnp.ones((4, 5))
+
+    def forward(s, x):
+        return nnx.merge(graphdef, s)(x)
+
+    np.testing.assert_allclose(
+        lj.factored(forward, spec)(state, lora, x), forward(lj.combine(state, lora, spec), x), rtol=1e-6
+    )
+
+
+def test_bfloat16_base_with_float32_adapters():
+    params = {"w": jax.random.normal(jax.random.key(0), (64, 32)).astype(jnp.bfloat16)}
+    spec = lj.LoraSpec([lj.Rule("w", rank=4)])
+    lora = lj.init(jax.random.key(1), params, spec)
+    lora["w"]["b"] = 0.1 * jax.random.normal(jax.random.key(2), (4, 32))
+    x = jax.random.normal(jax.random.key(3), (8, 64)).astype(jnp.bfloat16)
+    out = lj.factored(lambda p, x: x @ p["w"], spec)(params, lora, x)
+    assert out.dtype == jnp.bfloat16
+    exact = np.asarray(x, np.float32) @ np.asarray(lj.merge({"w": params["w"].astype(jnp.float32)}, lora, spec)["w"])
+    np.testing.assert_allclose(np.asarray(out, np.float32), exact, rtol=0.05, atol=0.1)
