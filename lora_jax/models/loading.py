@@ -196,8 +196,11 @@ def load_params(
     filled: dict[PathTuple, set[int]] = {}
     done: set[PathTuple] = set()
     unexpected = []
+    prefix = ""  # as the checkpoint spells it, for messages
     for raw_name, array in _tensors(files):
         name = normalize_name(raw_name, model_type, classifier)
+        if raw_name.endswith(name) and raw_name != name:
+            prefix = raw_name[: -len(name)]
         if name not in mapping:
             if not is_ignored(name, model_type) and not is_ignored(raw_name, model_type):
                 unexpected.append(raw_name)
@@ -216,13 +219,20 @@ def load_params(
             nested_set(params, t.path, _init_head(model, t.path, tuple(leaf.shape), leaf.dtype, key))
         missing = [t for t in missing if t.path[0] != "classifier"]
     if missing:
-        wanted = {t.path: name for name, ts in mapping.items() for t in ts}
+        wanted = {t.path: _spelled(name, prefix) for name, ts in mapping.items() for t in ts}
         listed = ", ".join(f"{wanted[t.path]} -> {path_str(t.path)}" for t in missing[:8])
         more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         raise CheckpointError(f"{len(missing)} tensors missing from the checkpoint in {path}: {listed}{more}")
     if unexpected:
         warnings.warn(f"ignored {len(unexpected)} unused checkpoint tensors: {unexpected[:8]}", stacklevel=2)
     return params
+
+
+def _spelled(name: str, prefix: str) -> str:
+    """A normalized name as the checkpoint would spell it."""
+    if not prefix or name.startswith(("lm_head.", "classifier.")):
+        return name
+    return name if name.startswith(prefix) else prefix + name
 
 
 def _place(

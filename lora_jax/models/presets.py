@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 
 from lora_jax.models.config import BertConfig, GPT2Config, LlamaConfig
-from lora_jax.spec import LoraSpec, Rule, train
+from lora_jax.spec import LoraSpec, Rule, trainable
 
 # Short name -> (path inside a layer, number of leading input axes of the unrolled kernel).
 ATTENTION = {
@@ -77,7 +77,7 @@ def lora_spec(
       rank, alpha: as :class:`lora_jax.Rule`.
       scan_layers: the layout; defaults to the module's, else unrolled.
       head: also make the classifier fully trainable
-        (``lora_jax.train(HEAD_PATTERN)``); needs a classification model.
+        (``lora_jax.trainable(HEAD_PATTERN)``); needs a classification model.
       **rule_kwargs: more :class:`lora_jax.Rule` fields (``scaling``, ``dropout``, ``dtype``, ...).
 
     Patterns accept any prefix, so the same spec fits ``BertModel`` params and
@@ -109,5 +109,5 @@ def lora_spec(
     if head:
         if model_type != "bert":
             raise ValueError("head=True needs a classification model (BertForSequenceClassification)")
-        rules.append(train(HEAD_PATTERN, name="classifier"))
+        rules.append(trainable(HEAD_PATTERN, name="classifier"))
     return LoraSpec(rules)

