@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     params, _ = fit(task1_loss, params, steps, 3e-3, "task 1, full training")
 
-    spec = lj.LoraSpec([lj.Rule(r"dense_\d/kernel", rank=4, alpha=8), lj.train("head/.*")])
+    spec = lj.LoraSpec([lj.Rule(r"dense_\d/kernel", rank=4, alpha=8), lj.trainable("head/.*")])
     print(lj.describe(params, spec))
     lora = lj.init(keys[5], params, spec)
 

@@ -15,7 +15,7 @@ from lora_jax.initializers import init
 from lora_jax.merge import merge, unmerge
 from lora_jax.optim import adapter_only, trainable_labels
 from lora_jax.plan import KernelLayout, Target, plan
-from lora_jax.spec import LoraSpec, Rule, freeze, train
+from lora_jax.spec import LoraSpec, Rule, freeze, trainable
 
 __version__ = "0.1.0"
 
@@ -38,7 +38,7 @@ __all__ = [
     "init",
     "merge",
     "plan",
-    "train",
+    "trainable",
     "trainable_labels",
     "unmerge",
 ]

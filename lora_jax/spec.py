@@ -121,7 +121,7 @@ class Rule:
         return bool(self.pattern(path, leaf))
 
 
-def train(pattern: str | Predicate, name: str | None = None) -> Rule:
+def trainable(pattern: str | Predicate, name: str | None = None) -> Rule:
     """A rule that makes matching leaves fully trainable (PEFT's ``modules_to_save``)."""
     return Rule(pattern, mode="train", name=name)
 

@@ -31,7 +31,7 @@ LINEN_SPEC = lj.LoraSpec(
         lj.Rule("embed/embedding", rank=4),
         lj.Rule("conv/kernel", rank=4, out_axes=(-1,)),
         lj.Rule("proj/kernel", rank=4, in_axes=(0,)),
-        lj.train("head/.*"),
+        lj.trainable("head/.*"),
     ]
 )
 
@@ -247,8 +247,8 @@ def test_describe_reports_counts_and_table():
 
 
 def test_spec_is_hashable_and_static():
-    spec = lj.LoraSpec([lj.Rule("w", rank=2), lj.train("b")])
-    same = lj.LoraSpec([lj.Rule("w", rank=2), lj.train("b")])
+    spec = lj.LoraSpec([lj.Rule("w", rank=2), lj.trainable("b")])
+    same = lj.LoraSpec([lj.Rule("w", rank=2), lj.trainable("b")])
     assert hash(spec) == hash(same) and spec == same
     params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
     lora = lj.init(jax.random.key(0), params, spec)
