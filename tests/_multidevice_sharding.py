@@ -1,0 +1,235 @@
+"""Sharding checks on 8 fake CPU devices; run by tests/test_sharding.py in a subprocess.
+
+Needs ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts,
+which the main pytest process cannot set once JAX is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+import lora_jax
+from lora_jax import parallel
+from lora_jax import sharding as shd
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _load(name: str, path: pathlib.Path):
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses (flax modules) look their module up here
+    module_spec.loader.exec_module(module)
+    return module
+
+
+tm = _load("_multidevice_model", HERE / "_multidevice_model.py")
+
+MESHES = [((8,), ("data",)), ((2, 4), ("data", "model")), ((4, 2), ("data", "model"))]
+STEPS = 3
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def setup_module() -> None:
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+
+
+def _host(tree):
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def _close(got, want) -> None:
+    jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(np.asarray(g), np.asarray(w), **TOL), got, want)
+
+
+def _same_sharding(array: jax.Array, want: NamedSharding, name: str) -> None:
+    assert array.sharding.is_equivalent_to(want, array.ndim), f"{name}: {array.sharding} != {want}"
+
+
+def _check_tree(tree, shardings, what: str) -> None:
+    for (path, leaf), (_, want) in zip(lora_jax.paths.flatten(tree)[0], lora_jax.paths.flatten(shardings)[0]):
+        _same_sharding(leaf, want, f"{what}/{lora_jax.paths.path_str(path)}")
+
+
+@functools.cache
+def _initial() -> tuple[dict, dict, dict]:
+    """Unrolled base params, adapters and batch; the scanned ones are these stacked."""
+    params = _host(tm.make_params(False))
+    return params, _host(lora_jax.init(jax.random.key(3), params, tm.lora_spec(False))), tm.make_batch()
+
+
+def _initial_for(scanned: bool) -> tuple[dict, dict, dict]:
+    params, lora, batch = _initial()
+    if scanned:
+        return _host(tm.stack_layers(params)), _host(tm.stack_layers(lora)), batch
+    return params, lora, batch
+
+
+@functools.cache
+def _reference():
+    """``STEPS`` adamw steps of the unrolled model on one device, no shardings."""
+    params, lora, batch = _initial()
+    device = jax.devices()[0]
+    tx = tm.make_tx()
+    params, lora = jax.device_put((params, lora), device)
+    opt_state = tx.init(lora)
+    step = jax.jit(tm.train_step(False, tx))
+    losses = []
+    for _ in range(STEPS):
+        lora, opt_state, loss = step(params, lora, opt_state, batch)
+        losses.append(float(loss))
+    return _host(lora), _host(opt_state), losses
+
+
+def _sharded_run(mesh_shape, names, scanned: bool):
+    host_params, lora0, batch = _initial_for(scanned)
+    mesh = shd.make_mesh(mesh_shape, names)
+    tx = tm.make_tx()
+    spec = tm.lora_spec(scanned)
+    base_specs = shd.partition_specs(host_params, tm.base_rules(names, scanned), mesh)
+    sh = shd.train_shardings(mesh, host_params, base_specs, spec, tx, data_axes="data")
+    params = jax.device_put(host_params, sh.params)
+    lora = jax.device_put(lora0, sh.lora)
+    opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(lora)
+    step = jax.jit(
+        tm.train_step(scanned, tx),
+        in_shardings=(sh.params, sh.lora, sh.opt_state, sh.batch),
+        out_shardings=(sh.lora, sh.opt_state, sh.replicated),
+        donate_argnums=(1, 2),
+    )
+    batch = jax.device_put(batch, sh.batch)
+    losses = []
+    for _ in range(STEPS):
+        lora, opt_state, loss = step(params, lora, opt_state, batch)
+        losses.append(float(loss))
+    return sh, base_specs, host_params, params, lora, opt_state, losses
+
+
+@pytest.mark.parametrize("scanned", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("mesh_shape,names", MESHES, ids=["8", "2x4", "4x2"])
+def test_training_matches_one_device(mesh_shape, names, scanned):
+    sh, base_specs, host_params, params, lora, opt_state, losses = _sharded_run(mesh_shape, names, scanned)
+    # Every adapter and optimizer-state leaf carries the sharding its rule says.
+    _check_tree(lora, sh.lora, "lora")
+    _check_tree(opt_state, sh.opt_state, "opt_state")
+    _check_tree(params, sh.params, "params")
+    # Same numbers as one device; the scanned model agrees with the unrolled one.
+    want_lora, want_state, want_losses = _reference()
+    if scanned:
+        want_lora = tm.stack_layers(want_lora)
+        want_state = jax.tree_util.tree_map(
+            lambda x: tm.stack_layers(x) if isinstance(x, dict) and "layer_0" in x else x,
+            want_state,
+            is_leaf=lambda x: isinstance(x, dict) and "layer_0" in x,
+        )
+    _close(lora, want_lora)
+    _close(opt_state, want_state)
+    np.testing.assert_allclose(losses, want_losses, **TOL)
+    # Training never writes the base.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, _host(params), host_params)
+    # The rules really shard: adapters use every mesh axis.
+    lora_specs = jax.tree_util.tree_leaves(shd.adapter_specs(host_params, base_specs, tm.lora_spec(scanned)))
+    used = {
+        axis for s in lora_specs for entry in s if entry for axis in ((entry,) if isinstance(entry, str) else entry)
+    }
+    assert used == set(names)
+
+
+@pytest.mark.parametrize("mesh_shape,names", MESHES, ids=["8", "2x4", "4x2"])
+def test_merge_keeps_shardings(mesh_shape, names):
+    mesh = shd.make_mesh(mesh_shape, names)
+    spec = tm.lora_spec(True)
+    host_params = _initial_for(True)[0]
+    base_specs = shd.partition_specs(host_params, tm.base_rules(names, True), mesh)
+    sh = shd.train_shardings(mesh, host_params, base_specs, spec)
+    lora = lora_jax.init(jax.random.key(0), host_params, spec)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.1, lora)  # B != 0, so merge changes the kernels
+    lora = jax.device_put(lora, sh.lora)
+    params = jax.device_put(host_params, sh.params)
+    want = _host(lora_jax.merge(host_params, _host(lora), spec))
+
+    merged = shd.sharded_merge(params, lora, spec)
+    _check_tree(merged, sh.params, "merged")
+    _close(merged, want)
+
+    # Each device adds its own slice of A @ B to its slice of W: no collectives at all.
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    compiled = shd._jitted_merge(False, treedef, tuple(x.sharding for x in leaves)).lower(params, lora, spec).compile()
+    hlo = compiled.as_text()
+    for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
+        assert op not in hlo, op
+
+    donated = shd.sharded_merge(params, lora, spec, donate=True)
+    _check_tree(donated, sh.params, "merged")
+    _close(donated, want)
+    # Adapted kernels are updated in place; the head, replaced by its trained copy, is not aliased.
+    assert all(params["layers"][n]["kernel"].is_deleted() for n in ("query", "key", "value", "out", "up", "down"))
+
+
+DP_TX = optax.sgd(0.1, momentum=0.9)
+
+
+@functools.cache
+def _dp_reference():
+    """``STEPS`` sgd steps on one device over the full 16-row batch."""
+    params, lora, _ = _initial()
+    batch = tm.make_batch(batch=16)
+    step = jax.jit(parallel.train_step(tm.loss_fn(False), DP_TX, tm.lora_spec(False)))
+    state = DP_TX.init(lora)
+    losses = []
+    for _ in range(STEPS):
+        lora, state, loss = step(params, lora, state, batch)
+        losses.append(float(loss))
+    return _host(lora), losses
+
+
+def test_shard_map_data_parallel_matches_one_device():
+    params, lora, _ = _initial()
+    batch = tm.make_batch(batch=16)
+    mesh = shd.make_mesh((8,), ("data",))
+    step = parallel.shard_map_step(tm.loss_fn(False), DP_TX, tm.lora_spec(False), mesh, "data")
+    state = DP_TX.init(lora)
+    losses = []
+    for _ in range(STEPS):
+        lora, state, loss = step(params, lora, state, batch)
+        losses.append(float(loss))
+    want_lora, want_losses = _dp_reference()
+    _close(lora, want_lora)
+    np.testing.assert_allclose(losses, want_losses, **TOL)
+
+
+def test_pmap_data_parallel_matches_one_device():
+    params, lora, _ = _initial()
+    n = jax.local_device_count()
+    step = parallel.pmap_step(tm.loss_fn(False), DP_TX, tm.lora_spec(False), "data")
+    params, lora, state = parallel.replicate((params, lora, DP_TX.init(lora)), n)
+    batch = parallel.split_batch(tm.make_batch(batch=16), n)
+    losses = []
+    for _ in range(STEPS):
+        lora, state, loss = step(params, lora, state, batch)
+        losses.append(float(loss[0]))
+    want_lora, want_losses = _dp_reference()
+    _close(jax.tree_util.tree_map(lambda x: x[0], lora), want_lora)
+    np.testing.assert_allclose(losses, want_losses, **TOL)
+
+
+def test_bad_mesh_axis_and_divisibility():
+    mesh = shd.make_mesh((8,), ("data",))
+    params = _initial()[0]
+    with pytest.raises(shd.ShardingError, match=r"layer_0/\w+/kernel: .*'model'"):
+        shd.partition_specs(params, tm.tp_table("model"), mesh)
+    with pytest.raises(shd.ShardingError, match=r"layer_0/query/kernel.*'data'.*size 8"):
+        shd.partition_specs(params, [(r".*/query/kernel", shd.column_parallel("data", out_ndim=2))], mesh)
+    # A spec that fit one mesh is checked again against another.
+    specs = shd.partition_specs(params, [(r"embed/embedding", PartitionSpec("data"))], mesh)
+    with pytest.raises(shd.ShardingError, match=r"embed/embedding.*'data'"):
+        shd.check_specs(params, specs, shd.make_mesh((2, 4), ("x", "y")))
