@@ -6,7 +6,9 @@ p = lora_jax.combine(params, lora, spec)         # W0 + s A@B, inside jit
 serving = lora_jax.merge(params, lora, spec)     # plain tree, base dtypes
 """
 
+from lora_jax import checkpoint, train
 from lora_jax.adapters import adapter_count
+from lora_jax.checkpoint import CheckpointCorruptError, load_adapter, save_adapter
 from lora_jax.combine import combine
 from lora_jax.describe import Description, describe
 from lora_jax.errors import AdapterMismatchError, LoraError, SpecError
@@ -20,7 +22,10 @@ from lora_jax.spec import LoraSpec, Rule, freeze, trainable
 __version__ = "0.1.0"
 
 __all__ = [
+    "checkpoint",
+    "train",
     "AdapterMismatchError",
+    "CheckpointCorruptError",
     "Description",
     "KernelLayout",
     "LoraError",
@@ -36,8 +41,10 @@ __all__ = [
     "factored",
     "freeze",
     "init",
+    "load_adapter",
     "merge",
     "plan",
+    "save_adapter",
     "trainable",
     "trainable_labels",
     "unmerge",

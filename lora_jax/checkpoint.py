@@ -1,0 +1,124 @@
+"""Adapter-only checkpoints: one small safetensors file that knows the spec it came from.
+
+``save_adapter`` writes the adapter tree (and fully trainable leaves) with the
+shapes, ranks and alphas it was made with in the file's metadata;
+``load_adapter`` checks them against the base tree and spec before returning
+anything. Writes go to a temporary file that replaces the target in one
+``os.replace``, so a failed save leaves the previous checkpoint intact, and an
+existing file is only replaced when asked. (Full training state, with
+optimizer moments, is checkpointed with orbax by :mod:`lora_jax.train`.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from lora_jax.adapters import check_fits, expected_leaves
+from lora_jax.errors import AdapterMismatchError, LoraError
+from lora_jax.paths import flatten, nested_set, path_str
+from lora_jax.plan import plan
+from lora_jax.spec import LoraSpec
+
+FORMAT = "lora_jax.adapter/1"
+
+
+class CheckpointCorruptError(LoraError):
+    """A checkpoint file that cannot be read back."""
+
+
+def _signature(params: Any, spec: LoraSpec) -> dict[str, dict]:
+    """Per leaf of the adapter tree: its shape and the rule settings that give it meaning."""
+    out = {}
+    for path, (shape, target) in expected_leaves(plan(params, spec)).items():
+        rule = target.rule
+        out[path_str(path)] = {
+            "shape": list(shape),
+            "mode": rule.mode,
+            "rank": rule.rank if rule.mode == "lora" else None,
+            "scale": rule.scale if rule.mode == "lora" else None,
+        }
+    return out
+
+
+def save_adapter(path: str | Path, lora: Any, spec: LoraSpec, params: Any, *, overwrite: bool = False) -> Path:
+    """Write ``lora`` to ``path`` (a ``.safetensors`` file), checked against ``params`` and ``spec``.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+      AdapterMismatchError: ``lora`` does not fit ``params`` and ``spec``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    leaves = check_fits(plan(params, spec), lora)
+    tensors = {path_str(p): np.asarray(jnp.asarray(x, jnp.float32)) for p, x in leaves.items()}
+    dtypes = {path_str(p): str(jnp.asarray(x).dtype) for p, x in leaves.items()}
+    metadata = {"format": FORMAT, "signature": json.dumps(_signature(params, spec)), "dtypes": json.dumps(dtypes)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_adapter(path: str | Path, params: Any, spec: LoraSpec) -> dict:
+    """Read an adapter written by :func:`save_adapter` for this base tree and spec.
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      CheckpointCorruptError: the file is not a readable lora_jax adapter.
+      AdapterMismatchError: it was saved for another spec or base (names the path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no adapter checkpoint there")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointCorruptError(f"{path}: not a readable safetensors file ({err})") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointCorruptError(f"{path}: not a lora_jax adapter (format {metadata.get('format')!r})")
+    try:
+        saved = json.loads(metadata["signature"])
+        dtypes = json.loads(metadata["dtypes"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise CheckpointCorruptError(f"{path}: damaged metadata ({err})") from None
+    wanted = _signature(params, spec)
+    for name, info in wanted.items():
+        if name not in saved:
+            raise AdapterMismatchError(f"{path} has no adapter leaf {name}; it was saved for another spec or base")
+        if saved[name] != info:
+            raise AdapterMismatchError(f"{path}: leaf {name} was saved as {saved[name]}, but this spec needs {info}")
+    extra = sorted(set(saved) - set(wanted))
+    if extra:
+        raise AdapterMismatchError(f"{path} holds {extra[0]}, which this spec does not adapt")
+    lora: dict = {}
+    for name in wanted:
+        if name not in tensors:
+            raise CheckpointCorruptError(f"{path}: tensor {name} is listed but missing")
+        nested_set(lora, tuple(name.split("/")), jnp.asarray(tensors[name], dtypes[name]))
+    check_fits(plan(params, spec), lora)
+    return lora
+
+
+def adapter_bytes(lora: Any) -> int:
+    """Bytes of the arrays in an adapter tree."""
+    return sum(int(np.asarray(x).nbytes) for _, x in flatten(lora)[0])
