@@ -23,11 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from lora_jax.combine import combine
-from lora_jax.data.metrics import compute_metrics
 from lora_jax.factored import factored
 from lora_jax.initializers import init
 from lora_jax.merge import merge
@@ -145,12 +143,16 @@ def evaluate(
     apply_fn: ApplyFn, params: Any, trainable: Any, spec: LoraSpec, batches: Iterable[dict], metrics: Iterable[str]
 ) -> dict[str, float]:
     """Metrics of the merged model (the serving path) on ``batches``."""
+    from lora_jax.data.metrics import compute_metrics  # the data package pulls in TFDS: load it on use
+
     merged = jax.jit(merge, static_argnums=2)(params, trainable, spec)
     preds, labels, weights = predict(apply_fn, merged, batches)
     return compute_metrics(tuple(metrics), preds, labels, weights)
 
 
-def _checkpoints(directory: Path, keep: int) -> ocp.CheckpointManager:
+def _checkpoints(directory: Path, keep: int) -> Any:
+    import orbax.checkpoint as ocp  # heavy; only runs that checkpoint need it
+
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
     return ocp.CheckpointManager(directory.resolve(), options=options)
 
@@ -159,6 +161,8 @@ def restore_latest(directory: Path, template: dict) -> dict | None:
     """The newest checkpoint in ``directory`` shaped like ``template``, or None."""
     if not directory.exists():
         return None
+    import orbax.checkpoint as ocp
+
     with _checkpoints(directory, keep=1) as manager:
         step = manager.latest_step()
         if step is None:
@@ -229,6 +233,8 @@ def fit(
             log.flush()
 
     def checkpoint(step: int) -> None:
+        import orbax.checkpoint as ocp
+
         if manager is not None and step not in manager.all_steps():
             manager.save(step, args=ocp.args.StandardSave(state))
             manager.wait_until_finished()
