@@ -1,0 +1,166 @@
+"""Layer layouts, LoRA presets, bfloat16, dropout and sampling for the bundled models."""
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax
+import lora_jax.models as models
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+
+
+def load(name: str, **kwargs):
+    return models.from_pretrained(FIXTURES / name, **kwargs)
+
+
+@functools.cache
+def jitted(model):
+    return jax.jit(model.apply, static_argnames="deterministic")
+
+
+def apply(model, params, *args, **kwargs):
+    return jitted(model)({"params": params}, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    try:
+        return models.from_pretrained(models.minilm_path())
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", "tiny_bert_cls"])
+def test_stack_and_unstack_convert_between_layouts(name):
+    unrolled_model, unrolled = load(name)
+    scanned_model, scanned = load(name, scan_layers=True)
+    stacked = models.stack_layers(unrolled)
+    assert jax.tree.structure(stacked) == jax.tree.structure(scanned)
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(scanned)):
+        np.testing.assert_array_equal(a, b)
+    back = models.unstack_layers(scanned)
+    assert jax.tree.structure(back) == jax.tree.structure(unrolled)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(unrolled)):
+        np.testing.assert_array_equal(a, b)
+
+    ids = np.arange(14, dtype=np.int32).reshape(2, 7) % 50 + 1
+    out_unrolled = jax.tree.leaves(apply(unrolled_model, unrolled, ids))
+    out_scanned = jax.tree.leaves(apply(scanned_model, scanned, ids))
+    for a, b in zip(out_unrolled, out_scanned):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_scanned_paths_read_naturally():
+    _, params = load("tiny_llama", scan_layers=True)
+    names = {path for path, _ in lora_jax.paths.flatten(params)[0]}
+    assert ("decoder", "layers", "attention", "query", "kernel") in names
+    kernel = params["decoder"]["layers"]["attention"]["key"]["kernel"]
+    assert kernel.shape == (2, 64, 2, 16)  # [layers, D, kv heads, Dh]
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_minilm_qv_preset_adapter_size(minilm, scan):
+    model, params = minilm
+    if scan:
+        model, params = model.clone(scan_layers=True), models.stack_layers(params)
+    spec = models.lora_spec(model, "qv", rank=8)
+    assert lora_jax.describe(params, spec).adapter_size == 2 * 6 * 8 * (384 + 384) == 73728
+    layer = "layers" if scan else "layer_3"
+    assert any(t.name == f"encoder/{layer}/attention/query/kernel" for t in lora_jax.plan(params, spec))
+    assert lora_jax.describe(params, models.lora_spec(model, "all-linear", rank=8, scan_layers=scan)).adapter_size == (
+        6 * 8 * (4 * (384 + 384) + 2 * (384 + 1536))
+    )
+
+
+def test_lora_through_a_scanned_decoder_matches_merge():
+    model, params = load("tiny_llama", scan_layers=True)
+    spec = models.lora_spec(model, "all-linear", rank=4, alpha=8.0)
+    lora = jax.jit(lora_jax.init, static_argnums=2)(jax.random.key(0), params, spec)
+    ids = np.array([[5, 6, 7, 8]], np.int32)
+
+    @jax.jit
+    def with_lora(params, lora):
+        return model.apply({"params": lora_jax.combine(params, lora, spec)}, ids).logits
+
+    base = apply(model, params, ids).logits
+    np.testing.assert_allclose(with_lora(params, lora), base, atol=1e-6)
+    rng = np.random.default_rng(1)
+    lora = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(x.dtype), lora)
+    combined = with_lora(params, lora)
+    merged = apply(model, lora_jax.merge(params, lora, spec), ids).logits
+    assert np.abs(combined - base).max() > 1e-3
+    np.testing.assert_allclose(combined, merged, atol=1e-4)
+
+
+def test_classifier_preset_trains_the_head():
+    model, params = load("tiny_bert_cls")
+    spec = models.lora_spec(model, "qkvo", rank=2, head=True)
+    description = lora_jax.describe(params, spec)
+    full = {t.name for t in description.targets if t.layout is None}
+    assert full == {"classifier/kernel", "classifier/bias"}
+    assert description.trainable_size == description.adapter_size + 32 * 3 + 3
+    with pytest.raises(ValueError, match="classification"):
+        models.lora_spec(load("tiny_gpt2")[0], head=True)
+    with pytest.raises(ValueError, match="unknown targets"):
+        models.lora_spec(model, "qz")
+
+
+def test_bfloat16_stays_close_to_float32(minilm):
+    model, params = load("tiny_llama")
+    half_model, half = load("tiny_llama", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
+    ids = np.array([[1, 2, 3, 4, 5, 6]], np.int32)
+    full_logits = apply(model, params, ids).logits
+    half_logits = apply(half_model, half, ids).logits
+    scale = float(np.abs(full_logits).max())
+    assert np.abs(half_logits - full_logits).max() <= 0.05 * scale
+
+    encoder, weights = minilm
+    half_encoder = encoder.clone(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    half_weights = jax.tree.map(lambda x: x.astype(jnp.bfloat16), weights)
+    ids = np.array([[101, 1037, 2158, 2003, 5983, 2833, 1012, 102]], np.int32)
+    mask = np.ones_like(ids)
+    full_emb = models.sentence_embeddings(encoder, weights, ids, mask)
+    half_emb = models.sentence_embeddings(half_encoder, half_weights, ids, mask)
+    assert float(jnp.sum(full_emb * half_emb)) > 0.99
+
+
+def test_dropout_only_when_not_deterministic():
+    model, params = load("tiny_bert_cls")
+    ids = np.array([[3, 4, 5, 6]], np.int32)
+    first = apply(model, params, ids)
+    np.testing.assert_array_equal(first, apply(model, params, ids))
+    noisy = apply(model, params, ids, deterministic=False, rngs={"dropout": jax.random.key(0)})
+    assert np.abs(noisy - first).max() > 1e-4
+
+
+def test_sampling_uses_the_explicit_key():
+    model, params = load("tiny_gpt2")
+    prompt = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
+    one = models.generate(model, params, prompt, 8, temperature=1.0, key=jax.random.key(0))
+    again = models.generate(model, params, prompt, 8, temperature=1.0, key=jax.random.key(0))
+    other = models.generate(model, params, prompt, 8, temperature=1.0, key=jax.random.key(1))
+    assert one.shape == (2, 11)
+    np.testing.assert_array_equal(one, again)
+    np.testing.assert_array_equal(one[:, :3], prompt)
+    assert not np.array_equal(one, other)
+    top1 = models.generate(model, params, prompt, 8, temperature=1.0, key=jax.random.key(2), top_k=1)
+    np.testing.assert_array_equal(top1, models.generate(model, params, prompt, 8))
+    with pytest.raises(ValueError, match="key"):
+        models.generate(model, params, prompt, 8, temperature=0.7)
+
+
+def test_generation_pads_after_eos():
+    model, params = load("tiny_llama")
+    prompt = np.array([[7, 8, 9]], np.int32)
+    greedy = np.asarray(models.generate(model, params, prompt, 6))
+    eos = int(greedy[0, 4])  # the second new token
+    stopped = np.asarray(models.generate(model, params, prompt, 6, eos_token_id=eos, pad_token_id=0))
+    first = 3 + list(greedy[0, 3:]).index(eos)
+    np.testing.assert_array_equal(stopped[0, : first + 1], greedy[0, : first + 1])
+    np.testing.assert_array_equal(stopped[0, first + 1 :], 0)
