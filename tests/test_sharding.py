@@ -1,0 +1,254 @@
+"""Sharding rules, adapter and optimizer-state specs, and their errors.
+
+Spec derivation runs here against abstract meshes; everything that needs
+several devices runs in ``_multidevice_sharding.py`` in a subprocess with 8
+fake CPU devices (this process's JAX is already up with one).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AbstractMesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lora_jax
+from lora_jax import sharding as shd
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _load(name: str, path: pathlib.Path):
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses (flax modules) look their module up here
+    module_spec.loader.exec_module(module)
+    return module
+
+
+tm = _load("_multidevice_model", HERE / "_multidevice_model.py")
+
+MESH_2D = AbstractMesh((2, 4), ("data", "model"))
+MESH_1D = AbstractMesh((8,), ("data",))
+
+
+def _abstract_params(scanned: bool):
+    model = tm.TinyLM(scanned=scanned)
+    tokens = jax.ShapeDtypeStruct((1, tm.SEQ), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))["params"]
+
+
+def sds(*shape: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+# partition_specs ---------------------------------------------------------------
+
+
+def test_first_matching_rule_wins_and_specs_are_padded():
+    params = {"a": {"kernel": sds(4, 8)}, "b": {"kernel": sds(4, 8), "bias": sds(8)}}
+    rules = [(r"a/.*", P(None, "model")), (r".*/kernel", P("data")), (r"b/bias", None)]
+    specs = shd.partition_specs(params, rules, MESH_2D)
+    assert specs == {"a": {"kernel": P(None, "model")}, "b": {"kernel": P("data", None), "bias": P(None)}}
+
+
+def test_unmatched_leaves_take_the_default_or_fail_when_strict():
+    params = {"x": sds(4, 4), "y": sds(8)}
+    assert shd.partition_specs(params, [("x", P("data"))]) == {"x": P("data", None), "y": P(None)}
+    assert shd.partition_specs(params, [("x", P("data"))], default=P("model"))["y"] == P("model")
+    with pytest.raises(shd.ShardingError, match=r"^y: no partition rule"):
+        shd.partition_specs(params, [("x", P("data"))], strict=True)
+
+
+def test_fsdp_shards_the_largest_divisible_dimension():
+    params = {
+        "w": sds(12, 32),  # 32 is the largest and divisible by 8
+        "odd": sds(24, 9),  # 9 is not; 24 is
+        "tiny": sds(3),  # nothing divisible: replicated
+        "stack": sds(16, 8, 8),  # the layer axis is skipped
+    }
+    rules = [("stack", shd.fsdp("data", skip_leading=1)), (r".*", shd.fsdp("data"))]
+    specs = shd.partition_specs(params, rules, MESH_1D)
+    assert specs == {
+        "w": P(None, "data"),
+        "odd": P("data", None),
+        "tiny": P(None),
+        "stack": P(None, "data", None),
+    }
+    small = shd.partition_specs({"b": sds(16)}, shd.fsdp_rules("data", min_size=64), MESH_1D)
+    assert small == {"b": P(None)}
+
+
+def test_megatron_rules_for_dense_kernels():
+    params = {
+        "attn": {n: {"kernel": sds(16, 16), "bias": sds(16)} for n in ("query", "key", "value", "out")},
+        "mlp": {"up_proj": {"kernel": sds(16, 64)}, "down_proj": {"kernel": sds(64, 16)}},
+        "norm": {"scale": sds(16)},
+    }
+    specs = shd.partition_specs(params, shd.tensor_parallel_rules("model"), MESH_2D)
+    for name in ("query", "key", "value"):
+        assert specs["attn"][name] == {"kernel": P(None, "model"), "bias": P("model")}
+    assert specs["attn"]["out"] == {"kernel": P("model", None), "bias": P(None)}
+    assert specs["mlp"] == {"up_proj": {"kernel": P(None, "model")}, "down_proj": {"kernel": P("model", None)}}
+    assert specs["norm"]["scale"] == P(None)
+
+    both = shd.partition_specs(params, shd.fsdp_tp_rules("data", "model"), MESH_2D)
+    assert both["attn"]["query"]["kernel"] == P("data", "model")
+    assert both["attn"]["out"]["kernel"] == P("model", "data")
+    assert both["mlp"]["up_proj"]["kernel"] == P("data", "model")
+    assert both["norm"]["scale"] == P("data")
+
+
+def test_model_tables_unrolled_and_scanned():
+    unrolled = shd.partition_specs(_abstract_params(False), tm.base_rules(("data", "model"), False), MESH_2D)
+    scanned = shd.partition_specs(
+        jax.eval_shape(tm.stack_layers, _abstract_params(False)), tm.base_rules(("data", "model"), True), MESH_2D
+    )
+    layer, stack = unrolled["layer_0"], scanned["layers"]
+    # [D, H, Dh]: heads over model, width over data; the scan axis stays whole.
+    assert layer["query"]["kernel"] == P("data", "model", None)
+    assert stack["query"]["kernel"] == P(None, "data", "model", None)
+    assert layer["out"]["kernel"] == P("model", None, "data")
+    assert stack["out"]["kernel"] == P(None, "model", None, "data")
+    assert layer["up"]["kernel"] == P("data", "model")
+    assert stack["down"]["kernel"] == P(None, "model", "data")
+
+
+# adapter_specs, state_specs, train_shardings ------------------------------------------
+
+
+@pytest.mark.parametrize("scanned", [False, True])
+def test_adapter_specs_follow_the_kernel(scanned):
+    params = _abstract_params(False)
+    if scanned:
+        params = jax.eval_shape(tm.stack_layers, params)
+    base = shd.partition_specs(params, tm.base_rules(("data", "model"), scanned), MESH_2D)
+    specs = shd.adapter_specs(params, base, tm.lora_spec(scanned))
+    lora = shd.abstract_adapters(params, tm.lora_spec(scanned))
+    assert jax.tree_util.tree_structure(specs) == jax.tree_util.tree_structure(lora)
+    lead = (None,) if scanned else ()
+    layer = specs["layers"] if scanned else specs["layer_0"]
+    # query W [D, H, Dh] = P(data, model, None): A [D, r], B [r, H, Dh].
+    assert layer["query"]["kernel"] == {"a": P(*lead, "data", None), "b": P(*lead, None, "model", None)}
+    # out W [H, Dh, D] = P(model, None, data): A [H, Dh, r], B [r, D].
+    assert layer["out"]["kernel"] == {"a": P(*lead, "model", None, None), "b": P(*lead, None, "data")}
+    # down W [F, D] = P(model, data).
+    assert layer["down"]["kernel"] == {"a": P(*lead, "model", None), "b": P(*lead, None, "data")}
+    # A fully trainable leaf keeps the base's spec.
+    assert specs["head"] == base["head"]
+    for path, leaf in lora_jax.paths.flatten(lora)[0]:
+        shd.check_spec("/".join(path), leaf.shape, lora_jax.paths.nested_get(specs, path), dict(MESH_2D.shape))
+
+
+def test_state_specs_mirror_the_trainable_tree():
+    params = {"enc": {"query": {"kernel": sds(16, 32)}}, "head": {"kernel": sds(32, 4)}}
+    spec = lora_jax.LoraSpec([lora_jax.Rule(r"enc/.*", rank=2), lora_jax.trainable(r"head/.*")])
+    base = {"enc": {"query": {"kernel": P("data", "model")}}, "head": {"kernel": P(None, "model")}}
+    lora = shd.abstract_adapters(params, spec)
+    lora_specs = shd.adapter_specs(params, base, spec)
+
+    state = jax.eval_shape(optax.adamw(1e-3).init, lora)
+    specs = shd.state_specs(state, lora, lora_specs)
+    adam = specs[0]
+    assert adam.count == P()
+    assert adam.mu == lora_specs and adam.nu == lora_specs
+
+    combined = {"base": params, "lora": lora}
+    tx = lora_jax.adapter_only(optax.adam(1e-3))
+    state = jax.eval_shape(tx.init, combined)
+    specs = shd.state_specs(state, combined, {"base": base, "lora": lora_specs})
+    inner = specs.inner_states["trainable"].inner_state[0]
+    assert inner.mu["lora"] == lora_specs
+    assert inner.count == P()
+
+
+def test_train_shardings_cover_every_leaf():
+    mesh = shd.make_mesh((1, 1), ("data", "model"))
+    params = _abstract_params(False)
+    base = shd.partition_specs(params, tm.base_rules(("data", "model"), False), mesh)
+    tx = tm.make_tx()
+    sh = shd.train_shardings(mesh, params, base, tm.lora_spec(False), tx)
+    lora = shd.abstract_adapters(params, tm.lora_spec(False))
+    state = jax.eval_shape(tx.init, lora)
+    assert jax.tree_util.tree_structure(sh.opt_state) == jax.tree_util.tree_structure(state)
+    assert jax.tree_util.tree_structure(sh.lora) == jax.tree_util.tree_structure(lora)
+    assert all(isinstance(s, NamedSharding) for s in jax.tree_util.tree_leaves(sh.opt_state))
+    assert sh.batch.spec == P("data") and sh.replicated.spec == P()
+    combined = shd.train_shardings(mesh, params, base, tm.lora_spec(False), lora_jax.adapter_only(tx), combined=True)
+    assert combined.opt_state is not None
+
+
+def test_sharded_merge_on_one_device():
+    mesh = shd.make_mesh((1,), ("data",))
+    params = tm.make_params(False)
+    spec = tm.lora_spec(False)
+    base = shd.partition_specs(params, shd.fsdp_rules("data"), mesh)
+    sh = shd.train_shardings(mesh, params, base, spec)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.5, lora_jax.init(jax.random.key(0), params, spec))
+    placed = jax.device_put(params, sh.params)
+    merged = shd.sharded_merge(placed, jax.device_put(lora, sh.lora), spec)
+    want = lora_jax.merge(params, lora, spec)
+    for got, ref, src in zip(*(jax.tree_util.tree_leaves(t) for t in (merged, want, placed))):
+        assert got.sharding == src.sharding
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+# Errors ------------------------------------------------------------------------
+
+
+def test_unknown_mesh_axis_names_path_and_axis():
+    params = {"enc": {"query": {"kernel": sds(16, 32)}}}
+    with pytest.raises(shd.ShardingError, match=r"enc/query/kernel: .*'model'.*\('data',\)"):
+        shd.partition_specs(params, shd.tensor_parallel_rules("model"), MESH_1D)
+    with pytest.raises(shd.ShardingError, match=r"enc/query/kernel: fsdp rule names mesh axis 'fsdp'"):
+        shd.partition_specs(params, shd.fsdp_rules("fsdp"), MESH_1D)
+    with pytest.raises(lora_jax.LoraError):
+        shd.partition_specs(params, shd.fsdp_rules("fsdp"), MESH_1D)
+
+
+def test_indivisible_dimension_names_path_axis_and_sizes():
+    params = {"enc": {"query": {"kernel": sds(16, 12)}}}
+    with pytest.raises(shd.ShardingError, match=r"enc/query/kernel: dimension 1 .* size 12.*'model' of size 8"):
+        shd.partition_specs(params, [(r".*", P(None, "model"))], AbstractMesh((8,), ("model",)))
+    with pytest.raises(shd.ShardingError, match=r"'data'×'model' of size 8"):
+        shd.partition_specs(params, [(r".*", P(None, ("data", "model")))], MESH_2D)
+
+
+def test_malformed_specs():
+    params = {"w": sds(8, 8)}
+    with pytest.raises(shd.ShardingError, match=r"^w: .* 3 entries"):
+        shd.partition_specs(params, [("w", P("data", None, None))])
+    with pytest.raises(shd.ShardingError, match=r"^w: .*'data' twice"):
+        shd.partition_specs(params, [("w", P("data", "data"))])
+    with pytest.raises(shd.ShardingError, match=r"^w: an fsdp rule needs the mesh"):
+        shd.partition_specs(params, shd.fsdp_rules("data"))
+    with pytest.raises(shd.ShardingError, match=r"^w: partition rule gave"):
+        shd.partition_specs(params, [("w", lambda *_: "data")])
+    spec = lora_jax.LoraSpec([lora_jax.Rule("w", rank=2)])
+    with pytest.raises(shd.ShardingError, match=r"^w: the base specs tree has no PartitionSpec"):
+        shd.adapter_specs(params, {"v": P()}, spec)
+
+
+# Several devices -------------------------------------------------------------
+
+
+def test_on_eight_devices():
+    """Meshes (8,), (2, 4), (4, 2): shardings, agreement with one device, merge, shard_map, pmap."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "_multidevice_sharding.py")]
+    try:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=HERE.parent)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"multi-device checks timed out:\n{err.stdout}\n{err.stderr}")
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
