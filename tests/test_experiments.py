@@ -24,3 +24,14 @@ def test_quickstart_smoke(tmp_path):
     table = (tmp_path / "quickstart_smoke.md").read_text()
     assert "trainable parameters" in table and "jax" in table
     assert (tmp_path / "quickstart_smoke.png").stat().st_size > 1000
+
+
+def test_finetune_minilm_smoke(tmp_path):
+    result = load("finetune_minilm").main(["--smoke", "--out", str(tmp_path / "run"), "--results-dir", str(tmp_path)])
+    assert result["agree"] == result["total"] == 64
+    assert result["gap"] < 1e-4
+    assert 0.0 <= result["score"] <= 1.0
+    # qv r=8 on six layers plus the head: a few hundred kilobytes on disk.
+    assert 73_728 * 4 < result["adapter_bytes"] < 400_000
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()
+    assert "dev accuracy" in (tmp_path / "finetune_minilm_smoke.md").read_text()

@@ -1,0 +1,153 @@
+"""Fine-tune the packaged MiniLM on a GLUE-style task with one method; shared by the GLUE experiments.
+
+Methods share one footing, the spec: ``lora`` (rules from
+``lora_jax.models.lora_spec``), ``full`` (every leaf trainable), ``bitfit``
+(biases) and ``head`` (classifier only). The classifier head always trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+import lora_jax as lj
+from lora_jax import data, models, train
+
+METHODS = ("full", "lora", "bitfit", "head")
+# Learning rates per method, tuned once on SST-2 at this scale.
+LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "bitfit": 2e-3, "head": 2e-3}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    task: str = "sst2"
+    method: str = "lora"
+    targets: str = "qv"
+    rank: int = 8
+    alpha: float = 16.0
+    seed: int = 0
+    steps: int = 300
+    batch_size: int = 32
+    max_length: int = 64
+    train_limit: int | None = None  # first N shuffled training examples
+    eval_limit: int | None = None
+    learning_rate: float | None = None  # None: LEARNING_RATES[method]
+    data_dir: str | None = None  # None: ../shared/data/glue, else TFDS download
+    factored: bool = True
+
+
+def method_spec(model: Any, config: RunConfig) -> lj.LoraSpec:
+    head = lj.trainable(models.HEAD_PATTERN, name="classifier")
+    if config.method == "lora":
+        return models.lora_spec(model, config.targets, rank=config.rank, alpha=config.alpha, head=True)
+    if config.method == "full":
+        return lj.LoraSpec([lj.trainable(".*", name="everything")])
+    if config.method == "bitfit":
+        return lj.LoraSpec([head, lj.trainable(r".*/bias", name="biases")])
+    if config.method == "head":
+        return lj.LoraSpec([head])
+    raise ValueError(f"unknown method {config.method!r}; use one of {METHODS}")
+
+
+def load_model(num_labels: int, seed: int) -> tuple[Any, Any, Any]:
+    """MiniLM with a fresh classifier head, its params, and its tokenizer."""
+    path = models.minilm_path()
+    model, params = models.from_pretrained(
+        path, architecture="BertForSequenceClassification", num_labels=num_labels, key=jax.random.key(seed)
+    )
+    return model, params, models.load_tokenizer(path)
+
+
+def apply_fn_for(model: Any) -> train.ApplyFn:
+    def apply_fn(params, batch, rng):
+        return model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            deterministic=rng is None,
+            rngs=None if rng is None else {"dropout": rng},
+        )
+
+    return apply_fn
+
+
+def load_task(config: RunConfig, tokenizer: Any) -> tuple[Any, data.Encoded, data.Encoded]:
+    data_dir = config.data_dir or data.default_glue_dir()
+    kwargs = {"data_dir": data_dir, "download": data_dir is None}
+    train_split = data.load_split(config.task, "train", **kwargs)
+    dev_split = data.load_split(config.task, "validation", **kwargs)
+    return (
+        train_split.task,
+        data.tokenize(train_split, tokenizer, config.max_length),
+        data.tokenize(dev_split, tokenizer, config.max_length),
+    )
+
+
+def buckets_for(max_length: int) -> tuple[int, ...]:
+    return tuple(b for b in (32, 64, 128) if b < max_length) + (max_length,)
+
+
+def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate one configuration; returns metrics, sizes, timings and the state."""
+    model, params, tokenizer = load_model(2 if config.task != "stsb" else 1, config.seed)
+    task, train_enc, dev_enc = load_task(config, tokenizer)
+    spec = method_spec(model, config)
+    described = lj.describe(params, spec)
+    buckets = buckets_for(config.max_length)
+    n_train = len(train_enc.labels) if config.train_limit is None else min(config.train_limit, len(train_enc.labels))
+    steps_per_epoch = data.num_batches(n_train, config.batch_size)
+
+    def train_batches(epoch: int):
+        return data.batches(
+            train_enc, config.batch_size, seed=config.seed, epoch=epoch, buckets=buckets, limit=config.train_limit
+        )
+
+    def eval_batches():
+        return data.batches(
+            dev_enc, config.batch_size, seed=None, buckets=buckets, drop_remainder=False, limit=config.eval_limit
+        )
+
+    lr = config.learning_rate or LEARNING_RATES[config.method]
+    train_config = train.TrainConfig(
+        steps=config.steps, learning_rate=lr, seed=config.seed, factored=config.factored, log_every=20
+    )
+    apply_fn = apply_fn_for(model)
+    start = time.perf_counter()
+    state, records = train.fit(
+        apply_fn,
+        params,
+        spec,
+        train_config,
+        train_batches,
+        steps_per_epoch,
+        eval_batches,
+        task.metrics,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    final = [r for r in records if r["split"] == "eval"][-1]
+    rates = [r["examples_per_s"] for r in records if r["split"] == "train"][1:]  # first window compiles
+    return {
+        "config": config,
+        "metric": task.metrics[0],
+        "score": final[task.metrics[0]],
+        "scores": {k: v for k, v in final.items() if k not in ("step", "split")},
+        "trainable": described.trainable_size,
+        "base": described.base_size,
+        "seconds": seconds,
+        "step_ms": 1000 * config.batch_size / float(np.median(rates)) if rates else float("nan"),
+        "records": records,
+        "state": state,
+        "params": params,
+        "spec": spec,
+        "model": model,
+        "apply_fn": apply_fn,
+        "eval_batches": eval_batches,
+    }
