@@ -97,14 +97,14 @@ def run(steps: int = 3, devices: list[jax.Device] | None = None) -> dict[str, An
     return {"lora": {lora_jax.paths.path_str(p): np.asarray(v) for p, v in flat}, "losses": losses}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coordinator", help="host:port of process 0; omit on Cloud TPU")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=pathlib.Path, help="process 0 writes the adapters here (.npz)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.num_processes is None or args.num_processes > 1:
         # CPU processes reduce through gloo; TPU and GPU ignore this setting.
@@ -122,6 +122,7 @@ def main() -> None:
             np.savez(args.out, losses=np.array(result["losses"]), **result["lora"])
     if jax.process_count() > 1:
         jax.distributed.shutdown()
+    return result
 
 
 if __name__ == "__main__":
