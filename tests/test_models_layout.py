@@ -10,6 +10,7 @@ import pytest
 
 import lora_jax
 import lora_jax.models as models
+from lora_jax.paths import flatten
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 
@@ -57,7 +58,7 @@ def test_stack_and_unstack_convert_between_layouts(name):
 
 def test_scanned_paths_read_naturally():
     _, params = load("tiny_llama", scan_layers=True)
-    names = {path for path, _ in lora_jax.paths.flatten(params)[0]}
+    names = {path for path, _ in flatten(params)[0]}
     assert ("decoder", "layers", "attention", "query", "kernel") in names
     kernel = params["decoder"]["layers"]["attention"]["key"]["kernel"]
     assert kernel.shape == (2, 64, 2, 16)  # [layers, D, kv heads, Dh]
@@ -141,26 +142,29 @@ def test_dropout_only_when_not_deterministic():
 
 def test_sampling_uses_the_explicit_key():
     model, params = load("tiny_gpt2")
-    prompt = np.array([[1, 2, 3], [4, 5, 6]], np.int32)
-    one = models.generate(model, params, prompt, 8, temperature=1.0, key=jax.random.key(0))
-    again = models.generate(model, params, prompt, 8, temperature=1.0, key=jax.random.key(0))
-    other = models.generate(model, params, prompt, 8, temperature=1.0, key=jax.random.key(1))
-    assert one.shape == (2, 11)
+    # The fixture's prompt shape and length reuse the greedy compilation of the parity tests.
+    prompt = np.load(FIXTURES / "tiny_gpt2" / "expected.npz")["prompt"]
+    one = models.generate(model, params, prompt, 10, temperature=1.0, key=jax.random.key(0))
+    again = models.generate(model, params, prompt, 10, temperature=1.0, key=jax.random.key(0))
+    other = models.generate(model, params, prompt, 10, temperature=1.0, key=jax.random.key(1))
+    assert one.shape == (2, 15)
     np.testing.assert_array_equal(one, again)
-    np.testing.assert_array_equal(one[:, :3], prompt)
+    np.testing.assert_array_equal(one[:, :5], prompt)
     assert not np.array_equal(one, other)
-    top1 = models.generate(model, params, prompt, 8, temperature=1.0, key=jax.random.key(2), top_k=1)
-    np.testing.assert_array_equal(top1, models.generate(model, params, prompt, 8))
+    top1 = models.generate(model, params, prompt, 10, temperature=1.0, key=jax.random.key(2), top_k=1)
+    np.testing.assert_array_equal(top1, models.generate(model, params, prompt, 10))
     with pytest.raises(ValueError, match="key"):
-        models.generate(model, params, prompt, 8, temperature=0.7)
+        models.generate(model, params, prompt, 10, temperature=0.7)
 
 
 def test_generation_pads_after_eos():
     model, params = load("tiny_llama")
-    prompt = np.array([[7, 8, 9]], np.int32)
-    greedy = np.asarray(models.generate(model, params, prompt, 6))
-    eos = int(greedy[0, 4])  # the second new token
-    stopped = np.asarray(models.generate(model, params, prompt, 6, eos_token_id=eos, pad_token_id=0))
-    first = 3 + list(greedy[0, 3:]).index(eos)
-    np.testing.assert_array_equal(stopped[0, : first + 1], greedy[0, : first + 1])
-    np.testing.assert_array_equal(stopped[0, first + 1 :], 0)
+    prompt = np.load(FIXTURES / "tiny_llama" / "expected.npz")["prompt"]
+    greedy = np.asarray(models.generate(model, params, prompt, 10))
+    eos = int(greedy[0, 6])  # the second new token of row 0
+    stopped = np.asarray(models.generate(model, params, prompt, 10, eos_token_id=eos, pad_token_id=0))
+    for row in range(2):
+        new = list(greedy[row, 5:])
+        first = 5 + new.index(eos) if eos in new else greedy.shape[1]
+        np.testing.assert_array_equal(stopped[row, : first + 1], greedy[row, : first + 1])
+        np.testing.assert_array_equal(stopped[row, first + 1 :], 0)

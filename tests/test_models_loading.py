@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -43,6 +44,17 @@ def test_sharded_checkpoint_loads_like_single_file(tmp_path):
     assert jax.tree.structure(sharded) == jax.tree.structure(single)
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_checkpoint_loads_into_float32(tmp_path):
+    path = copy_model("tiny_llama", tmp_path / "m")
+    tensors = read_tensors(path / "model.safetensors")
+    save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}, path / "model.safetensors")
+    _, params = models.from_pretrained(path)
+    _, reference = models.from_pretrained(FIXTURES / "tiny_llama")
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-6)
 
 
 def test_missing_config_names_the_file(tmp_path):

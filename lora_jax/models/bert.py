@@ -166,6 +166,7 @@ class BertForSequenceClassification(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         bert = BertModel(cfg, True, self.scan_layers, **kw, name="bert")
         pooled = bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic).pooled
-        pooled = nn.Dropout(cfg.hidden_dropout_prob)(pooled, deterministic=deterministic)
+        rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
         init = nn.initializers.normal(cfg.initializer_range)
         return nn.Dense(cfg.num_labels, kernel_init=init, **kw, name="classifier")(pooled)

@@ -41,6 +41,7 @@ class BertConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     num_labels: int = 2
+    classifier_dropout: float | None = None
 
     @property
     def head_dim(self) -> int:
