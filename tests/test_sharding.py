@@ -123,6 +123,39 @@ def test_model_tables_unrolled_and_scanned():
     assert stack["down"]["kernel"] == P(None, "model", "data")
 
 
+MODELS = HERE / "fixtures" / "models"
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("name", ["tiny_bert_cls", "tiny_gpt2", "tiny_llama"])
+def test_model_rules_for_the_bundled_models(name, scan):
+    models = pytest.importorskip("lora_jax.models")
+    model, params = models.from_pretrained(MODELS / name, scan_layers=scan)
+    params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    mesh = AbstractMesh((4, 2), ("data", "model"))
+    specs = shd.partition_specs(params, shd.MODEL_RULES, mesh)
+    flat = {"/".join(p): s for p, s in lora_jax.paths.flatten(specs)[0]}
+    layer = "layers" if scan else "layer_0"
+    lead = (None,) if scan else ()
+    stack = next(k.rsplit(f"/{layer}/", 1)[0] for k in flat if f"/{layer}/" in k)
+    attn, mlp = f"{stack}/{layer}/attention", f"{stack}/{layer}/mlp"
+    # Heads over model; embedding width over data; the layer axis whole.
+    assert flat[f"{attn}/query/kernel"] == P(*lead, "data", "model", None)
+    assert flat[f"{attn}/value/kernel"] == P(*lead, "data", "model", None)
+    assert flat[f"{attn}/out/kernel"] == P(*lead, "model", None, "data")
+    up, down = {"tiny_bert_cls": ("intermediate", "output"), "tiny_gpt2": ("fc", "proj")}.get(name, ("up", "down"))
+    assert flat[f"{mlp}/{up}/kernel"] == P(*lead, "data", "model")
+    assert flat[f"{mlp}/{down}/kernel"] == P(*lead, "model", "data")
+    assert all(isinstance(s, P) for s in flat.values())
+
+    spec = models.lora_spec(model, "all-linear", rank=2)
+    lora_specs = shd.adapter_specs(params, specs, spec)
+    for path, leaf in lora_jax.paths.flatten(shd.abstract_adapters(params, spec))[0]:
+        shd.check_spec("/".join(path), leaf.shape, lora_jax.paths.nested_get(lora_specs, path), dict(mesh.shape))
+    tp_only = shd.partition_specs(params, shd.model_rules(None, "model"), mesh)
+    assert not any("data" in str(s) for s in jax.tree_util.tree_leaves(tp_only))
+
+
 # adapter_specs, state_specs, train_shardings ------------------------------------------
 
 
