@@ -155,6 +155,8 @@ def test_sampling_uses_the_explicit_key():
     np.testing.assert_array_equal(top1, models.generate(model, params, prompt, 10))
     with pytest.raises(ValueError, match="key"):
         models.generate(model, params, prompt, 10, temperature=0.7)
+    with pytest.raises(ValueError, match="n_positions"):
+        models.generate(model, params, prompt, 40)
 
 
 def test_generation_pads_after_eos():

@@ -201,5 +201,8 @@ def normalize_name(name: str, model_type: str, classifier: bool = False) -> str:
     return name[len(prefix) :] if name.startswith(prefix) else name
 
 
-def is_ignored(name: str, model_type: str) -> bool:
-    return any(re.fullmatch(p, name) for p in IGNORED[model_type])
+def is_ignored(name: str, config: ModelConfig) -> bool:
+    """Whether ``name`` is a buffer or tied copy the model does not need."""
+    if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+        return True
+    return any(re.fullmatch(p, name) for p in IGNORED[config.model_type])

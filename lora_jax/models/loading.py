@@ -202,7 +202,7 @@ def load_params(
         if raw_name.endswith(name) and raw_name != name:
             prefix = raw_name[: -len(name)]
         if name not in mapping:
-            if not is_ignored(name, model_type) and not is_ignored(raw_name, model_type):
+            if not is_ignored(name, config) and not is_ignored(raw_name, config):
                 unexpected.append(raw_name)
             continue
         for tensor in mapping[name]:
@@ -254,7 +254,7 @@ def _place(
     target = targets[dest]
     shape = tuple(target.shape)
     if layer is None:
-        nested_set(params, dest, jnp.asarray(tensor.convert(name, array, shape).astype(np_dtype)))
+        nested_set(params, dest, jnp.asarray(tensor.convert(name, array, shape).astype(np_dtype, copy=False)))
         done.add(tensor.path)
         return
     count = shape[0]
