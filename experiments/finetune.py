@@ -151,3 +151,55 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
         "apply_fn": apply_fn,
         "eval_batches": eval_batches,
     }
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able part of a :func:`run` result."""
+    import resource
+
+    return {
+        "config": dataclasses.asdict(result["config"]),
+        "metric": result["metric"],
+        "score": result["score"],
+        "scores": result["scores"],
+        "trainable": result["trainable"],
+        "base": result["base"],
+        "seconds": result["seconds"],
+        "step_ms": result["step_ms"],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "losses": [r["loss"] for r in result["records"] if r["split"] == "train"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python experiments/finetune.py --config JSON --out DIR``: one run, in its own process.
+
+    Writes ``DIR/summary.json`` and, for methods with adapters or trainable
+    leaves, ``DIR/adapter.safetensors``.
+    """
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="one fine-tuning run")
+    parser.add_argument("--config", required=True, help="RunConfig fields as JSON")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--progress", action="store_true")
+    args = parser.parse_args(argv)
+    config = RunConfig(**json.loads(args.config))
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run(config, progress=args.progress)
+    if config.method == "lora":
+        lj.save_adapter(
+            args.out / "adapter.safetensors",
+            result["state"]["trainable"],
+            result["spec"],
+            result["params"],
+            overwrite=True,
+        )
+    tmp = args.out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summarize(result), indent=1))
+    tmp.replace(args.out / "summary.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
@@ -35,3 +37,34 @@ def test_finetune_minilm_smoke(tmp_path):
     assert 73_728 * 4 < result["adapter_bytes"] < 400_000
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
     assert "dev accuracy" in (tmp_path / "finetune_minilm_smoke.md").read_text()
+
+
+def test_glue_rank_sweep_and_subspace_smoke(tmp_path):
+    cache, results = tmp_path / "cache", tmp_path / "results"
+    glue = load("glue").main(["--smoke", "--cache", str(cache), "--results-dir", str(results)])
+    assert {r["config"]["method"] for r in glue} == {"lora", "head"}
+    assert glue[0]["trainable"] > glue[1]["trainable"] > 0 and glue[0]["peak_rss_mib"] > 100
+    sweep = load("rank_sweep").main(["--smoke", "--cache", str(cache), "--results-dir", str(results)])
+    assert [r["config"]["rank"] for r in sweep] == [1, 8]
+    assert sweep[1]["dir"] == glue[0]["dir"]  # the shared configuration trained once
+    study = load("subspace").main(["--smoke", "--cache", str(cache), "--results-dir", str(results)])
+    for values in study["maps"].values():
+        assert values.min() >= -1e-9 and values.max() <= 1 + 1e-9
+    for name in ("glue_smoke", "rank_sweep_smoke", "subspace_smoke"):
+        assert (results / f"{name}.md").read_text().count("|") > 10
+        assert (results / f"{name}.png").stat().st_size > 1000
+
+
+def test_subspace_similarity_reference():
+    subspace = load("subspace")
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, 8))
+    same = subspace.similarity(a, a @ rng.normal(size=(8, 8)))  # same column space
+    np.testing.assert_allclose(same[-1, -1], 1.0, atol=1e-9)
+    orthogonal = np.linalg.qr(rng.normal(size=(64, 16)))[0]
+    np.testing.assert_allclose(subspace.similarity(orthogonal[:, :8], orthogonal[:, 8:]), 0.0, atol=1e-12)
+    # phi(i, j) against the definition for one entry.
+    b = rng.normal(size=(64, 12))
+    u1, u2 = np.linalg.svd(a, full_matrices=False)[0], np.linalg.svd(b, full_matrices=False)[0]
+    expected = np.linalg.norm(u1[:, :3].T @ u2[:, :5]) ** 2 / 3
+    np.testing.assert_allclose(subspace.similarity(a, b)[2, 4], expected, rtol=1e-10)

@@ -1,0 +1,69 @@
+"""Which rank is enough? r in {1, 2, 4, 8, 64} x targets {q, qv, qkvo} on SST-2 (paper Table 6).
+
+python experiments/rank_sweep.py --full
+python experiments/rank_sweep.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+from finetune import RunConfig  # noqa: E402
+from sweep import DEFAULT_CACHE, run_all  # noqa: E402
+
+RANKS = (1, 2, 4, 8, 64)
+TARGETS = ("q", "qv", "qkvo")
+
+
+def grid(smoke: bool) -> list[RunConfig]:
+    if smoke:
+        return [
+            RunConfig(task="sst2", targets="qv", rank=r, steps=2, max_length=32, train_limit=64, eval_limit=32)
+            for r in (1, 8)
+        ]
+    return [RunConfig(task="sst2", targets=t, rank=r, steps=300) for t in TARGETS for r in RANKS]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
+    args = parser.parse_args(argv)
+    results = run_all(grid(args.smoke), args.cache, desc="rank sweep")
+    targets = sorted({r["config"]["targets"] for r in results}, key=lambda t: len(t))
+    ranks = sorted({r["config"]["rank"] for r in results})
+    score = {(r["config"]["targets"], r["config"]["rank"]): 100 * r["score"] for r in results}
+    size = {(r["config"]["targets"], r["config"]["rank"]): r["trainable"] for r in results}
+    rows = [[t, *[f"{score[(t, k)]:.1f} ({size[(t, k)]:,})" for k in ranks]] for t in targets]
+    text = report.markdown_table(["targets", *[f"r={k}" for k in ranks]], rows)
+    text += "\n\nSST-2 dev accuracy x100 (trainable parameters, head included)."
+    print(text)
+    name = "rank_sweep_smoke" if args.smoke else "rank_sweep"
+    report.write_markdown(args.results_dir / f"{name}.md", "Rank sweep, SST-2, all-MiniLM-L6-v2", text)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for t in targets:
+        ax.plot(ranks, [score[(t, k)] for k in ranks], marker="o", label=t)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("SST-2 dev accuracy x100")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.results_dir / f"{name}.png", dpi=100)
+    plt.close(fig)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Run fine-tuning configurations once each, in their own processes, and cache what they measured.
+
+A run's directory under the cache is named by a hash of its :class:`RunConfig`,
+so experiments that share a configuration (the GLUE grid, the rank sweep and
+the subspace study all train LoRA qv r=8 on SST-2) train it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from finetune import RunConfig
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_CACHE = HERE.parent / "runs" / "cache"
+
+
+def run_dir(config: RunConfig, cache: Path) -> Path:
+    key = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    return cache / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def run_cached(config: RunConfig, cache: Path = DEFAULT_CACHE) -> dict[str, Any]:
+    """The summary of ``config``'s run, training it first if the cache lacks it."""
+    out = run_dir(config, cache)
+    summary = out / "summary.json"
+    if not summary.exists():
+        command = [
+            sys.executable,
+            str(HERE / "finetune.py"),
+            "--config",
+            json.dumps(dataclasses.asdict(config)),
+            "--out",
+            str(out),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"run {config} failed:\n{done.stderr[-4000:]}")
+    result = json.loads(summary.read_text())
+    result["dir"] = str(out)
+    return result
+
+
+def run_all(configs: list[RunConfig], cache: Path = DEFAULT_CACHE, desc: str = "runs") -> list[dict[str, Any]]:
+    results = []
+    with tqdm(configs, desc=desc) as bar:
+        for config in bar:
+            bar.set_postfix_str(f"{config.task} {config.method} {config.targets} r{config.rank} s{config.seed}")
+            results.append(run_cached(config, cache))
+    return results
