@@ -189,12 +189,7 @@ def load_params(
     pooler = getattr(model, "add_pooler", True)
     mapping = key_map(config, classifier=classifier, pooler=pooler)
     targets = abstract_params(model)
-    np_dtype = np.dtype(model.param_dtype)
-
-    params: dict[str, Any] = {}
-    buffers: dict[PathTuple, np.ndarray] = {}
-    filled: dict[PathTuple, set[int]] = {}
-    done: set[PathTuple] = set()
+    assembly = _Assembly(targets, scan, np.dtype(model.param_dtype))
     unexpected = []
     prefix = ""  # as the checkpoint spells it, for messages
     for raw_name, array in _tensors(files):
@@ -206,10 +201,11 @@ def load_params(
                 unexpected.append(raw_name)
             continue
         for tensor in mapping[name]:
-            _place(raw_name, array, tensor, scan, targets, np_dtype, params, buffers, filled, done)
+            assembly.put(raw_name, array, tensor)
         del array
 
-    missing = [t for ts in mapping.values() for t in ts if t.path not in done]
+    params = assembly.params
+    missing = [t for ts in mapping.values() for t in ts if t.path not in assembly.done]
     head_missing = [t for t in missing if t.path[0] == "classifier"]
     if head_missing:
         warnings.warn("the checkpoint has no classifier; drawing a new one", stacklevel=2)
@@ -235,37 +231,38 @@ def _spelled(name: str, prefix: str) -> str:
     return name if name.startswith(prefix) else prefix + name
 
 
-def _place(
-    name: str,
-    array: np.ndarray,
-    tensor: Tensor,
-    scan: bool,
-    targets: dict[PathTuple, jax.ShapeDtypeStruct],
-    np_dtype: np.dtype,
-    params: dict[str, Any],
-    buffers: dict[PathTuple, np.ndarray],
-    filled: dict[PathTuple, set[int]],
-    done: set[PathTuple],
-) -> None:
-    """Convert one checkpoint tensor and put it in ``params`` (or its layer's slot of a buffer)."""
-    dest, layer = _placement(tensor.path, scan)
-    if dest not in targets:
-        raise CheckpointError(f"checkpoint tensor {name!r} maps to {path_str(dest)!r}, which the model lacks")
-    target = targets[dest]
-    shape = tuple(target.shape)
-    if layer is None:
-        nested_set(params, dest, jnp.asarray(tensor.convert(name, array, shape).astype(np_dtype, copy=False)))
-        done.add(tensor.path)
-        return
-    count = shape[0]
-    if dest not in buffers:
-        buffers[dest] = np.empty(shape, np_dtype)
-        filled[dest] = set()
-    buffers[dest][layer] = tensor.convert(name, array, shape[1:])
-    filled[dest].add(layer)
-    done.add(tensor.path)
-    if len(filled[dest]) == count:
-        nested_set(params, dest, jnp.asarray(buffers.pop(dest)))
+class _Assembly:
+    """A param tree filled tensor by tensor, in the model's layer layout.
+
+    Scanned params collect their layers in one numpy buffer ``[layers, ...]``
+    that moves to JAX as soon as its last layer arrives.
+    """
+
+    def __init__(self, targets: dict[PathTuple, jax.ShapeDtypeStruct], scan: bool, dtype: np.dtype) -> None:
+        self.targets, self.scan, self.dtype = targets, scan, dtype
+        self.params: dict[str, Any] = {}
+        self.done: set[PathTuple] = set()  # unrolled paths placed so far
+        self._buffers: dict[PathTuple, np.ndarray] = {}
+        self._layers: dict[PathTuple, set[int]] = {}
+
+    def put(self, name: str, array: np.ndarray, tensor: Tensor) -> None:
+        """Convert checkpoint tensor ``name`` and place it at ``tensor.path``."""
+        dest, layer = _placement(tensor.path, self.scan)
+        if dest not in self.targets:
+            raise CheckpointError(f"checkpoint tensor {name!r} maps to {path_str(dest)!r}, which the model lacks")
+        shape = tuple(self.targets[dest].shape)
+        self.done.add(tensor.path)
+        if layer is None:
+            value = tensor.convert(name, array, shape).astype(self.dtype, copy=False)
+            nested_set(self.params, dest, jnp.asarray(value))
+            return
+        if dest not in self._buffers:
+            self._buffers[dest] = np.empty(shape, self.dtype)
+            self._layers[dest] = set()
+        self._buffers[dest][layer] = tensor.convert(name, array, shape[1:])
+        self._layers[dest].add(layer)
+        if len(self._layers[dest]) == shape[0]:
+            nested_set(self.params, dest, jnp.asarray(self._buffers.pop(dest)))
 
 
 def from_pretrained(
