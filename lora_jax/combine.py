@@ -31,11 +31,12 @@ def add_updates(params: Any, lora: Any, spec: LoraSpec, sign: float) -> Any:
     index = {path: i for i, (path, _) in enumerate(flat)}
     for target, value in pairs:
         i = index[target.path]
-        base = jnp.asarray(leaves[i])
         if target.layout is None:
+            # The base value is not read, so it may be a ShapeDtypeStruct (full fine-tuning keeps one copy).
             if sign > 0:
-                leaves[i] = jnp.asarray(value).astype(base.dtype)
+                leaves[i] = jnp.asarray(value).astype(target.dtype)
             continue
+        base = jnp.asarray(leaves[i])
         a, b = value
         update = (sign * target.rule.scale) * target.layout.delta(a, b)
         leaves[i] = (base.astype(jnp.float32) + update).astype(base.dtype)

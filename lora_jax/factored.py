@@ -32,7 +32,7 @@ from jax.extend import core as jcore
 
 from lora_jax.adapters import resolve
 from lora_jax.paths import flatten
-from lora_jax.plan import Target
+from lora_jax.plan import Target, abstract_leaf
 from lora_jax.spec import LoraSpec
 
 # An axis of the current kernel value: ("s", i) stack position i, ("i", j) input j, ("o", k) output k.
@@ -371,14 +371,14 @@ def factored(fn: Callable[..., Any], spec: LoraSpec) -> Callable[..., Any]:
         for target, value in pairs:
             i = index[target.path]
             if target.layout is None:
-                inputs[i] = jnp.asarray(value).astype(jnp.asarray(leaves[i]).dtype)
+                inputs[i] = jnp.asarray(value).astype(target.dtype)
             else:
                 inputs[i] = _kernel(target, leaves[i], *value, dropout_rng)
 
         def flat_fn(param_leaves: list[Any], args: tuple[Any, ...]) -> Any:
             return fn(jax.tree_util.tree_unflatten(treedef, param_leaves), *args)
 
-        abstract = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+        abstract = [abstract_leaf(x) for x in leaves]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(abstract, args)
         arg_leaves = jax.tree_util.tree_leaves(args)
         outs = _Evaluator(getattr(closed.jaxpr, "debug_info", None)).run(

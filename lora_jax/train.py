@@ -101,10 +101,23 @@ def forward(apply_fn: ApplyFn, spec: LoraSpec, use_factored: bool) -> Callable[.
     return run_materialized
 
 
+def batch_classification_loss(logits: jax.Array, batch: dict) -> jax.Array:
+    return classification_loss(logits, batch["labels"], batch["weights"])
+
+
 def make_train_step(
-    apply_fn: ApplyFn, spec: LoraSpec, tx: optax.GradientTransformation, use_factored: bool = True
+    apply_fn: ApplyFn,
+    spec: LoraSpec,
+    tx: optax.GradientTransformation,
+    use_factored: bool = True,
+    loss: Callable[[jax.Array, dict], jax.Array] = batch_classification_loss,
 ) -> Callable[[dict, Any, dict], tuple[dict, dict]]:
-    """A jitted ``step(state, params, batch) -> (state, {"loss"})``; only ``trainable`` gets gradients."""
+    """A jitted ``step(state, params, batch) -> (state, {"loss"})``; only ``trainable`` gets gradients.
+
+    ``loss(model_output, batch)`` defaults to weighted cross-entropy on ``batch["labels"]``.
+    Leaves that ``spec`` makes fully trainable are never read from ``params``,
+    so they may be ``jax.ShapeDtypeStruct`` there (full fine-tuning then holds one copy).
+    """
     run = forward(apply_fn, spec, use_factored)
 
     def step(state: dict, params: Any, batch: dict) -> tuple[dict, dict]:
@@ -112,8 +125,7 @@ def make_train_step(
         rng, model_rng, lora_rng = jax.random.split(rng, 3)
 
         def loss_fn(trainable):
-            logits = run(params, trainable, batch, model_rng, lora_rng)
-            return classification_loss(logits, batch["labels"], batch["weights"])
+            return loss(run(params, trainable, batch, model_rng, lora_rng), batch)
 
         loss, grads = jax.value_and_grad(loss_fn)(state["trainable"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])

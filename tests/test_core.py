@@ -254,3 +254,15 @@ def test_spec_is_hashable_and_static():
     lora = lj.init(jax.random.key(0), params, spec)
     out = jax.jit(lj.combine, static_argnames="spec")(params, lora, spec=spec)
     np.testing.assert_array_equal(out["w"], params["w"])
+
+
+def test_fully_trainable_leaves_need_no_base_value():
+    """Full fine-tuning can hold one copy: the base of a trainable leaf may be abstract."""
+    params = {"w": jnp.ones((4, 3)), "head": jnp.ones((3, 2))}
+    spec = lj.LoraSpec([lj.Rule("w", rank=2), lj.trainable("head")])
+    lora = lj.init(jax.random.key(0), params, spec)
+    abstract_head = {**params, "head": jax.ShapeDtypeStruct((3, 2), jnp.float32)}
+    out = lj.combine(abstract_head, lora, spec)
+    np.testing.assert_array_equal(out["head"], lora["head"])
+    fast = lj.factored(lambda p, x: x @ p["w"] @ p["head"], spec)(abstract_head, lora, jnp.ones((1, 4)))
+    np.testing.assert_allclose(fast, jnp.ones((1, 4)) @ params["w"] @ lora["head"])
