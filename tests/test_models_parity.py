@@ -66,8 +66,16 @@ def test_minilm_sentence_embeddings(minilm, minilm_dir, reference):
     assert np.abs(embeddings - reference["embeddings"]).max() <= TOL
 
 
-@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize(
+    ("name", "scan"),
+    [
+        ("tiny_gpt2", False),
+        ("tiny_gpt2", True),
+        ("tiny_llama", False),
+        ("tiny_llama", True),
+        ("tiny_llama_tied", False),  # biases, tied head, one key/value head
+    ],
+)
 def test_decoder_logits_and_greedy_generation(name, scan):
     expected = np.load(FIXTURES / name / "expected.npz")
     model, params = models.from_pretrained(FIXTURES / name, scan_layers=scan)
