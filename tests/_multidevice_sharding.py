@@ -43,6 +43,11 @@ def setup_module() -> None:
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
 
 
+# One compile each instead of many eager ops.
+_merge = jax.jit(lora_jax.merge, static_argnums=2)
+_init = jax.jit(lora_jax.init, static_argnums=2)
+
+
 def _host(tree):
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
 
@@ -64,7 +69,7 @@ def _check_tree(tree, shardings, what: str) -> None:
 def _initial() -> tuple[dict, dict, dict]:
     """Unrolled base params, adapters and batch; the scanned ones are these stacked."""
     params = _host(tm.make_params(False))
-    return params, _host(lora_jax.init(jax.random.key(3), params, tm.lora_spec(False))), tm.make_batch()
+    return params, _host(_init(jax.random.key(3), params, tm.lora_spec(False))), tm.make_batch()
 
 
 def _initial_for(scanned: bool) -> tuple[dict, dict, dict]:
@@ -81,7 +86,7 @@ def _reference():
     device = jax.devices()[0]
     tx = tm.make_tx()
     params, lora = jax.device_put((params, lora), device)
-    opt_state = tx.init(lora)
+    opt_state = jax.jit(tx.init)(lora)
     step = jax.jit(tm.train_step(False, tx))
     losses = []
     for _ in range(STEPS):
@@ -151,11 +156,11 @@ def test_merge_keeps_shardings(mesh_shape, names):
     host_params = _initial_for(True)[0]
     base_specs = shd.partition_specs(host_params, tm.base_rules(names, True), mesh)
     sh = shd.train_shardings(mesh, host_params, base_specs, spec)
-    lora = lora_jax.init(jax.random.key(0), host_params, spec)
+    lora = _init(jax.random.key(0), host_params, spec)
     lora = jax.tree_util.tree_map(lambda x: x + 0.1, lora)  # B != 0, so merge changes the kernels
     lora = jax.device_put(lora, sh.lora)
     params = jax.device_put(host_params, sh.params)
-    want = _host(lora_jax.merge(host_params, _host(lora), spec))
+    want = _host(_merge(host_params, _host(lora), spec))
 
     merged = shd.sharded_merge(params, lora, spec)
     _check_tree(merged, sh.params, "merged")
@@ -233,3 +238,18 @@ def test_bad_mesh_axis_and_divisibility():
     specs = shd.partition_specs(params, [(r"embed/embedding", PartitionSpec("data"))], mesh)
     with pytest.raises(shd.ShardingError, match=r"embed/embedding.*'data'"):
         shd.check_specs(params, specs, shd.make_mesh((2, 4), ("x", "y")))
+
+
+def test_bundled_model_merge_on_a_2d_mesh():
+    models = pytest.importorskip("lora_jax.models")
+    model, host_params = models.from_pretrained(HERE / "fixtures" / "models" / "tiny_llama", scan_layers=True)
+    mesh = shd.make_mesh((4, 2), ("data", "model"))
+    spec = models.lora_spec(model, "all-linear", rank=2)
+    base_specs = shd.partition_specs(host_params, shd.MODEL_RULES, mesh)
+    sh = shd.train_shardings(mesh, host_params, base_specs, spec)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.01, _init(jax.random.key(0), host_params, spec))
+    want = _host(_merge(host_params, lora, spec))
+    params = jax.device_put(host_params, sh.params)
+    merged = shd.sharded_merge(params, jax.device_put(lora, sh.lora), spec)
+    _check_tree(merged, sh.params, "merged")
+    _close(merged, want)
