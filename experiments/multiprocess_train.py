@@ -84,7 +84,7 @@ def run(steps: int = 3, devices: list[jax.Device] | None = None) -> dict[str, An
         donate_argnums=(1, 2),
     )
 
-    # Processes own contiguous blocks of the mesh's devices, so process i feeds rows i*B/n onwards.
+    # With one device per process, process i's devices hold rows i*B/n onwards of the global batch.
     rows = GLOBAL_BATCH // jax.process_count()
     mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
     losses = []
