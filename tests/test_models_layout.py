@@ -170,3 +170,17 @@ def test_generation_pads_after_eos():
         first = 5 + new.index(eos) if eos in new else greedy.shape[1]
         np.testing.assert_array_equal(stopped[row, : first + 1], greedy[row, : first + 1])
         np.testing.assert_array_equal(stopped[row, first + 1 :], 0)
+
+
+def test_left_padded_prompts_continue_like_unpadded_ones():
+    model, params = load("tiny_gpt2")
+    expected = np.load(FIXTURES / "tiny_gpt2" / "expected.npz")
+    prompt = expected["prompt"]  # [2, 5]
+    short = prompt[1:, 2:]  # the last three tokens of row 1
+    alone = np.asarray(models.generate(model, params, short, 10))
+    padded = np.zeros((2, 7), np.int32)
+    padded[0, 2:], padded[1, 4:] = prompt[0], short[0]
+    mask = (np.arange(7)[None] >= np.array([[2], [4]])).astype(np.int32)
+    out = np.asarray(models.generate(model, params, padded, 10, attention_mask=mask))
+    np.testing.assert_array_equal(out[0, 7:], expected["generated"][0, 5:])
+    np.testing.assert_array_equal(out[1, 7:], alone[0, 3:])

@@ -16,14 +16,21 @@ class DecoderOutput(NamedTuple):
 
 
 def positions_and_mask(
-    length: int, cache: Cache | None, cache_index: jax.Array | int, attention_mask: jax.Array | None
+    length: int,
+    cache: Cache | None,
+    cache_index: jax.Array | int,
+    attention_mask: jax.Array | None,
+    position_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Absolute query positions ``[T]`` and the causal mask ``[B|1, 1, T, S]``.
+    """Query positions ``[B|1, T]`` and the causal mask ``[B|1, 1, T, S]``.
 
     Without a cache the keys are the ``T`` new tokens; with one they are the
-    ``S`` cache slots, of which those after the query are hidden.
-    ``attention_mask`` (``[B, T]`` or ``[B, S]``, 1 for real tokens) hides padding.
+    ``S`` cache slots, of which those after the query's slot are hidden.
+    ``attention_mask`` (``[B, T]`` or ``[B, S]``, 1 for real tokens) hides
+    padding; ``position_ids`` (``[B, T]``) override the slot numbers as
+    positions, e.g. to count from a row's first real token under left padding.
     """
-    positions = jnp.arange(length) + cache_index
+    slots = jnp.arange(length) + cache_index
     keys = length if cache is None else cache["key"].shape[2]
-    return positions, causal_mask(positions, keys, attention_mask)
+    positions = slots[None] if position_ids is None else position_ids
+    return positions, causal_mask(slots, keys, attention_mask)

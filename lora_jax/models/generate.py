@@ -46,6 +46,7 @@ def _generate(
     model: nn.Module,
     params: dict,
     input_ids: jax.Array,
+    prompt_mask: jax.Array,
     key: jax.Array | None,
     max_new_tokens: int,
     temperature: float,
@@ -56,7 +57,18 @@ def _generate(
     batch, prompt = input_ids.shape
     total = prompt + max_new_tokens
     variables = {"params": params}
-    out = model.apply(variables, input_ids, cache=cache_for(model, batch, total), cache_index=0)
+    # Left padding: positions count real tokens only, and padded slots stay hidden.
+    slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
+    prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
+    lengths = jnp.sum(prompt_mask, axis=1)
+    out = model.apply(
+        variables,
+        input_ids,
+        slot_mask,
+        cache=cache_for(model, batch, total),
+        cache_index=0,
+        position_ids=prompt_positions,
+    )
     tokens = jnp.full((batch, total), pad_token_id, jnp.int32).at[:, :prompt].set(input_ids)
 
     def emit(step: jax.Array, logits: jax.Array, tokens: jax.Array, done: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -72,7 +84,9 @@ def _generate(
         tokens, cache, logits, done = state
         tokens, done = emit(step, logits, tokens, done)
         nxt = jax.lax.dynamic_slice(tokens, (0, prompt + step), (batch, 1))
-        out = model.apply(variables, nxt, cache=cache, cache_index=prompt + step)
+        out = model.apply(
+            variables, nxt, slot_mask, cache=cache, cache_index=prompt + step, position_ids=(lengths + step)[:, None]
+        )
         return tokens, out.cache, out.logits[:, -1], done
 
     state = (tokens, out.cache, out.logits[:, -1], jnp.zeros((batch,), bool))
@@ -87,6 +101,7 @@ def generate(
     input_ids: jax.Array,
     max_new_tokens: int,
     *,
+    attention_mask: jax.Array | None = None,
     temperature: float = 0.0,
     key: jax.Array | None = None,
     top_k: int | None = None,
@@ -98,8 +113,9 @@ def generate(
     Args:
       model: a :class:`GPT2LMHeadModel` or :class:`LlamaForCausalLM`.
       params: its params (or ``lora_jax.combine(...)`` of them).
-      input_ids: ``[B, P]`` prompts of equal length (no padding).
+      input_ids: ``[B, P]`` prompts; shorter ones padded on the left.
       max_new_tokens: ``N``; the cache holds ``P + N`` positions.
+      attention_mask: ``[B, P]``, 0 over left padding (default all 1).
       temperature: 0 picks the argmax (greedy); above 0 samples from
         ``softmax(logits / temperature)``, optionally among the ``top_k`` best.
       key: the RNG key for sampling; step ``i`` uses ``fold_in(key, i)``.
@@ -115,10 +131,12 @@ def generate(
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs an explicit RNG key")
     input_ids = jnp.asarray(input_ids, jnp.int32)
+    mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     return _generate(
         model,
         params,
         input_ids,
+        mask,
         key if temperature > 0 else None,
         max_new_tokens,
         float(temperature),

@@ -86,6 +86,7 @@ class GPT2LMHeadModel(nn.Module):
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
+        position_ids: jax.Array | None = None,
     ) -> DecoderOutput:
         """Next-token logits.
 
@@ -96,6 +97,8 @@ class GPT2LMHeadModel(nn.Module):
             slots ``cache_index .. cache_index + T - 1``.
           cache_index: position of ``input_ids[:, 0]``.
           deterministic: False turns dropout on (needs a ``"dropout"`` RNG).
+          position_ids: ``[B, T]`` positions (default: the cache slots,
+            ``cache_index .. cache_index + T - 1``).
 
         Returns:
           logits ``[B, T, V]`` and the updated cache (None without one).
@@ -105,8 +108,8 @@ class GPT2LMHeadModel(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
         tokens = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, **kw, name="token_embeddings")
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, **kw, name="position_embeddings")
-        positions, mask = positions_and_mask(input_ids.shape[1], cache, cache_index, attention_mask)
-        x = tokens(input_ids) + wpe(positions)[None]
+        positions, mask = positions_and_mask(input_ids.shape[1], cache, cache_index, attention_mask, position_ids)
+        x = tokens(input_ids) + wpe(positions)
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=deterministic)
         decoder = BlockStack(GPT2Block, cfg, cfg.n_layer, self.scan_layers, deterministic, **kw, name="decoder")
         x, cache = decoder(x, mask, positions, cache, cache_index)

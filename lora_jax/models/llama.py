@@ -87,13 +87,14 @@ class LlamaForCausalLM(nn.Module):
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
+        position_ids: jax.Array | None = None,
     ) -> DecoderOutput:
         """Arguments as :meth:`lora_jax.models.GPT2LMHeadModel.__call__`; logits ``[B, T, V]``."""
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         init = nn.initializers.normal(cfg.initializer_range)
         tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=init, **kw, name="token_embeddings")
-        positions, mask = positions_and_mask(input_ids.shape[1], cache, cache_index, attention_mask)
+        positions, mask = positions_and_mask(input_ids.shape[1], cache, cache_index, attention_mask, position_ids)
         layers = cfg.num_hidden_layers
         decoder = BlockStack(LlamaBlock, cfg, layers, self.scan_layers, deterministic, **kw, name="decoder")
         x, cache = decoder(tokens(input_ids), mask, positions, cache, cache_index)
