@@ -127,7 +127,7 @@ def make_train_step(
         def loss_fn(trainable):
             return loss(run(params, trainable, batch, model_rng, lora_rng), batch)
 
-        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"])
+        value, grads = jax.value_and_grad(loss_fn)(state["trainable"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         new_state = {
             "trainable": optax.apply_updates(state["trainable"], updates),
@@ -135,7 +135,7 @@ def make_train_step(
             "step": state["step"] + 1,
             "rng": jax.random.key_data(rng),
         }
-        return new_state, {"loss": loss}
+        return new_state, {"loss": value}
 
     return jax.jit(step, donate_argnums=0)
 
