@@ -68,8 +68,11 @@ def run(steps: int = 3, devices: list[jax.Device] | None = None) -> dict[str, An
     """
     devices = jax.devices() if devices is None else devices
     mesh = shd.make_mesh((len(devices),), ("data",), devices=devices)
-    host_params = jax.device_get(Classifier().init(jax.random.key(0), jnp.zeros((1, WIDTH)))["params"])
-    host_lora = jax.device_get(lora_jax.init(jax.random.key(1), host_params, SPEC))
+    # Every process computes the same initial values on its own CPU, then keeps its slices.
+    cpu = jax.local_devices(backend="cpu")[0]
+    with jax.default_device(cpu):
+        host_params = jax.device_get(jax.jit(Classifier().init)(jax.random.key(0), jnp.zeros((1, WIDTH)))["params"])
+        host_lora = jax.device_get(jax.jit(lora_jax.init, static_argnums=2)(jax.random.key(1), host_params, SPEC))
     tx = optax.adamw(1e-2)
 
     base_specs = shd.partition_specs(host_params, shd.fsdp_rules("data"), mesh)

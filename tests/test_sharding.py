@@ -226,10 +226,12 @@ def test_sharded_merge_on_one_device():
     spec = tm.lora_spec(False)
     base = shd.partition_specs(params, shd.fsdp_rules("data"), mesh)
     sh = shd.train_shardings(mesh, params, base, spec)
-    lora = jax.tree_util.tree_map(lambda x: x + 0.5, lora_jax.init(jax.random.key(0), params, spec))
+    # Jitted: eager init and merge dispatch op by op, which is slow on CPU.
+    lora = jax.jit(lora_jax.init, static_argnums=2)(jax.random.key(0), params, spec)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.5, lora)
     placed = jax.device_put(params, sh.params)
     merged = shd.sharded_merge(placed, jax.device_put(lora, sh.lora), spec)
-    want = lora_jax.merge(params, lora, spec)
+    want = jax.jit(lora_jax.merge, static_argnums=2)(params, lora, spec)
     for got, ref, src in zip(*(jax.tree_util.tree_leaves(t) for t in (merged, want, placed))):
         assert got.sharding == src.sharding
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
