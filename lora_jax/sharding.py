@@ -40,7 +40,7 @@ from lora_jax.plan import Target, abstract_leaf, plan
 from lora_jax.spec import LoraSpec
 
 AxisSizes = Mapping[str, int]
-SpecFn = Callable[[str, tuple[int, ...], "AxisSizes | None"], "PartitionSpec | None"]
+SpecFn = Callable[[str, tuple[int, ...], AxisSizes | None], PartitionSpec | None]
 """``(path, shape, mesh axis sizes or None) -> PartitionSpec``: a shape-aware rule value."""
 RuleValue = PartitionSpec | SpecFn | None
 Rules = Sequence[tuple[str, RuleValue]]
@@ -108,6 +108,9 @@ def check_spec(name: str, shape: tuple[int, ...], pspec: PartitionSpec, sizes: A
     return PartitionSpec(*entries, *([None] * (len(shape) - len(entries))))
 
 
+_NO_MATCH = object()
+
+
 def _resolve(value: RuleValue, name: str, shape: tuple[int, ...], sizes: AxisSizes | None) -> PartitionSpec:
     if value is None:
         return PartitionSpec()
@@ -158,9 +161,6 @@ def partition_specs(
             value = default
         specs.append(check_spec(name, shape, _resolve(value, name, shape, sizes), sizes))
     return jax.tree_util.tree_unflatten(treedef, specs)
-
-
-_NO_MATCH = object()
 
 
 def check_specs(params: Any, specs: Any, mesh: Mesh | Any) -> None:
