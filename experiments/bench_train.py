@@ -119,16 +119,8 @@ def worker(job: dict) -> dict:
         # The trainable copy is the only copy: the frozen tree holds shapes, not arrays.
         params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     tx = train.make_optimizer(train.TrainConfig(steps=1000))
-    if method == "full":
-        trainable = jax.tree_util.tree_map(
-            lambda s: s,
-            train.init_state(
-                jax.random.key(0), jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), params), spec, tx
-            ),
-        )
-        state = trainable
-    else:
-        state = train.init_state(jax.random.key(0), params, spec, tx)
+    state = train.init_state(jax.random.key(0), values, spec, tx)
+    del values
     step = train.make_train_step(apply_fn, spec, tx, use_factored=method == "lora-factored", loss=loss)
     start = time.perf_counter()
     step = step.lower(state, params, batch).compile()  # tracing (and the factored rewrite) + XLA

@@ -68,3 +68,14 @@ def test_subspace_similarity_reference():
     u1, u2 = np.linalg.svd(a, full_matrices=False)[0], np.linalg.svd(b, full_matrices=False)[0]
     expected = np.linalg.norm(u1[:, :3].T @ u2[:, :5]) ** 2 / 3
     np.testing.assert_allclose(subspace.similarity(a, b)[2, 4], expected, rtol=1e-10)
+
+
+def test_bench_train_smoke(tmp_path):
+    out = load("bench_train").main(["--smoke", "--results-dir", str(tmp_path)])
+    by_method = {r["method"]: r for r in out["results"]}
+    assert set(by_method) == {"full", "lora-combine", "lora-factored"}
+    # Adapters and their moments are a small fraction of full fine-tuning's.
+    assert by_method["lora-factored"]["optimizer_bytes"] < 0.1 * by_method["full"]["optimizer_bytes"]
+    assert by_method["lora-factored"]["trainable_bytes"] == by_method["lora-combine"]["trainable_bytes"]
+    assert all(r["step_ms"] > 0 and np.isfinite(r["loss"]) for r in out["results"])
+    assert "XLA flags chosen" in (tmp_path / "bench_train_smoke.md").read_text()
