@@ -79,3 +79,32 @@ def test_bench_train_smoke(tmp_path):
     assert by_method["lora-factored"]["trainable_bytes"] == by_method["lora-combine"]["trainable_bytes"]
     assert all(r["step_ms"] > 0 and np.isfinite(r["loss"]) for r in out["results"])
     assert "XLA flags chosen" in (tmp_path / "bench_train_smoke.md").read_text()
+
+
+def test_bench_latency_smoke(tmp_path):
+    bench = load("bench_latency")
+    out = bench.main(["--smoke", "--results-dir", str(tmp_path)])
+    assert set(out["table"]) == {(1, 16), (4, 32)}
+    assert all(v > 0 for row in out["table"].values() for v in row.values())
+    assert "LoRA merged" in (tmp_path / "bench_latency_smoke.md").read_text()
+
+
+def test_houlsby_adapters_change_the_output():
+    import jax
+    import jax.numpy as jnp
+
+    from lora_jax import models
+
+    bench = load("bench_latency")
+    model = models.GPT2LMHeadModel(models.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    ids = jnp.arange(8)[None] % 64
+    params = model.init(jax.random.key(0), ids)["params"]
+    adapters = bench.houlsby_params(jax.random.key(1), params, 32, 4)
+    assert len(adapters) == 4  # attention output and MLP output of two layers
+
+    def apply_fn(p, x):
+        return model.apply({"params": p}, x).logits
+
+    base = apply_fn(params, ids)
+    adapted = bench.with_houlsby(apply_fn, adapters)(params, ids)
+    assert not np.allclose(base, adapted) and np.allclose(base, adapted, atol=1e-1)
