@@ -19,7 +19,10 @@ import lora_jax as lj
 from lora_jax import data, models, train
 
 METHODS = ("full", "lora", "bitfit", "head")
-# Learning rates per method, tuned once on SST-2 at this scale.
+# Steps of the --full experiments: what two CPU cores allow for a 36-run grid.
+FULL_STEPS = {"sst2": 150, "cola": 150, "rte": 100}
+FULL_MAX_LENGTH = {"sst2": 64, "cola": 64, "rte": 128}
+# Learning rates per method.
 LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "bitfit": 2e-3, "head": 2e-3}
 
 

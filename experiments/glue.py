@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
-from finetune import METHODS, RunConfig  # noqa: E402
+from finetune import FULL_MAX_LENGTH, FULL_STEPS, METHODS, RunConfig  # noqa: E402
 from sweep import DEFAULT_CACHE, run_all  # noqa: E402
 
 TASKS = ("sst2", "rte", "cola")
@@ -32,11 +32,13 @@ def grid(smoke: bool) -> list[RunConfig]:
         ]
     configs = []
     for task in TASKS:
-        max_length = 128 if task == "rte" else 64
-        steps = 300 if task == "sst2" else 250
         for method in METHODS:
             for seed in range(3):
-                configs.append(RunConfig(task=task, method=method, seed=seed, steps=steps, max_length=max_length))
+                configs.append(
+                    RunConfig(
+                        task=task, method=method, seed=seed, steps=FULL_STEPS[task], max_length=FULL_MAX_LENGTH[task]
+                    )
+                )
     return configs
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
-from finetune import RunConfig  # noqa: E402
+from finetune import FULL_STEPS, RunConfig  # noqa: E402
 from sweep import DEFAULT_CACHE, run_all  # noqa: E402
 
 RANKS = (1, 2, 4, 8, 64)
@@ -25,7 +25,7 @@ def grid(smoke: bool) -> list[RunConfig]:
             RunConfig(task="sst2", targets="qv", rank=r, steps=2, max_length=32, train_limit=64, eval_limit=32)
             for r in (1, 8)
         ]
-    return [RunConfig(task="sst2", targets=t, rank=r, steps=300) for t in TARGETS for r in RANKS]
+    return [RunConfig(task="sst2", targets=t, rank=r, steps=FULL_STEPS["sst2"]) for t in TARGETS for r in RANKS]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
-from finetune import RunConfig  # noqa: E402
+from finetune import FULL_STEPS, RunConfig  # noqa: E402
 from sweep import DEFAULT_CACHE, run_cached  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         base = RunConfig(task="sst2", targets="qv", steps=2, max_length=32, train_limit=64, eval_limit=32)
         small, large = 1, 8
     else:
-        base = RunConfig(task="sst2", targets="qv", steps=300)
+        base = RunConfig(task="sst2", targets="qv", steps=FULL_STEPS["sst2"])
         small, large = 8, 64
     from dataclasses import replace
 
