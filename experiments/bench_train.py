@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from tqdm import tqdm
 
+    from lora_jax import models
+
     repeats = args.repeats or (2 if args.smoke else 8)
     shapes = [("minilm", 64), ("minilm", 128), ("gpt2-small", 256)]
     candidates = CANDIDATE_FLAGS
@@ -203,7 +205,13 @@ def main(argv: list[str] | None = None) -> dict:
     if Path(args.peft_python).exists() and not args.smoke:
         for n in (64, 128):
             for m in ("full", "lora"):
-                job = {"length": n, "method": m, "repeats": repeats, "threads": os.cpu_count()}
+                job = {
+                    "length": n,
+                    "method": m,
+                    "repeats": repeats,
+                    "threads": os.cpu_count(),
+                    "model_path": str(models.minilm_path()),
+                }
                 try:
                     peft.append(spawn(job, "", args.peft_python, HERE / "peft_baseline.py"))
                 except RuntimeError as err:
