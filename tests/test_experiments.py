@@ -108,3 +108,17 @@ def test_houlsby_adapters_change_the_output():
     base = apply_fn(params, ids)
     adapted = bench.with_houlsby(apply_fn, adapters)(params, ids)
     assert not np.allclose(base, adapted) and np.allclose(base, adapted, atol=1e-1)
+
+
+def test_quickstart_notebook_runs(monkeypatch):
+    import nbclient
+    import nbformat
+
+    monkeypatch.setenv("QUICKSTART_STEPS", "3")
+    path = EXPERIMENTS.parent / "notebooks" / "quickstart.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3").execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    assert "trainable: 74,498" in text
+    assert "max |merged - unmerged| =" in text and "KiB" in text
