@@ -12,7 +12,7 @@ Models: :class:`BertModel`, :class:`BertForSequenceClassification`,
 
 from lora_jax.models.bert import BertForSequenceClassification, BertModel, BertOutput
 from lora_jax.models.config import BertConfig, ConfigError, GPT2Config, LlamaConfig
-from lora_jax.models.convert import CheckpointError
+from lora_jax.models.convert import CheckpointError, hf_names
 from lora_jax.models.decoder import DecoderOutput
 from lora_jax.models.generate import cache_for, generate
 from lora_jax.models.gpt2 import GPT2LMHeadModel
@@ -52,6 +52,7 @@ __all__ = [
     "encode",
     "from_pretrained",
     "generate",
+    "hf_names",
     "init_cache",
     "l2_normalize",
     "load_params",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Any
 
 import numpy as np
 
@@ -206,3 +207,23 @@ def is_ignored(name: str, config: ModelConfig) -> bool:
     if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
         return True
     return any(re.fullmatch(p, name) for p in IGNORED[config.model_type])
+
+
+def hf_names(model: Any) -> dict[str, tuple[str, Tensor]]:
+    """For a bundled model: unrolled param path -> (PyTorch tensor name, its :class:`Tensor` layout).
+
+    The table :mod:`lora_jax.peft` needs to write and read Hugging Face PEFT adapters. Names carry the
+    prefix of the PyTorch class (``bert.`` inside ``BertForSequenceClassification``, ``transformer.`` for
+    GPT-2, ``model.`` for Llama).
+    """
+    from lora_jax.models.bert import BertForSequenceClassification, BertModel
+
+    config = model.config
+    classifier = isinstance(model, BertForSequenceClassification)
+    pooler = getattr(model, "add_pooler", True) if isinstance(model, BertModel) else True
+    prefix = "" if isinstance(config, BertConfig) else PREFIXES[config.model_type]
+    table = {}
+    for name, tensors in key_map(config, classifier=classifier, pooler=pooler).items():
+        for tensor in tensors:
+            table[path_str(tensor.path)] = (prefix + name, tensor)
+    return table

@@ -1,0 +1,88 @@
+"""Hugging Face PEFT interop: a real PEFT adapter loads and computes PEFT's logits; export round-trips."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import lora_jax as lj
+from lora_jax import models, peft
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PEFT_DIR = FIXTURES / "peft"
+
+
+def _model(scan=False):
+    return models.from_pretrained(FIXTURES / "models" / "tiny_bert_cls", scan_layers=scan)
+
+
+def _fixture_spec(model):
+    """The spec of the PEFT fixture: q, v, attention output at r=2, alpha=4; layer 1's value at r=3; the head."""
+    layer1_value = lj.Rule(r"bert/encoder/layer_1/attention/value/kernel", rank=3, alpha=4, in_axes=0)
+    preset = models.lora_spec(model, ["q", "v", "o"], rank=2, alpha=4, head=True)
+    return lj.LoraSpec([layer1_value, *preset.rules])
+
+
+def test_peft_adapter_gives_peft_logits():
+    model, params = _model()
+    spec = _fixture_spec(model)
+    lora = peft.load_peft(PEFT_DIR, params, spec, models.hf_names(model))
+    expected = np.load(PEFT_DIR / "expected.npz")
+    logits = model.apply({"params": lj.merge(params, lora, spec)}, expected["input_ids"], expected["attention_mask"])
+    np.testing.assert_allclose(logits, expected["logits"], atol=1e-5)
+
+
+def test_export_reproduces_the_peft_file(tmp_path):
+    model, params = _model()
+    spec = _fixture_spec(model)
+    names = models.hf_names(model)
+    lora = peft.load_peft(PEFT_DIR, params, spec, names)
+    peft.save_peft(tmp_path, lora, spec, params, names)
+    ours, theirs = load_file(str(tmp_path / peft.WEIGHTS)), load_file(str(PEFT_DIR / peft.WEIGHTS))
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-6, err_msg=key)
+    config = __import__("json").loads((tmp_path / peft.CONFIG).read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 4 and config["modules_to_save"] == ["classifier"]
+    assert config["rank_pattern"] == {"bert.encoder.layer.1.attention.self.value": 3}
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        peft.save_peft(tmp_path, lora, spec, params, names)
+
+
+def test_scanned_layout_exports_per_layer_modules(tmp_path):
+    model, params = _model()
+    scanned_model, scanned_params = _model(scan=True)
+    spec = models.lora_spec(model, "qkvo", rank=2, alpha=4, head=True)
+    scanned_spec = models.lora_spec(scanned_model, "qkvo", rank=2, alpha=4, head=True)
+    lora = lj.init(jax.random.key(0), params, spec)
+    lora = jax.tree_util.tree_map(lambda x: x + jax.random.normal(jax.random.key(1), x.shape), lora)
+    stacked = models.stack_layers(lora)
+    unrolled_tensors, _ = peft.to_peft(lora, spec, params, models.hf_names(model))
+    scanned_tensors, _ = peft.to_peft(stacked, scanned_spec, scanned_params, models.hf_names(scanned_model))
+    assert sorted(unrolled_tensors) == sorted(scanned_tensors)
+    for key, value in unrolled_tensors.items():
+        np.testing.assert_array_equal(value, scanned_tensors[key], err_msg=key)
+    peft.save_peft(tmp_path, stacked, scanned_spec, scanned_params, models.hf_names(scanned_model))
+    back = peft.load_peft(tmp_path, scanned_params, scanned_spec, models.hf_names(scanned_model))
+    for a, b in zip(jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_mismatches_name_the_module(tmp_path):
+    model, params = _model()
+    names = models.hf_names(model)
+    wrong_rank = models.lora_spec(model, ["q", "v", "o"], rank=4, alpha=4, head=True)
+    with pytest.raises(lj.AdapterMismatchError, match=r"bert.encoder.layer.0.attention.* the PEFT file has r=2"):
+        peft.load_peft(PEFT_DIR, params, wrong_rank, names)
+    fewer = models.lora_spec(model, ["q", "v"], rank=2, alpha=4, head=True)
+    with pytest.raises(lj.AdapterMismatchError, match="attention.output.dense"):
+        peft.load_peft(PEFT_DIR, params, lj.LoraSpec([_fixture_spec(model).rules[0], *fewer.rules]), names)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        peft.load_peft(tmp_path, params, _fixture_spec(model), names)
+    gpt2, gpt2_params = models.from_pretrained(FIXTURES / "models" / "tiny_gpt2")
+    gpt2_spec = models.lora_spec(gpt2, "qv", rank=2)
+    lora = lj.init(jax.random.key(0), gpt2_params, gpt2_spec)
+    with pytest.raises(lj.LoraError, match="fused tensor"):
+        peft.to_peft(lora, gpt2_spec, gpt2_params, models.hf_names(gpt2))
