@@ -122,3 +122,12 @@ def test_quickstart_notebook_runs(monkeypatch):
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
     assert "trainable: 74,498" in text
     assert "max |merged - unmerged| =" in text and "KiB" in text
+
+
+def test_bench_memory_smoke(tmp_path):
+    out = load("bench_memory").main(["--smoke", "--results-dir", str(tmp_path)])
+    assert out["formula"] == out["tree"]  # 2 n d r 4 bytes plus the head, exactly
+    assert out["tree"] < out["file"] < out["tree"] + 8192
+    for method in ("full", "lora"):  # two moments per trainable scalar, plus step counters
+        assert 0 <= out[method]["optimizer_bytes"] - 2 * out[method]["trainable_bytes"] <= 64
+    assert out["lora"]["temp_bytes"] < out["full"]["temp_bytes"]

@@ -1,0 +1,121 @@
+"""Memory accounting: what adapters and training state should cost, against what is measured.
+
+    python experiments/bench_memory.py            # MiniLM, batch 32, length 64
+    python experiments/bench_memory.py --smoke
+
+1. Adapter bytes: the saved adapter file and the tree, against 2 * n * d * r * 4 bytes for n adapted
+   d x d matrices (plus the classifier head).
+2. Training state: XLA's own accounting of the compiled step (arguments, outputs, temporaries) for full
+   fine-tuning and LoRA, against parameters + gradients + Adam moments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
+from bench_train import tree_bytes, workload  # noqa: E402
+
+import lora_jax as lj  # noqa: E402
+from lora_jax import train  # noqa: E402
+
+MIB = 2**20
+
+
+def compiled_memory(method: str, smoke: bool) -> dict:
+    apply_fn, params, batch, spec, loss = workload("minilm", 16 if smoke else 64, smoke)
+    values = params
+    if method == "full":
+        spec = lj.LoraSpec([lj.trainable(".*")])
+        params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    tx = train.make_optimizer(train.TrainConfig(steps=100))
+    state = jax.eval_shape(lambda v: train.init_state(jax.random.key(0), v, spec, tx), values)
+    step = train.make_train_step(apply_fn, spec, tx, use_factored=method != "full", loss=loss)
+    memory = step.lower(state, params, batch).compile().memory_analysis()
+    return {
+        "spec": spec,
+        "base_bytes": tree_bytes(values),
+        "trainable_bytes": tree_bytes(state["trainable"]),
+        "optimizer_bytes": tree_bytes(state["opt_state"]),
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "alias_bytes": getattr(memory, "alias_size_in_bytes", 0),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
+    args = parser.parse_args(argv)
+
+    # 1. Adapter bytes.
+    _, params, _, spec, _ = workload("minilm", 16, args.smoke)
+    lora = lj.init(jax.random.key(0), params, spec)
+    targets = [t for t in lj.plan(params, spec) if t.layout is not None]
+    d, r = targets[0].layout.in_size, targets[0].rule.rank
+    head = sum(t.trainable_size for t in lj.plan(params, spec) if t.layout is None)
+    formula = 2 * len(targets) * d * r * 4 + head * 4
+    with tempfile.TemporaryDirectory() as tmp:
+        file_bytes = lj.save_adapter(Path(tmp) / "a.safetensors", lora, spec, params).stat().st_size
+    rows = [
+        [f"2 x n x d x r x 4 B (n={len(targets)}, d={d}, r={r}) + head {head} x 4 B", f"{formula:,}"],
+        ["adapter tree (A, B and head arrays)", f"{lj.checkpoint.adapter_bytes(lora):,}"],
+        ["adapter file (safetensors, with its spec signature)", f"{file_bytes:,}"],
+    ]
+    text = "## Adapter bytes\n\n" + report.markdown_table(["what", "bytes"], rows)
+
+    # 2. Training state and step buffers.
+    rows = []
+    results = {}
+    for method in ("full", "lora"):
+        m = compiled_memory(method, args.smoke)
+        results[method] = m
+        grads = m["trainable_bytes"]  # one gradient per trainable scalar
+        expected = (0 if method == "full" else m["base_bytes"]) + m["trainable_bytes"] + grads + m["optimizer_bytes"]
+        rows.append(
+            [
+                method,
+                f"{m['base_bytes'] / MIB:.1f}" if method != "full" else "0 (the trainable copy is the only copy)",
+                f"{m['trainable_bytes'] / MIB:.2f}",
+                f"{grads / MIB:.2f}",
+                f"{m['optimizer_bytes'] / MIB:.2f}",
+                f"{expected / MIB:.1f}",
+                f"{m['argument_bytes'] / MIB:.1f}",
+                f"{m['temp_bytes'] / MIB:.1f}",
+            ]
+        )
+    headers = [
+        "method",
+        "frozen base MiB",
+        "trainable MiB",
+        "gradients MiB",
+        "Adam moments MiB",
+        "params + grads + moments MiB",
+        "XLA arguments MiB",
+        "XLA temporaries MiB",
+    ]
+    text += (
+        f"\n\n## Training state, MiniLM, batch 32 x {16 if args.smoke else 64}\n\n"
+        + report.markdown_table(headers, rows)
+        + "\n\nXLA's arguments are the frozen base, the trainable state and the batch; its temporaries are the "
+        "activations kept for the backward pass and the gradients' working buffers. The gradients of the "
+        "trainable leaves are what separates the two methods besides the moments: full fine-tuning carries "
+        "a gradient and two moments per parameter (16 bytes per parameter with the weight itself), LoRA per "
+        "adapter entry only."
+    )
+    print(text)
+    name = "bench_memory_smoke" if args.smoke else "bench_memory"
+    report.write_markdown(args.results_dir / f"{name}.md", "Memory accounting", text)
+    return {"formula": formula, "tree": lj.checkpoint.adapter_bytes(lora), "file": file_bytes, **results}
+
+
+if __name__ == "__main__":
+    main()
