@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--full", action="store_true", help="the grid the results come from (default)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--cached-only", action="store_true", help="tabulate finished runs, train nothing")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
     args = parser.parse_args(argv)
-    results = run_all(grid(args.smoke), args.cache, desc="glue")
+    results = run_all(grid(args.smoke), args.cache, desc="glue", cached_only=args.cached_only)
     text, means = table(results)
     print(text)
     name = "glue_smoke" if args.smoke else "glue"

@@ -33,14 +33,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--cached-only", action="store_true", help="tabulate finished runs, train nothing")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
     args = parser.parse_args(argv)
-    results = run_all(grid(args.smoke), args.cache, desc="rank sweep")
+    results = run_all(grid(args.smoke), args.cache, desc="rank sweep", cached_only=args.cached_only)
     targets = sorted({r["config"]["targets"] for r in results}, key=lambda t: len(t))
     ranks = sorted({r["config"]["rank"] for r in results})
     score = {(r["config"]["targets"], r["config"]["rank"]): 100 * r["score"] for r in results}
     size = {(r["config"]["targets"], r["config"]["rank"]): r["trainable"] for r in results}
-    rows = [[t, *[f"{score[(t, k)]:.1f} ({size[(t, k)]:,})" for k in ranks]] for t in targets]
+    rows = [
+        [t, *[f"{score[(t, k)]:.1f} ({size[(t, k)]:,})" if (t, k) in score else "-" for k in ranks]] for t in targets
+    ]
     text = report.markdown_table(["targets", *[f"r={k}" for k in ranks]], rows)
     text += "\n\nSST-2 dev accuracy x100 (trainable parameters, head included)."
     print(text)
@@ -54,7 +57,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for t in targets:
-        ax.plot(ranks, [score[(t, k)] for k in ranks], marker="o", label=t)
+        done = [k for k in ranks if (t, k) in score]
+        ax.plot(done, [score[(t, k)] for k in done], marker="o", label=t)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r")
     ax.set_ylabel("SST-2 dev accuracy x100")
