@@ -73,15 +73,7 @@ def workload(name: str, length: int, smoke: bool):
             "weights": np.ones(batch_size, np.float32),
         }
 
-        def apply_fn(p, b, r):
-            return model.apply(
-                {"params": p},
-                b["input_ids"],
-                b["attention_mask"],
-                b["token_type_ids"],
-                deterministic=r is None,
-                rngs=None if r is None else {"dropout": r},
-            )
+        apply_fn = models.classifier_apply_fn(model)
 
         spec = models.lora_spec(model, "qv", rank=8, alpha=16, head=True)
         from lora_jax.train import batch_classification_loss as loss

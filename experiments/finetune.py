@@ -66,20 +66,6 @@ def load_model(num_labels: int, seed: int) -> tuple[Any, Any, Any]:
     return model, params, models.load_tokenizer(path)
 
 
-def apply_fn_for(model: Any) -> train.ApplyFn:
-    def apply_fn(params, batch, rng):
-        return model.apply(
-            {"params": params},
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["token_type_ids"],
-            deterministic=rng is None,
-            rngs=None if rng is None else {"dropout": rng},
-        )
-
-    return apply_fn
-
-
 def load_task(config: RunConfig, tokenizer: Any) -> tuple[Any, data.Encoded, data.Encoded]:
     data_dir = config.data_dir or data.default_glue_dir()
     kwargs = {"data_dir": data_dir, "download": data_dir is None}
@@ -120,7 +106,7 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
     train_config = train.TrainConfig(
         steps=config.steps, learning_rate=lr, seed=config.seed, factored=config.factored, log_every=20
     )
-    apply_fn = apply_fn_for(model)
+    apply_fn = models.classifier_apply_fn(model)
     start = time.perf_counter()
     state, records = train.fit(
         apply_fn,

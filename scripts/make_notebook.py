@@ -49,9 +49,7 @@ CELLS = [
         "a gradient for `W0`."
     ),
     new_code_cell(
-        "def apply_fn(p, batch, rng):\n"
-        "    return model.apply({'params': p}, batch['input_ids'], batch['attention_mask'], batch['token_type_ids'],\n"
-        "                       deterministic=rng is None, rngs=None if rng is None else {'dropout': rng})\n\n"
+        "apply_fn = models.classifier_apply_fn(model)  # (params, batch, rng | None) -> logits\n\n"
         "def train_batches(epoch):\n"
         "    return data.batches(train_enc, 32, seed=0, epoch=epoch, buckets=(32, 64))\n\n"
         "def dev_batches():\n"

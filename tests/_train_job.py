@@ -12,7 +12,7 @@ import numpy as np
 
 import lora_jax as lj
 from lora_jax import train
-from lora_jax.models import BertConfig, BertForSequenceClassification, lora_spec
+from lora_jax.models import BertConfig, BertForSequenceClassification, classifier_apply_fn, lora_spec
 
 CONFIG = BertConfig(
     vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, num_labels=2
@@ -48,15 +48,7 @@ def setup():
     params = model.init(jax.random.key(0), jnp.asarray(ids[:2]))["params"]
     spec = lora_spec(model, "qv", rank=4, head=True, dropout=0.1)
 
-    def apply_fn(p, batch, rng):
-        return model.apply(
-            {"params": p},
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["token_type_ids"],
-            deterministic=rng is None,
-            rngs=None if rng is None else {"dropout": rng},
-        )
+    apply_fn = classifier_apply_fn(model)
 
     return params, spec, apply_fn
 

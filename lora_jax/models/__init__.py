@@ -10,7 +10,7 @@ Models: :class:`BertModel`, :class:`BertForSequenceClassification`,
 ``scan_layers``, ``dtype`` and ``param_dtype``.
 """
 
-from lora_jax.models.bert import BertForSequenceClassification, BertModel, BertOutput
+from lora_jax.models.bert import BertForSequenceClassification, BertModel, BertOutput, classifier_apply_fn
 from lora_jax.models.config import BertConfig, ConfigError, GPT2Config, LlamaConfig
 from lora_jax.models.convert import CheckpointError, hf_names
 from lora_jax.models.decoder import DecoderOutput
@@ -47,6 +47,7 @@ __all__ = [
     "LlamaForCausalLM",
     "build_model",
     "cache_for",
+    "classifier_apply_fn",
     "checkpoint_files",
     "embed_texts",
     "encode",

@@ -170,3 +170,23 @@ class BertForSequenceClassification(nn.Module):
         pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
         init = nn.initializers.normal(cfg.initializer_range)
         return nn.Dense(cfg.num_labels, kernel_init=init, **kw, name="classifier")(pooled)
+
+
+def classifier_apply_fn(model: BertForSequenceClassification) -> Any:
+    """``(params, batch, rng) -> logits [B, num_labels]`` for :mod:`lora_jax.train`.
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``token_type_ids`` ``[B, T]``; dropout is on
+    when ``rng`` is a key and off when it is ``None``.
+    """
+
+    def apply_fn(params: Any, batch: dict, rng: jax.Array | None) -> jax.Array:
+        return model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            deterministic=rng is None,
+            rngs=None if rng is None else {"dropout": rng},
+        )
+
+    return apply_fn
