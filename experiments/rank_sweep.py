@@ -19,13 +19,13 @@ RANKS = (1, 2, 4, 8, 64)
 TARGETS = ("q", "qv", "qkvo")
 
 
-def grid(smoke: bool) -> list[RunConfig]:
+def grid(smoke: bool, ranks=RANKS, targets=TARGETS) -> list[RunConfig]:
     if smoke:
         return [
             RunConfig(task="sst2", targets="qv", rank=r, steps=2, max_length=32, train_limit=64, eval_limit=32)
             for r in (1, 8)
         ]
-    return [RunConfig(task="sst2", targets=t, rank=r, steps=FULL_STEPS["sst2"]) for t in TARGETS for r in RANKS]
+    return [RunConfig(task="sst2", targets=t, rank=r, steps=FULL_STEPS["sst2"]) for t in targets for r in ranks]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -33,10 +33,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS))
     parser.add_argument("--cached-only", action="store_true", help="tabulate finished runs, train nothing")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
     args = parser.parse_args(argv)
-    results = run_all(grid(args.smoke), args.cache, desc="rank sweep", cached_only=args.cached_only)
+    results = run_all(
+        grid(args.smoke, args.ranks, args.targets), args.cache, desc="rank sweep", cached_only=args.cached_only
+    )
     targets = sorted({r["config"]["targets"] for r in results}, key=lambda t: len(t))
     ranks = sorted({r["config"]["rank"] for r in results})
     score = {(r["config"]["targets"], r["config"]["rank"]): 100 * r["score"] for r in results}
