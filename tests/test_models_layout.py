@@ -184,3 +184,13 @@ def test_left_padded_prompts_continue_like_unpadded_ones():
     out = np.asarray(models.generate(model, params, padded, 10, attention_mask=mask))
     np.testing.assert_array_equal(out[0, 7:], expected["generated"][0, 5:])
     np.testing.assert_array_equal(out[1, 7:], alone[0, 3:])
+
+
+def test_single_target_names_select_one_projection():
+    from lora_jax.models.presets import target_names
+
+    assert target_names("bert", "q") == ("q",)
+    assert target_names("llama", "down") == ("down",)
+    assert target_names("gpt2", "qv") == ("q", "v")
+    with pytest.raises(ValueError, match="unknown targets"):
+        target_names("bert", "gate")

@@ -45,6 +45,8 @@ def target_names(model_type: str, targets: str | Iterable[str]) -> tuple[str, ..
     if isinstance(targets, str):
         if targets == "all-linear":
             return tuple(known)
+        if targets in known:  # a single name: "q"
+            return (targets,)
         if targets not in PRESETS:
             raise ValueError(
                 f"unknown targets {targets!r}; use one of {[*PRESETS, 'all-linear']} or names {list(known)}"
