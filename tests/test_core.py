@@ -266,3 +266,18 @@ def test_fully_trainable_leaves_need_no_base_value():
     np.testing.assert_array_equal(out["head"], lora["head"])
     fast = lj.factored(lambda p, x: x @ p["w"] @ p["head"], spec)(abstract_head, lora, jnp.ones((1, 4)))
     np.testing.assert_allclose(fast, jnp.ones((1, 4)) @ params["w"] @ lora["head"])
+
+
+def test_library_uses_public_jax_apis_only():
+    """An earlier JAX LoRA transform died on jax._src: the library never reaches into JAX's internals."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(lj.__file__).parent
+    offenders = [
+        f"{path.relative_to(root)}:{n}"
+        for path in root.rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\bjax\._src\b|\bjax\.interpreters\b|\bjaxlib\.", line)
+    ]
+    assert offenders == []
