@@ -42,6 +42,7 @@ class RunConfig:
     learning_rate: float | None = None  # None: LEARNING_RATES[method]
     data_dir: str | None = None  # None: ../shared/data/glue, else TFDS download
     factored: bool = True
+    pooling: str | None = None  # None: the checkpoint's own (mean for MiniLM)
 
 
 def method_spec(model: Any, config: RunConfig) -> lj.LoraSpec:
@@ -57,11 +58,18 @@ def method_spec(model: Any, config: RunConfig) -> lj.LoraSpec:
     raise ValueError(f"unknown method {config.method!r}; use one of {METHODS}")
 
 
-def load_model(num_labels: int, seed: int) -> tuple[Any, Any, Any]:
-    """MiniLM with a fresh classifier head, its params, and its tokenizer."""
+def load_model(num_labels: int, seed: int, pooling: str | None = None) -> tuple[Any, Any, Any]:
+    """MiniLM with a fresh classifier head, its params, and its tokenizer.
+
+    ``pooling=None`` pools as the checkpoint was trained (mean over tokens for MiniLM).
+    """
     path = models.minilm_path()
     model, params = models.from_pretrained(
-        path, architecture="BertForSequenceClassification", num_labels=num_labels, key=jax.random.key(seed)
+        path,
+        architecture="BertForSequenceClassification",
+        num_labels=num_labels,
+        pooling=pooling or models.sentence_pooling(path),
+        key=jax.random.key(seed),
     )
     return model, params, models.load_tokenizer(path)
 
@@ -84,7 +92,7 @@ def buckets_for(max_length: int) -> tuple[int, ...]:
 
 def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate one configuration; returns metrics, sizes, timings and the state."""
-    model, params, tokenizer = load_model(2 if config.task != "stsb" else 1, config.seed)
+    model, params, tokenizer = load_model(2 if config.task != "stsb" else 1, config.seed, config.pooling)
     task, train_enc, dev_enc = load_task(config, tokenizer)
     spec = method_spec(model, config)
     described = lj.describe(params, spec)

@@ -21,6 +21,7 @@ from finetune import FULL_MAX_LENGTH, FULL_STEPS, METHODS, RunConfig  # noqa: E4
 from sweep import DEFAULT_CACHE, run_all  # noqa: E402
 
 TASKS = ("sst2", "rte", "cola")
+SEEDS = 3
 LABELS = {"full": "full FT", "lora": "LoRA qv r=8", "bitfit": "BitFit", "head": "head only"}
 
 
@@ -30,19 +31,13 @@ def grid(smoke: bool) -> list[RunConfig]:
             RunConfig(task="sst2", method=m, steps=2, max_length=32, train_limit=64, eval_limit=32)
             for m in ("lora", "head")
         ]
-    configs = []
-    for task in TASKS:
-        for method in METHODS:
-            # Three seeds where the headline comparison is (SST-2, LoRA against full); one elsewhere, which is
-            # what two cores allow in one session.
-            seeds = range(3) if task == "sst2" and method in ("full", "lora") else range(1)
-            for seed in seeds:
-                configs.append(
-                    RunConfig(
-                        task=task, method=method, seed=seed, steps=FULL_STEPS[task], max_length=FULL_MAX_LENGTH[task]
-                    )
-                )
-    return configs
+    # Seed-major, so that an interrupted grid has every cell at least once.
+    return [
+        RunConfig(task=task, method=method, seed=seed, steps=FULL_STEPS[task], max_length=FULL_MAX_LENGTH[task])
+        for seed in range(SEEDS)
+        for task in TASKS
+        for method in METHODS
+    ]
 
 
 def table(results: list[dict]) -> tuple[str, dict]:

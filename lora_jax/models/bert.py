@@ -144,10 +144,26 @@ class BertModel(nn.Module):
         return BertOutput(x, pooled)
 
 
+POOLINGS = ("cls", "mean")
+
+
+def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Mean of ``hidden [B, T, D]`` over tokens where ``attention_mask [B, T]`` is 1 -> ``[B, D]``."""
+    mask = attention_mask.astype(jnp.float32)[..., None]
+    total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
+    return total / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
+
+
 class BertForSequenceClassification(nn.Module):
-    """Pooled ``[CLS]`` -> dropout -> ``Dense(num_labels)``; returns logits ``[B, num_labels]``."""
+    """Pooled sentence -> dropout -> ``Dense(num_labels)``; returns logits ``[B, num_labels]``.
+
+    ``pooling="cls"`` is Hugging Face's head (tanh ``pooler`` over ``[CLS]``); ``"mean"`` averages the
+    final hidden states over real tokens, the pooling sentence-transformers models are trained with,
+    and has no ``pooler`` params.
+    """
 
     config: BertConfig
+    pooling: str = "cls"
     scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -164,12 +180,27 @@ class BertForSequenceClassification(nn.Module):
         """Arguments as :meth:`BertModel.__call__`; returns ``[B, num_labels]``."""
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        bert = BertModel(cfg, True, self.scan_layers, **kw, name="bert")
-        pooled = bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic).pooled
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        cls = self.pooling == "cls"
+        bert = BertModel(cfg, cls, self.scan_layers, **kw, name="bert")
+        out = bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
+        if cls:
+            pooled = out.pooled
+        else:
+            mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else attention_mask
+            pooled = mean_pool(out.hidden_states, mask).astype(out.hidden_states.dtype)
         rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
         pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
         init = nn.initializers.normal(cfg.initializer_range)
         return nn.Dense(cfg.num_labels, kernel_init=init, **kw, name="classifier")(pooled)
+
+
+def has_pooler(model: nn.Module) -> bool:
+    """Whether ``model``'s params hold ``pooler/`` (under ``bert/`` for the classifier)."""
+    if isinstance(model, BertForSequenceClassification):
+        return model.pooling == "cls"
+    return getattr(model, "add_pooler", True)
 
 
 def classifier_apply_fn(model: BertForSequenceClassification) -> Any:

