@@ -20,7 +20,7 @@ from lora_jax import data, models, train
 
 METHODS = ("full", "lora", "bitfit", "head")
 # Steps of the --full experiments: what two CPU cores allow for a 36-run grid.
-FULL_STEPS = {"sst2": 100, "cola": 100, "rte": 60}
+FULL_STEPS = {"sst2": 100, "cola": 300, "rte": 60}
 FULL_MAX_LENGTH = {"sst2": 64, "cola": 64, "rte": 96}
 # Learning rates per method.
 LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "bitfit": 2e-3, "head": 2e-3}
