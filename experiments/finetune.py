@@ -22,8 +22,10 @@ METHODS = ("full", "lora", "bitfit", "head")
 # Steps of the --full experiments: what two CPU cores allow for a 36-run grid.
 FULL_STEPS = {"sst2": 100, "cola": 300, "rte": 60}
 FULL_MAX_LENGTH = {"sst2": 64, "cola": 64, "rte": 96}
-# Learning rates per method.
-LEARNING_RATES = {"full": 1e-4, "lora": 1e-3, "bitfit": 2e-3, "head": 2e-3}
+# Learning rates per method. At these short budgets LoRA wants a higher rate than the paper's many-epoch
+# recipe: on SST-2 (100 steps, seed 0) LoRA scored 80.0 / 81.3 / 82.5 at 1e-3 / 3e-3 / 5e-3, full
+# fine-tuning 83.8 / 83.5 at 1e-4 / 2e-4.
+LEARNING_RATES = {"full": 1e-4, "lora": 5e-3, "bitfit": 2e-3, "head": 2e-3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,12 @@ class RunConfig:
     data_dir: str | None = None  # None: ../shared/data/glue, else TFDS download
     factored: bool = True
     pooling: str | None = None  # None: the checkpoint's own (mean for MiniLM)
+
+    def resolved(self) -> RunConfig:
+        """This configuration with the method's learning rate filled in: what a run's cache key hashes."""
+        if self.learning_rate is not None:
+            return self
+        return dataclasses.replace(self, learning_rate=LEARNING_RATES[self.method])
 
 
 def method_spec(model: Any, config: RunConfig) -> lj.LoraSpec:
@@ -110,9 +118,12 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
             dev_enc, config.batch_size, seed=None, buckets=buckets, drop_remainder=False, limit=config.eval_limit
         )
 
-    lr = config.learning_rate or LEARNING_RATES[config.method]
     train_config = train.TrainConfig(
-        steps=config.steps, learning_rate=lr, seed=config.seed, factored=config.factored, log_every=20
+        steps=config.steps,
+        learning_rate=config.resolved().learning_rate,
+        seed=config.seed,
+        factored=config.factored,
+        log_every=20,
     )
     apply_fn = models.classifier_apply_fn(model)
     start = time.perf_counter()
@@ -155,7 +166,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     import resource
 
     return {
-        "config": dataclasses.asdict(result["config"]),
+        "config": dataclasses.asdict(result["config"].resolved()),
         "metric": result["metric"],
         "score": result["score"],
         "scores": result["scores"],

@@ -24,7 +24,8 @@ DEFAULT_CACHE = HERE.parent / "runs" / "cache"
 
 
 def run_dir(config: RunConfig, cache: Path) -> Path:
-    key = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    # Resolved, so that changing a method's default learning rate changes the key.
+    key = json.dumps(dataclasses.asdict(config.resolved()), sort_keys=True)
     return cache / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
