@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 from finetune import FULL_MAX_LENGTH, FULL_STEPS, METHODS, RunConfig  # noqa: E402
-from sweep import DEFAULT_CACHE, run_all  # noqa: E402
+from sweep import DEFAULT_CACHE, group, run_all  # noqa: E402
 
 TASKS = ("sst2", "rte", "cola")
 SEEDS = 3
@@ -41,11 +41,8 @@ def grid(smoke: bool) -> list[RunConfig]:
 
 
 def table(results: list[dict]) -> tuple[str, dict]:
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["config"]["task"], r["config"]["method"]), []).append(r)
     rows, means = [], {}
-    for (task, method), runs in groups.items():
+    for (task, method), runs in group(results, "task", "method").items():
         scores = 100 * np.array([r["score"] for r in runs])
         means[(task, method)] = (scores.mean(), scores.std())
         rows.append(
@@ -53,7 +50,7 @@ def table(results: list[dict]) -> tuple[str, dict]:
                 task,
                 LABELS[method],
                 runs[0]["metric"],
-                f"{scores.mean():.1f} ± {scores.std():.1f} (n={len(runs)})",
+                report.mean_std(scores),
                 f"{runs[0]['trainable']:,} ({100 * runs[0]['trainable'] / runs[0]['base']:.2f}%)",
                 f"{np.median([r['step_ms'] for r in runs]):.0f}",
                 f"{max(r['peak_rss_mib'] for r in runs):.0f}",

@@ -15,7 +15,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 from finetune import FULL_STEPS, RunConfig  # noqa: E402
-from sweep import DEFAULT_CACHE, run_all  # noqa: E402
+from sweep import DEFAULT_CACHE, group, run_all  # noqa: E402
 
 RANKS = (1, 2, 4, 8, 64)
 TARGETS = ("q", "qv", "qkvo")
@@ -54,19 +54,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     targets = sorted({r["config"]["targets"] for r in results}, key=lambda t: len(t))
     ranks = sorted({r["config"]["rank"] for r in results})
-    scores: dict[tuple[str, int], list[float]] = {}
-    size = {}
-    for r in results:
-        cell = (r["config"]["targets"], r["config"]["rank"])
-        scores.setdefault(cell, []).append(100 * r["score"])
-        size[cell] = r["trainable"]
-    score = {cell: float(np.mean(s)) for cell, s in scores.items()}
+    runs = group(results, "targets", "rank")
+    score = {cell: 100 * np.mean([r["score"] for r in rs]) for cell, rs in runs.items()}
 
     def cell_text(cell: tuple[str, int]) -> str:
-        if cell not in score:
+        if cell not in runs:
             return "-"
-        spread = f" ± {np.std(scores[cell]):.1f} (n={len(scores[cell])})" if len(scores[cell]) > 1 else ""
-        return f"{score[cell]:.1f}{spread} ({size[cell]:,})"
+        scores = [100 * r["score"] for r in runs[cell]]
+        mean = report.mean_std(scores) if len(scores) > 1 else f"{scores[0]:.1f}"
+        return f"{mean} ({runs[cell][0]['trainable']:,})"
 
     rows = [[t, *[cell_text((t, k)) for k in ranks]] for t in targets]
     text = report.markdown_table(["targets", *[f"r={k}" for k in ranks]], rows)

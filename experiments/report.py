@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -32,6 +34,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``"mean ± std (n=k)"`` to one decimal: a metric over seeds."""
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f} (n={len(values)})"
 
 
 def write_markdown(path: Path, title: str, body: str) -> Path:

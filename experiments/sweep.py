@@ -64,3 +64,11 @@ def run_all(
             bar.set_postfix_str(f"{config.task} {config.method} {config.targets} r{config.rank} s{config.seed}")
             results.append(run_cached(config, cache))
     return results
+
+
+def group(results: list[dict[str, Any]], *fields: str) -> dict[tuple, list[dict[str, Any]]]:
+    """Runs keyed by the values of the named config ``fields``, in first-seen order (seeds fall together)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(tuple(r["config"][f] for f in fields), []).append(r)
+    return groups
