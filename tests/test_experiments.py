@@ -141,3 +141,22 @@ def test_run_cache_key_follows_the_resolved_learning_rate(tmp_path):
     assert sweep.run_dir(implicit, tmp_path) == sweep.run_dir(explicit, tmp_path)
     other = finetune.RunConfig(method="lora", learning_rate=0.5 * finetune.LEARNING_RATES["lora"])
     assert sweep.run_dir(other, tmp_path) != sweep.run_dir(implicit, tmp_path)
+
+
+def test_rank_sweep_seeds_the_rank_one_comparison():
+    rank_sweep = load("rank_sweep")
+    seeds: dict[tuple[str, int], list[int]] = {}
+    for config in rank_sweep.grid(smoke=False):
+        seeds.setdefault((config.targets, config.rank), []).append(config.seed)
+    assert seeds[("qv", 1)] == seeds[("qv", 8)] == [0, 1, 2]
+    assert all(s == [0] for cell, s in seeds.items() if cell not in rank_sweep.SEEDED_CELLS)
+    assert len(seeds) == len(rank_sweep.RANKS) * len(rank_sweep.TARGETS)
+
+
+def test_seed_groups_and_their_summary():
+    sweep, report = load("sweep"), load("report")
+    runs = [{"config": {"targets": t, "rank": r, "seed": s}} for t, r, s in [("q", 1, 0), ("qv", 1, 0), ("q", 1, 1)]]
+    groups = sweep.group(runs, "targets", "rank")
+    assert list(groups) == [("q", 1), ("qv", 1)]
+    assert [r["config"]["seed"] for r in groups[("q", 1)]] == [0, 1]
+    assert report.mean_std([80.0, 82.0, 84.0]) == f"82.0 ± {np.std([80.0, 82.0, 84.0]):.1f} (n=3)"
