@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import string
 import warnings
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from lora_jax.adapters import resolve
-from lora_jax.paths import flatten
+from lora_jax.paths import flatten, path_hash
 from lora_jax.plan import Target, abstract_leaf
 from lora_jax.spec import LoraSpec
 
@@ -342,7 +341,7 @@ def _kernel(target: Target, base: jax.Array, a: jax.Array, b: jax.Array, rng: ja
         for position, axis in enumerate(axes):
             roles[axis] = (group, position)
     if rng is not None:
-        rng = jax.random.fold_in(rng, zlib.crc32(target.name.encode()) & 0x7FFFFFFF)
+        rng = jax.random.fold_in(rng, path_hash(target.name))
     rule = target.rule
     return LowRankKernel(jnp.asarray(base), a, b, rng, tuple(roles), rule.scale, rule.dropout, target.name)
 

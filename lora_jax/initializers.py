@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from lora_jax.adapters import A_KEY, B_KEY
-from lora_jax.paths import flatten, nested_set
+from lora_jax.paths import flatten, nested_set, path_hash
 from lora_jax.plan import Target, plan
 from lora_jax.spec import LoraSpec
 
 
 def path_key(key: jax.Array, name: str) -> jax.Array:
     """A key for one path: the same whatever else the tree holds or its order."""
-    return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(key, path_hash(name))
 
 
 def init_a(key: jax.Array, target: Target) -> jax.Array:

@@ -4,16 +4,30 @@ A leaf's path is its key path joined with ``/``, for example
 ``encoder/layer_0/attention/query/kernel``. Flax NNX wraps arrays in
 ``Variable`` objects whose key path ends in ``.value``; that suffix is dropped
 so linen and NNX trees read the same.
+
+Layered models name their blocks in one of two layouts: unrolled, one
+subtree per block (``layer_0``, ``layer_1``, ...), or scanned, one subtree
+``layers`` whose leaves carry a leading layer axis (``nn.scan``). The rule
+that maps one to the other lives here, so every module asks the same one.
 """
 
 from __future__ import annotations
 
+import re
+import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 
 PathTuple = tuple[str, ...]
+
+STACKED = "layers"
+"""The key of the scanned layout's one subtree of blocks."""
+UNROLLED = re.compile(r"layer_(\d+)")
+"""A key of the unrolled layout: ``layer_{i}``."""
+UNROLLED_PATTERN = r"layer_\d+"
+"""A regex for any unrolled block key, for rule patterns."""
 
 
 def _key_name(key: Any) -> str:
@@ -63,3 +77,38 @@ def nested_get(tree: Mapping, path: PathTuple) -> Any:
             raise KeyError(path_str(path[: depth + 1]))
         node = node[key]
     return node
+
+
+def path_hash(name: str) -> int:
+    """A stable non-negative 31-bit hash of a path name, for folding into PRNG keys."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def unrolled_key(layer: int) -> str:
+    """The unrolled key of block ``layer``: ``layer_{layer}``."""
+    return f"layer_{layer}"
+
+
+def layer_index(key: str) -> int | None:
+    """``i`` for an unrolled block key ``layer_{i}``, else None."""
+    match = UNROLLED.fullmatch(key)
+    return int(match.group(1)) if match else None
+
+
+def unroll_path(path: PathTuple, layer: int | None) -> PathTuple:
+    """The unrolled path of one block of a scanned leaf: ``.../layers/...`` -> ``.../layer_{i}/...``."""
+    if layer is None:
+        return path
+    return tuple(unrolled_key(layer) if key == STACKED else key for key in path)
+
+
+def stack_path(path: PathTuple) -> tuple[PathTuple, int | None]:
+    """An unrolled path in the scanned layout, with its block: ``.../layer_{i}/...`` -> (``.../layers/...``, i).
+
+    A path with no block key comes back as it is, with None.
+    """
+    for depth, key in enumerate(path):
+        layer = layer_index(key)
+        if layer is not None:
+            return (*path[:depth], STACKED, *path[depth + 1 :]), layer
+    return path, None

@@ -28,7 +28,7 @@ from safetensors.numpy import load_file, save_file
 
 from lora_jax.adapters import A_KEY, B_KEY, check_fits
 from lora_jax.errors import AdapterMismatchError, LoraError
-from lora_jax.paths import PathTuple, nested_set, path_str
+from lora_jax.paths import PathTuple, nested_set, path_str, unroll_path
 from lora_jax.plan import Target, plan
 from lora_jax.spec import LoraSpec
 
@@ -51,9 +51,7 @@ NameTable = Mapping[str, tuple[str, HfName]]
 
 def _unrolled(path: PathTuple, layer: int | None) -> str:
     """The unrolled path of one layer of a stacked leaf: ``.../layers/...`` -> ``.../layer_{i}/...``."""
-    if layer is None:
-        return path_str(path)
-    return path_str(tuple(f"layer_{layer}" if key == "layers" else key for key in path))
+    return path_str(unroll_path(path, layer))
 
 
 def _layers(target: Target) -> list[int | None]:

@@ -17,7 +17,7 @@ import numpy as np
 
 from lora_jax.errors import LoraError
 from lora_jax.models.config import BertConfig, GPT2Config, LlamaConfig, ModelConfig
-from lora_jax.paths import PathTuple, path_str
+from lora_jax.paths import PathTuple, path_str, unrolled_key
 
 
 class CheckpointError(LoraError):
@@ -102,7 +102,7 @@ def bert_keys(config: BertConfig, pooler: bool = True) -> KeyMap:
         keys |= _embed(f"embeddings.{kind}_embeddings", ("embeddings", f"{kind}_embeddings"))
     keys |= _norm("embeddings.LayerNorm", ("embeddings", "layer_norm"))
     for i in range(config.num_hidden_layers):
-        hf, fx = f"encoder.layer.{i}", ("encoder", f"layer_{i}")
+        hf, fx = f"encoder.layer.{i}", ("encoder", unrolled_key(i))
         for proj in ("query", "key", "value"):
             keys |= _linear(f"{hf}.attention.self.{proj}", (*fx, "attention", proj), 1)
         keys |= _linear(f"{hf}.attention.output.dense", (*fx, "attention", "out"), 2)
@@ -129,7 +129,7 @@ def gpt2_keys(config: GPT2Config) -> KeyMap:
     keys |= _embed("wte", ("token_embeddings",))
     keys |= _embed("wpe", ("position_embeddings",))
     for i in range(config.n_layer):
-        hf, fx = f"h.{i}", ("decoder", f"layer_{i}")
+        hf, fx = f"h.{i}", ("decoder", unrolled_key(i))
         keys |= _norm(f"{hf}.ln_1", (*fx, "attention_norm"))
         attn = (*fx, "attention")
         keys[f"{hf}.attn.c_attn.weight"] = tuple(
@@ -152,7 +152,7 @@ def llama_keys(config: LlamaConfig) -> KeyMap:
     keys: KeyMap = {}
     keys |= _embed("embed_tokens", ("token_embeddings",))
     for i in range(config.num_hidden_layers):
-        hf, fx = f"layers.{i}", ("decoder", f"layer_{i}")
+        hf, fx = f"layers.{i}", ("decoder", unrolled_key(i))
         attn = (*fx, "attention")
         for proj, name in (("q", "query"), ("k", "key"), ("v", "value")):
             keys |= _optional_bias(_linear(f"{hf}.self_attn.{proj}_proj", (*attn, name), 1), config.attention_bias)

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax.paths import STACKED, unrolled_key
+
 Dtype = Any
 Cache = dict[str, jax.Array]
 
@@ -226,11 +228,11 @@ class BlockStack(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=self.num_layers,
             )
-            return scanned(self.config, **kwargs, name="layers")(hidden, cache, mask, positions, cache_index)
+            return scanned(self.config, **kwargs, name=STACKED)(hidden, cache, mask, positions, cache_index)
         updated = []
         for i in range(self.num_layers):
             layer_cache = None if cache is None else jax.tree_util.tree_map(lambda c: c[i], cache)
-            layer = self.block(self.config, **kwargs, name=f"layer_{i}")
+            layer = self.block(self.config, **kwargs, name=unrolled_key(i))
             hidden, layer_cache = layer(hidden, layer_cache, mask, positions, cache_index)
             updated.append(layer_cache)
         if cache is not None:

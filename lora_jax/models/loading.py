@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import warnings
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,7 @@ from lora_jax.models.config import BertConfig, ConfigError, GPT2Config, LlamaCon
 from lora_jax.models.convert import CheckpointError, Tensor, is_ignored, key_map, normalize_name
 from lora_jax.models.gpt2 import GPT2LMHeadModel
 from lora_jax.models.llama import LlamaForCausalLM
-from lora_jax.paths import PathTuple, flatten, nested_set, path_str
+from lora_jax.paths import PathTuple, flatten, nested_set, path_hash, path_str, stack_path
 
 # architecture name -> (config class, module class)
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
@@ -146,25 +144,16 @@ def abstract_params(model: nn.Module) -> dict[PathTuple, jax.ShapeDtypeStruct]:
     return dict(leaves)
 
 
-_UNROLLED = re.compile(r"layer_(\d+)")
-
-
 def _placement(path: PathTuple, scan: bool) -> tuple[PathTuple, int | None]:
     """Unrolled path -> (path in the model's layout, layer index or None)."""
-    if not scan:
-        return path, None
-    for depth, key in enumerate(path):
-        match = _UNROLLED.fullmatch(key)
-        if match:
-            return (*path[:depth], "layers", *path[depth + 1 :]), int(match.group(1))
-    return path, None
+    return stack_path(path) if scan else (path, None)
 
 
 def _init_head(model: nn.Module, path: PathTuple, shape: tuple[int, ...], dtype: Any, key: jax.Array) -> jax.Array:
     """A fresh classifier leaf as Hugging Face draws it: kernel ``N(0, range^2)``, bias 0."""
     if path[-1] == "bias":
         return jnp.zeros(shape, dtype)
-    key = jax.random.fold_in(key, zlib.crc32(path_str(path).encode()) % (2**31))
+    key = jax.random.fold_in(key, path_hash(path_str(path)))
     return (model.config.initializer_range * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 

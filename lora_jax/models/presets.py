@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 
 from lora_jax.models.config import BertConfig, GPT2Config, LlamaConfig
+from lora_jax.paths import STACKED, UNROLLED_PATTERN
 from lora_jax.spec import LoraSpec, Rule, trainable
 
 # Short name -> (path inside a layer, number of leading input axes of the unrolled kernel).
@@ -92,7 +93,7 @@ def lora_spec(
     scan = bool(scan)
     model_type = config.model_type
     table = {**ATTENTION, **MLP[model_type]}
-    layer = "layers" if scan else r"layer_\d+"
+    layer = STACKED if scan else UNROLLED_PATTERN
     rules = []
     for name in target_names(model_type, targets):
         path, inputs = table[name]

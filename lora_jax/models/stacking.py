@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-_LAYER = re.compile(r"layer_(\d+)")
+from lora_jax.paths import STACKED, layer_index, unrolled_key
 
 
 def _layer_indices(node: Mapping) -> list[int] | None:
-    found = [_LAYER.fullmatch(str(k)) for k in node]
-    if not node or not all(found):
+    found = [layer_index(str(k)) for k in node]
+    if not node or any(i is None for i in found):
         return None
-    indices = sorted(int(m.group(1)) for m in found if m)
+    indices = sorted(i for i in found if i is not None)
     if indices != list(range(len(indices))):
         raise ValueError(f"layers must be numbered layer_0 .. layer_{len(indices) - 1}, got {sorted(node)}")
     return indices
@@ -32,8 +31,8 @@ def stack_layers(params: Any) -> Any:
         return params
     indices = _layer_indices(params)
     if indices is not None:
-        layers = [stack_layers(params[f"layer_{i}"]) for i in indices]
-        return {"layers": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)}
+        layers = [stack_layers(params[unrolled_key(i)]) for i in indices]
+        return {STACKED: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)}
     return {k: stack_layers(v) for k, v in params.items()}
 
 
@@ -46,11 +45,11 @@ def unstack_layers(params: Any) -> Any:
         return params
     out = {}
     for key, value in params.items():
-        if key == "layers" and isinstance(value, Mapping):
+        if key == STACKED and isinstance(value, Mapping):
             leaves = jax.tree_util.tree_leaves(value)
             count = leaves[0].shape[0]
             for i in range(count):
-                out[f"layer_{i}"] = unstack_layers(jax.tree_util.tree_map(lambda x: x[i], value))
+                out[unrolled_key(i)] = unstack_layers(jax.tree_util.tree_map(lambda x: x[i], value))
         else:
             out[key] = unstack_layers(value)
     return out
