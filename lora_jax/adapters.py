@@ -82,6 +82,29 @@ def resolve(params: Any, lora: Any, spec: LoraSpec) -> list[tuple[Target, Any]]:
     return pairs
 
 
+def signature(params: Any, spec: LoraSpec) -> dict[str, dict]:
+    """Describe each leaf of the adapter tree by the settings that give its numbers meaning.
+
+    Adapter files and training checkpoints store this, so a file is only read
+    back under a spec and base that give every leaf the same shape, mode, rank
+    and scale.
+
+    Returns:
+      ``{path: {"shape", "mode", "rank", "scale"}}``; rank and scale are None
+      for fully trainable leaves.
+    """
+    out = {}
+    for path, (shape, target) in expected_leaves(plan(params, spec)).items():
+        rule = target.rule
+        out[path_str(path)] = {
+            "shape": list(shape),
+            "mode": rule.mode,
+            "rank": rule.rank if rule.mode == "lora" else None,
+            "scale": rule.scale if rule.mode == "lora" else None,
+        }
+    return out
+
+
 def adapter_count(lora: Any) -> int:
     """Number of scalars in an adapter tree."""
     return sum(int(np.prod(abstract_leaf(x).shape)) for x in jax.tree_util.tree_leaves(lora))

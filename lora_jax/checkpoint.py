@@ -12,8 +12,6 @@ optimizer moments, is checkpointed with orbax by :mod:`lora_jax.train`.)
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +20,9 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from lora_jax.adapters import check_fits, expected_leaves
+from lora_jax.adapters import check_fits, signature
 from lora_jax.errors import AdapterMismatchError, LoraError
+from lora_jax.io.atomic import refuse_existing, write_atomic
 from lora_jax.paths import flatten, nested_set, path_str
 from lora_jax.plan import plan
 from lora_jax.spec import LoraSpec
@@ -35,20 +34,6 @@ class CheckpointCorruptError(LoraError):
     """A checkpoint file that cannot be read back."""
 
 
-def _signature(params: Any, spec: LoraSpec) -> dict[str, dict]:
-    """Per leaf of the adapter tree: its shape and the rule settings that give it meaning."""
-    out = {}
-    for path, (shape, target) in expected_leaves(plan(params, spec)).items():
-        rule = target.rule
-        out[path_str(path)] = {
-            "shape": list(shape),
-            "mode": rule.mode,
-            "rank": rule.rank if rule.mode == "lora" else None,
-            "scale": rule.scale if rule.mode == "lora" else None,
-        }
-    return out
-
-
 def save_adapter(path: str | Path, lora: Any, spec: LoraSpec, params: Any, *, overwrite: bool = False) -> Path:
     """Write ``lora`` to ``path`` (a ``.safetensors`` file), checked against ``params`` and ``spec``.
 
@@ -57,22 +42,12 @@ def save_adapter(path: str | Path, lora: Any, spec: LoraSpec, params: Any, *, ov
       AdapterMismatchError: ``lora`` does not fit ``params`` and ``spec``.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    refuse_existing([path], overwrite)
     leaves = check_fits(plan(params, spec), lora)
     tensors = {path_str(p): np.asarray(jnp.asarray(x, jnp.float32)) for p, x in leaves.items()}
     dtypes = {path_str(p): str(jnp.asarray(x).dtype) for p, x in leaves.items()}
-    metadata = {"format": FORMAT, "signature": json.dumps(_signature(params, spec)), "dtypes": json.dumps(dtypes)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    metadata = {"format": FORMAT, "signature": json.dumps(signature(params, spec)), "dtypes": json.dumps(dtypes)}
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
 
 
 def load_adapter(path: str | Path, params: Any, spec: LoraSpec) -> dict:
@@ -101,7 +76,7 @@ def load_adapter(path: str | Path, params: Any, spec: LoraSpec) -> dict:
         dtypes = json.loads(metadata["dtypes"])
     except (KeyError, json.JSONDecodeError) as err:
         raise CheckpointCorruptError(f"{path}: damaged metadata ({err})") from None
-    wanted = _signature(params, spec)
+    wanted = signature(params, spec)
     for name, info in wanted.items():
         if name not in saved:
             raise AdapterMismatchError(f"{path} has no adapter leaf {name}; it was saved for another spec or base")

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 from lora_jax.adapters import A_KEY, B_KEY, check_fits
 from lora_jax.errors import AdapterMismatchError, LoraError
+from lora_jax.io.atomic import refuse_existing, write_atomic, write_text
 from lora_jax.paths import PathTuple, nested_set, path_str, unroll_path
 from lora_jax.plan import Target, plan
 from lora_jax.spec import LoraSpec
@@ -165,24 +164,11 @@ def save_peft(
     Raises ``FileExistsError`` if either file is there and ``overwrite`` is False.
     """
     directory = Path(directory)
-    for file in (WEIGHTS, CONFIG):
-        if (directory / file).exists() and not overwrite:
-            raise FileExistsError(f"{directory / file} exists; pass overwrite=True to replace it")
+    refuse_existing([directory / WEIGHTS, directory / CONFIG], overwrite)
     tensors, config = to_peft(lora, spec, params, names)
     config["base_model_name_or_path"] = base_model_name_or_path
-    directory.mkdir(parents=True, exist_ok=True)
-    for file, write in (
-        (WEIGHTS, lambda p: save_file(tensors, p)),
-        (CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2))),
-    ):
-        handle, tmp = tempfile.mkstemp(prefix=f".{file}.", dir=directory)
-        os.close(handle)
-        try:
-            write(tmp)
-            os.replace(tmp, directory / file)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    write_atomic(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp), overwrite=True)
+    write_text(directory / CONFIG, json.dumps(config, indent=2), overwrite=True)
     return directory
 
 

@@ -1,0 +1,1 @@
+"""Files: the one atomic writer; adapter files and Hugging Face PEFT folders."""
