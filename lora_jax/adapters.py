@@ -1,9 +1,10 @@
 """The adapter tree: its layout, and the check that it fits a base tree and spec.
 
 An adapter tree (``lora``) is a nested dict that mirrors the base tree's paths.
-At each adapted kernel's path it holds ``{"a": A [*stack, *in, r],
-"b": B [*stack, r, *out]}``; at each fully trainable leaf's path it holds the
-trainable copy of that leaf. Nothing else is in it, so every leaf of ``lora``
+What it holds at each target's path is the
+target's variant's business (:mod:`lora_jax.variants`): ``{"a": A [*stack, *in, r],
+"b": B [*stack, r, *out]}`` at an adapted kernel, the trainable copy at a
+fully trainable leaf. Nothing else is in it, so every leaf of ``lora``
 is trainable and ``lora`` can go straight to ``jax.grad``, optax or orbax.
 """
 
@@ -18,20 +19,15 @@ from lora_jax.errors import AdapterMismatchError
 from lora_jax.paths import PathTuple, flatten, path_str
 from lora_jax.plan import Target, abstract_leaf, plan
 from lora_jax.spec import LoraSpec
-
-A_KEY = "a"
-B_KEY = "b"
+from lora_jax.variants import A_KEY, B_KEY, variant_of  # noqa: F401  (A_KEY, B_KEY: re-exported)
 
 
 def expected_leaves(targets: tuple[Target, ...]) -> dict[PathTuple, tuple[tuple[int, ...], Target]]:
-    """Path of each adapter-tree leaf -> (its shape, the target it belongs to)."""
+    """Map the path of each adapter-tree leaf to its shape and the target it belongs to."""
     expected = {}
     for target in targets:
-        if target.layout is None:
-            expected[target.path] = (target.shape, target)
-        else:
-            expected[(*target.path, A_KEY)] = (target.a_shape, target)
-            expected[(*target.path, B_KEY)] = (target.b_shape, target)
+        for path, leaf in variant_of(target).leaves(target).items():
+            expected[path] = (tuple(leaf.shape), target)
     return expected
 
 
@@ -69,17 +65,19 @@ def check_fits(targets: tuple[Target, ...], lora: Any) -> dict[PathTuple, Any]:
     return leaves
 
 
-def resolve(params: Any, lora: Any, spec: LoraSpec) -> list[tuple[Target, Any]]:
-    """Pair each target with its adapter value: ``(A, B)`` or the trainable leaf."""
+def bind(params: Any, lora: Any, spec: LoraSpec) -> list[tuple[Target, Any]]:
+    """Pair each target of ``spec`` on ``params`` with its value in ``lora``, after checking that ``lora`` fits.
+
+    Returns:
+      ``(target, value)`` in the base tree's leaf order; the value is what the
+      target's variant gathers (``(A, B)`` for LoRA, the leaf for a fully trainable one).
+    """
     targets = plan(params, spec)
     leaves = check_fits(targets, lora)
-    pairs = []
-    for target in targets:
-        if target.layout is None:
-            pairs.append((target, leaves[target.path]))
-        else:
-            pairs.append((target, (leaves[(*target.path, A_KEY)], leaves[(*target.path, B_KEY)])))
-    return pairs
+    return [(target, variant_of(target).value(target, leaves)) for target in targets]
+
+
+resolve = bind
 
 
 def signature(params: Any, spec: LoraSpec) -> dict[str, dict]:
@@ -95,13 +93,7 @@ def signature(params: Any, spec: LoraSpec) -> dict[str, dict]:
     """
     out = {}
     for path, (shape, target) in expected_leaves(plan(params, spec)).items():
-        rule = target.rule
-        out[path_str(path)] = {
-            "shape": list(shape),
-            "mode": rule.mode,
-            "rank": rule.rank if rule.mode == "lora" else None,
-            "scale": rule.scale if rule.mode == "lora" else None,
-        }
+        out[path_str(path)] = {"shape": list(shape), "mode": target.rule.mode, **variant_of(target).signature(target)}
     return out
 
 

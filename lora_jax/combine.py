@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from lora_jax.adapters import resolve
+from lora_jax.adapters import bind
 from lora_jax.errors import LoraError
 from lora_jax.paths import flatten
 from lora_jax.spec import LoraSpec
+from lora_jax.variants import variant_of
 
 
 def add_updates(params: Any, lora: Any, spec: LoraSpec, sign: float) -> Any:
@@ -25,21 +25,13 @@ def add_updates(params: Any, lora: Any, spec: LoraSpec, sign: float) -> Any:
     Fully trainable leaves take their value from ``lora`` when ``sign > 0`` and
     are left as they are otherwise. Every leaf keeps the base's dtype.
     """
-    pairs = resolve(params, lora, spec)
+    pairs = bind(params, lora, spec)
     flat, treedef = flatten(params)
     leaves = [leaf for _, leaf in flat]
     index = {path: i for i, (path, _) in enumerate(flat)}
     for target, value in pairs:
         i = index[target.path]
-        if target.layout is None:
-            # The base value is not read, so it may be a ShapeDtypeStruct (full fine-tuning keeps one copy).
-            if sign > 0:
-                leaves[i] = jnp.asarray(value).astype(target.dtype)
-            continue
-        base = jnp.asarray(leaves[i])
-        a, b = value
-        update = (sign * target.rule.scale) * target.layout.delta(a, b)
-        leaves[i] = (base.astype(jnp.float32) + update).astype(base.dtype)
+        leaves[i] = variant_of(target).apply(target, leaves[i], value, sign)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

@@ -10,6 +10,7 @@ import jax
 
 from lora_jax.plan import Target, abstract_leaf, plan
 from lora_jax.spec import LoraSpec
+from lora_jax.variants import variant_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Description:
     @property
     def adapter_size(self) -> int:
         """Scalars in (A, B) pairs only."""
-        return sum(t.trainable_size for t in self.targets if t.layout is not None)
+        return sum(t.trainable_size for t in self.targets if not variant_of(t).replaces_leaf)
 
     @property
     def trainable_fraction(self) -> float:
@@ -36,13 +37,7 @@ class Description:
     def rows(self) -> list[dict[str, str]]:
         rows = []
         for t in self.targets:
-            layout = t.layout
-            if layout is None:
-                axes, rank, alpha = "-", "full", "-"
-            else:
-                axes = f"stack{layout.stack} in{layout.inputs} out{layout.outputs}"
-                axes += " (inferred)" if layout.inferred else ""
-                rank, alpha = str(t.rule.rank), f"{t.rule.alpha:g}"
+            axes, rank, alpha = variant_of(t).summary(t)
             rows.append(
                 {
                     "path": t.name,

@@ -112,9 +112,10 @@ class Target:
 
     @property
     def trainable_size(self) -> int:
-        if self.layout is None:
-            return math.prod(self.shape)
-        return math.prod(self.a_shape) + math.prod(self.b_shape)
+        """Trainable scalars this target owns in the adapter tree."""
+        from lora_jax.variants import variant_of  # variants are defined on targets
+
+        return variant_of(self).size(self)
 
 
 def abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:

@@ -1,0 +1,200 @@
+"""Variants: the kinds of trainable leaf a rule can make, and all that depends on the kind.
+
+A rule's ``mode`` names its variant. The core asks the variant and never
+branches on the kind itself: which adapter-tree leaves a target owns, how they
+start, how they change the base leaf (``combine``, ``merge``, ``unmerge``),
+what the factored path carries in the kernel's place, how they are
+partitioned, and what a saved file must agree on. A new kind of adapter (a
+magnitude vector, a quantized base) is one more :class:`Variant` here.
+
+Two variants exist:
+
+- ``"lora"`` (:class:`LowRank`): ``A [*stack, *in, r]`` and ``B [*stack, r, *out]``
+  under the kernel's path, ``W = W0 + s * A @ B``.
+- ``"train"`` (:class:`Full`): a trainable copy of the leaf at its own path,
+  which replaces the base value (PEFT's ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from lora_jax.paths import PathTuple, path_hash
+from lora_jax.plan import Target
+
+A_KEY = "a"
+B_KEY = "b"
+
+
+class Variant(abc.ABC):
+    """What one kind of trainable leaf is. Methods take the :class:`~lora_jax.plan.Target` they serve."""
+
+    mode: ClassVar[str]
+    replaces_leaf: ClassVar[bool] = False
+    """The variant's value replaces the base leaf rather than adapting it (``describe`` counts it apart)."""
+
+    @abc.abstractmethod
+    def leaves(self, target: Target) -> dict[PathTuple, jax.ShapeDtypeStruct]:
+        """Return the adapter-tree leaves ``target`` owns, by path, with their shapes and dtypes."""
+
+    @abc.abstractmethod
+    def init(self, key: jax.Array, target: Target, base: Any) -> dict[PathTuple, jax.Array]:
+        """Return fresh values of :meth:`leaves` for the base leaf ``base``; ``key`` is this path's own."""
+
+    @abc.abstractmethod
+    def value(self, target: Target, leaves: Mapping[PathTuple, Any]) -> Any:
+        """Gather ``target``'s value from the adapter tree's leaves by path."""
+
+    @abc.abstractmethod
+    def apply(self, target: Target, base: Any, value: Any, sign: float) -> jax.Array:
+        """Return the base leaf with the adapter added (``sign`` 1) or taken away (``sign`` -1), in its dtype."""
+
+    @abc.abstractmethod
+    def factored(self, target: Target, base: Any, value: Any, rng: jax.Array | None) -> Any:
+        """Return what the factored path evaluates in place of the base leaf."""
+
+    @abc.abstractmethod
+    def partitions(self, target: Target, base: PartitionSpec) -> dict[PathTuple, PartitionSpec]:
+        """Return a partition for each of :meth:`leaves`, given the base leaf's (one entry per axis)."""
+
+    @abc.abstractmethod
+    def signature(self, target: Target) -> dict[str, Any]:
+        """Return the settings a saved value must have been made with: ``{"rank", "scale"}``."""
+
+    @abc.abstractmethod
+    def summary(self, target: Target) -> tuple[str, str, str]:
+        """Return ``(axes, rank, alpha)`` as ``describe`` shows them."""
+
+    def size(self, target: Target) -> int:
+        """Return the number of trainable scalars ``target`` owns."""
+        return sum(math.prod(leaf.shape) for leaf in self.leaves(target).values())
+
+
+class LowRank(Variant):
+    """``W = W0 + s * A @ B`` with ``A [*stack, *in, r]`` random and ``B [*stack, r, *out]`` zero."""
+
+    mode = "lora"
+
+    def leaves(self, target: Target) -> dict[PathTuple, jax.ShapeDtypeStruct]:
+        dtype = jnp.dtype(target.rule.dtype)
+        return {
+            (*target.path, A_KEY): jax.ShapeDtypeStruct(target.a_shape, dtype),
+            (*target.path, B_KEY): jax.ShapeDtypeStruct(target.b_shape, dtype),
+        }
+
+    def init(self, key: jax.Array, target: Target, base: Any) -> dict[PathTuple, jax.Array]:
+        rule, layout = target.rule, target.layout
+        assert layout is not None
+        shape, dtype = target.a_shape, jnp.dtype(rule.dtype)
+        if rule.init == "gaussian":
+            std = rule.init_std if rule.init_std is not None else 1.0 / rule.rank
+            a = (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+        else:
+            # PEFT and loralib: kaiming_uniform_(a=sqrt(5)) on [r, fan_in] gives bound 1/sqrt(fan_in).
+            bound = 1.0 / math.sqrt(layout.in_size)
+            a = jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+        return {(*target.path, A_KEY): a, (*target.path, B_KEY): jnp.zeros(target.b_shape, dtype)}
+
+    def value(self, target: Target, leaves: Mapping[PathTuple, Any]) -> tuple[Any, Any]:
+        return leaves[(*target.path, A_KEY)], leaves[(*target.path, B_KEY)]
+
+    def apply(self, target: Target, base: Any, value: Any, sign: float) -> jax.Array:
+        assert target.layout is not None
+        base = jnp.asarray(base)
+        a, b = value
+        update = (sign * target.rule.scale) * target.layout.delta(a, b)
+        return (base.astype(jnp.float32) + update).astype(base.dtype)
+
+    def factored(self, target: Target, base: Any, value: Any, rng: jax.Array | None) -> Any:
+        from lora_jax.factored import LowRankKernel  # the interpreter imports the adapters, which import this
+
+        layout = target.layout
+        assert layout is not None
+        roles: list[tuple[str, int]] = [("s", 0)] * len(target.shape)
+        for group, axes in (("s", layout.stack), ("i", layout.inputs), ("o", layout.outputs)):
+            for position, axis in enumerate(axes):
+                roles[axis] = (group, position)
+        if rng is not None:
+            rng = jax.random.fold_in(rng, path_hash(target.name))
+        a, b = value
+        rule = target.rule
+        return LowRankKernel(jnp.asarray(base), a, b, rng, tuple(roles), rule.scale, rule.dropout, target.name)
+
+    def partitions(self, target: Target, base: PartitionSpec) -> dict[PathTuple, PartitionSpec]:
+        # A keeps W's stack and input entries, B its stack and output entries; the rank axis is
+        # replicated, so A @ B comes out laid out like W.
+        layout = target.layout
+        assert layout is not None
+        entries = list(base)
+        stack = [entries[a] for a in layout.stack]
+        return {
+            (*target.path, A_KEY): PartitionSpec(*stack, *(entries[a] for a in layout.inputs), None),
+            (*target.path, B_KEY): PartitionSpec(*stack, None, *(entries[a] for a in layout.outputs)),
+        }
+
+    def signature(self, target: Target) -> dict[str, Any]:
+        return {"rank": target.rule.rank, "scale": target.rule.scale}
+
+    def summary(self, target: Target) -> tuple[str, str, str]:
+        layout = target.layout
+        assert layout is not None
+        axes = f"stack{layout.stack} in{layout.inputs} out{layout.outputs}"
+        axes += " (inferred)" if layout.inferred else ""
+        return axes, str(target.rule.rank), f"{target.rule.alpha:g}"
+
+
+class Full(Variant):
+    """A trainable copy of the whole leaf, which replaces the base value."""
+
+    mode = "train"
+    replaces_leaf = True
+
+    def leaves(self, target: Target) -> dict[PathTuple, jax.ShapeDtypeStruct]:
+        return {target.path: jax.ShapeDtypeStruct(target.shape, target.dtype)}
+
+    def init(self, key: jax.Array, target: Target, base: Any) -> dict[PathTuple, jax.Array]:
+        return {target.path: jnp.array(base)}
+
+    def value(self, target: Target, leaves: Mapping[PathTuple, Any]) -> Any:
+        return leaves[target.path]
+
+    def apply(self, target: Target, base: Any, value: Any, sign: float) -> Any:
+        # Unmerging cannot recover the base value the trained one replaced, so it stays. The base
+        # is not read otherwise: it may be a ShapeDtypeStruct (full fine-tuning keeps one copy).
+        return jnp.asarray(value).astype(target.dtype) if sign > 0 else base
+
+    def factored(self, target: Target, base: Any, value: Any, rng: jax.Array | None) -> jax.Array:
+        return jnp.asarray(value).astype(target.dtype)
+
+    def partitions(self, target: Target, base: PartitionSpec) -> dict[PathTuple, PartitionSpec]:
+        return {target.path: base}
+
+    def signature(self, target: Target) -> dict[str, Any]:
+        return {"rank": None, "scale": None}
+
+    def summary(self, target: Target) -> tuple[str, str, str]:
+        return "-", "full", "-"
+
+
+VARIANTS: Mapping[str, Variant] = {variant.mode: variant for variant in (LowRank(), Full())}
+"""Each trainable mode's variant; ``"freeze"`` has none, since it makes no target."""
+
+
+def variant_of(target: Target) -> Variant:
+    """Return the variant of ``target``'s rule."""
+    return VARIANTS[target.rule.mode]
+
+
+def abstract_lora(targets: tuple[Target, ...]) -> dict[PathTuple, jax.ShapeDtypeStruct]:
+    """Return every adapter-tree leaf of ``targets`` by path, with its shape and dtype."""
+    out: dict[PathTuple, jax.ShapeDtypeStruct] = {}
+    for target in targets:
+        out.update(variant_of(target).leaves(target))
+    return out
