@@ -98,5 +98,5 @@ def signature(params: Any, spec: LoraSpec) -> dict[str, dict]:
 
 
 def adapter_count(lora: Any) -> int:
-    """Number of scalars in an adapter tree."""
+    """Count the scalars in an adapter tree."""
     return sum(int(np.prod(abstract_leaf(x).shape)) for x in jax.tree_util.tree_leaves(lora))

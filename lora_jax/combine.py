@@ -20,7 +20,7 @@ from lora_jax.variants import variant_of
 
 
 def add_updates(params: Any, lora: Any, spec: LoraSpec, sign: float) -> Any:
-    """``W0 + sign * s * A @ B`` for each adapted kernel, accumulated in float32.
+    """Return ``W0 + sign * s * A @ B`` for each adapted kernel, accumulated in float32.
 
     Fully trainable leaves take their value from ``lora`` when ``sign > 0`` and
     are left as they are otherwise. Every leaf keeps the base's dtype.
@@ -36,7 +36,7 @@ def add_updates(params: Any, lora: Any, spec: LoraSpec, sign: float) -> Any:
 
 
 def combine(params: Any, lora: Any, spec: LoraSpec, *, dropout_rng: jax.Array | None = None) -> Any:
-    """Base params with each adapted kernel replaced by ``W0 + s * A @ B``.
+    """Return the base params with each adapted kernel replaced by ``W0 + s * A @ B``.
 
     Use it inside the jitted loss and differentiate with respect to ``lora``;
     the base, closed over, gets no gradient.

@@ -66,7 +66,7 @@ class Description:
 
 
 def describe(params: Any, spec: LoraSpec) -> Description:
-    """Matched paths, kernel shapes, axes, ranks, alphas and adapter sizes, with totals.
+    """Tabulate matched paths, kernel shapes, axes, ranks, alphas and adapter sizes, with totals.
 
     Works on real arrays or on ``jax.eval_shape`` output. Raises like
     :func:`lora_jax.plan.plan` when a rule matches nothing.

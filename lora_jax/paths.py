@@ -51,12 +51,12 @@ def key_path_to_tuple(key_path: Iterable[Any]) -> PathTuple:
 
 
 def path_str(path: PathTuple) -> str:
-    """``("a", "b", "kernel") -> "a/b/kernel"``."""
+    """Join a path tuple with ``/``: ``("a", "b", "kernel") -> "a/b/kernel"``."""
     return "/".join(path)
 
 
 def flatten(tree: Any) -> tuple[list[tuple[PathTuple, Any]], Any]:
-    """Leaves of ``tree`` with their path tuples, plus the treedef to rebuild it."""
+    """Return the leaves of ``tree`` with their path tuples, plus the treedef to rebuild it."""
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     return [(key_path_to_tuple(kp), leaf) for kp, leaf in leaves_with_paths], treedef
 
@@ -70,7 +70,7 @@ def nested_set(tree: dict, path: PathTuple, value: Any) -> None:
 
 
 def nested_get(tree: Mapping, path: PathTuple) -> Any:
-    """``tree[p0][p1]...[pn]``; raises ``KeyError`` naming the missing level."""
+    """Return ``tree[p0][p1]...[pn]``; raise ``KeyError`` naming the missing level."""
     node: Any = tree
     for depth, key in enumerate(path):
         if not isinstance(node, Mapping) or key not in node:
@@ -80,30 +80,30 @@ def nested_get(tree: Mapping, path: PathTuple) -> Any:
 
 
 def path_hash(name: str) -> int:
-    """A stable non-negative 31-bit hash of a path name, for folding into PRNG keys."""
+    """Hash a path name to a stable non-negative 31-bit integer, for folding into PRNG keys."""
     return zlib.crc32(name.encode()) & 0x7FFFFFFF
 
 
 def unrolled_key(layer: int) -> str:
-    """The unrolled key of block ``layer``: ``layer_{layer}``."""
+    """Return the unrolled key of block ``layer``: ``layer_{layer}``."""
     return f"layer_{layer}"
 
 
 def layer_index(key: str) -> int | None:
-    """``i`` for an unrolled block key ``layer_{i}``, else None."""
+    """Return ``i`` for an unrolled block key ``layer_{i}``, else None."""
     match = UNROLLED.fullmatch(key)
     return int(match.group(1)) if match else None
 
 
 def unroll_path(path: PathTuple, layer: int | None) -> PathTuple:
-    """The unrolled path of one block of a scanned leaf: ``.../layers/...`` -> ``.../layer_{i}/...``."""
+    """Return the unrolled path of one block of a scanned leaf: ``.../layers/...`` -> ``.../layer_{i}/...``."""
     if layer is None:
         return path
     return tuple(unrolled_key(layer) if key == STACKED else key for key in path)
 
 
 def stack_path(path: PathTuple) -> tuple[PathTuple, int | None]:
-    """An unrolled path in the scanned layout, with its block: ``.../layer_{i}/...`` -> (``.../layers/...``, i).
+    """Return an unrolled path in the scanned layout, with its block: ``.../layer_{i}/...`` -> (``.../layers/...``, i).
 
     A path with no block key comes back as it is, with None.
     """

@@ -1,4 +1,4 @@
-"""Resolve a spec against a base tree: which leaf gets what, and its kernel layout.
+"""Match a spec against a base tree: which leaf gets what, and its kernel layout.
 
 ``plan(params, spec)`` is the one place where rules meet leaves. Everything
 else (init, combine, merge, describe, sharding, checkpoints) works from its
@@ -66,7 +66,7 @@ class KernelLayout:
         return (*self.stack_shape, rank, *self.out_shape)
 
     def delta(self, a: jax.Array, b: jax.Array) -> jax.Array:
-        """``A @ B`` in float32, laid out like the kernel.
+        """Return ``A @ B`` in float32, laid out like the kernel.
 
         Args:
           a: ``[*stack, *in, r]``.
@@ -119,7 +119,7 @@ class Target:
 
 
 def abstract_leaf(leaf: Any) -> jax.ShapeDtypeStruct:
-    """Shape and dtype of a leaf: an array, a ``ShapeDtypeStruct`` or a Python scalar."""
+    """Return the shape and dtype of a leaf: an array, a ``ShapeDtypeStruct`` or a Python scalar."""
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
         return jax.ShapeDtypeStruct(tuple(leaf.shape), np.dtype(leaf.dtype))
     array = np.asarray(leaf)
@@ -139,7 +139,7 @@ def _normalize(axes: Axes | None, ndim: int, rule: Rule, name: str, what: str) -
     return tuple(out)
 
 
-def resolve_layout(rule: Rule, name: str, shape: tuple[int, ...]) -> KernelLayout:
+def kernel_layout(rule: Rule, name: str, shape: tuple[int, ...]) -> KernelLayout:
     """Split ``shape``'s axes per ``rule``, inferring what a 2-dim remainder implies."""
     ndim = len(shape)
     stack = _normalize(rule.stack_axes, ndim, rule, name, "stack_axes") or ()
@@ -218,7 +218,7 @@ def plan(params: Any, spec: LoraSpec) -> tuple[Target, ...]:
         if rule.mode == "lora":
             if len(shape) < 2:
                 raise SpecError(f"{rule.label} matched {name} with shape {shape}: LoRA needs a kernel of 2+ axes")
-            layout = resolve_layout(rule, name, shape)
+            layout = kernel_layout(rule, name, shape)
             limit = min(layout.in_size, layout.out_size)
             if rule.rank > limit:
                 raise SpecError(

@@ -122,12 +122,12 @@ class Rule:
 
 
 def trainable(pattern: str | Predicate, name: str | None = None) -> Rule:
-    """A rule that makes matching leaves fully trainable (PEFT's ``modules_to_save``)."""
+    """Return a rule that makes matching leaves fully trainable (PEFT's ``modules_to_save``)."""
     return Rule(pattern, mode="train", name=name)
 
 
 def freeze(pattern: str | Predicate, name: str | None = None) -> Rule:
-    """A rule that keeps matching leaves frozen and shields them from later rules."""
+    """Return a rule that keeps matching leaves frozen and shields them from later rules."""
     return Rule(pattern, mode="freeze", name=name)
 
 
