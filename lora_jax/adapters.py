@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.errors import AdapterMismatchError
@@ -60,7 +61,7 @@ def check_fits(targets: tuple[Target, ...], lora: Any) -> dict[PathTuple, Any]:
         got = abstract_leaf(value)
         if tuple(got.shape) != tuple(want):
             raise AdapterMismatchError(f"adapter leaf {path_str(path)} has shape {tuple(got.shape)}, expected {want}")
-        if not np.issubdtype(got.dtype, np.floating):
+        if not jnp.issubdtype(got.dtype, jnp.floating):  # numpy alone does not count bfloat16
             raise AdapterMismatchError(f"adapter leaf {path_str(path)} has dtype {got.dtype}, expected floating")
     return leaves
 

@@ -11,3 +11,7 @@ class SpecError(LoraError):
 
 class AdapterMismatchError(LoraError):
     """An adapter tree whose paths, shapes or dtypes do not fit the base tree and spec."""
+
+
+class NonFiniteError(LoraError):
+    """A NaN or Inf where a finite number is required: an adapter to save or merge, a merged kernel, a loss."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from lora_jax.combine import add_updates
+from lora_jax.finite import check_finite as _check_finite
+from lora_jax.finite import is_traced
+from lora_jax.paths import flatten
+from lora_jax.plan import plan
 from lora_jax.spec import LoraSpec
+from lora_jax.typing import PyTree
 
 
-def merge(params: Any, lora: Any, spec: LoraSpec) -> Any:
-    """Fold adapters into the base: a plain tree the unmodified ``apply`` accepts.
+def merge(params: PyTree, lora: PyTree, spec: LoraSpec, *, check_finite: bool | None = None) -> PyTree:
+    """Fold adapters into the base: return a plain tree the unmodified ``apply`` accepts.
 
     The update ``s * A @ B`` is accumulated in float32 and cast once to the
     kernel's dtype, so a bfloat16 base loses only the final rounding. Fully
@@ -19,15 +22,38 @@ def merge(params: Any, lora: Any, spec: LoraSpec) -> Any:
       params: the base tree.
       lora: the adapter tree.
       spec: the spec ``lora`` was made with.
+      check_finite: refuse adapters that hold NaN or Inf, and merged kernels
+        that overflow their dtype (a float16 base). ``None`` (the default)
+        checks when called outside ``jax.jit`` and not inside; ``True`` also
+        checks inside, when the computation runs; ``False`` never checks.
 
     Returns:
       A tree with ``params``' structure, shapes and dtypes.
+
+    Raises:
+      NonFiniteError: naming the adapter leaf or merged kernel.
     """
-    return add_updates(params, lora, spec, sign=1.0)
+    traced = is_traced((params, lora))
+    check = not traced if check_finite is None else check_finite
+    if check:
+        fix = "the adapters diverged or were damaged; retrain or load another adapter"
+        _check_finite(lora, "adapter leaf", fix, traced=traced)
+    merged = add_updates(params, lora, spec, sign=1.0)
+    if check:
+        kernels = {t.path for t in plan(params, spec) if t.layout is not None}
+        adapted = {path: leaf for path, leaf in flatten(merged)[0] if path in kernels}
+        fix = "its dtype cannot hold W0 + s*A@B; merge into a float32 copy of the base, or serve unmerged"
+        _check_finite(_nested(adapted), "merged kernel", fix, traced=traced)
+    return merged
 
 
-def unmerge(merged: Any, lora: Any, spec: LoraSpec) -> Any:
-    """Subtract the adapters from a merged tree: the base again, within rounding.
+def _nested(leaves: dict) -> dict:
+    # check_finite names leaves by their path in the tree it is given.
+    return {"/".join(path): leaf for path, leaf in leaves.items()}
+
+
+def unmerge(merged: PyTree, lora: PyTree, spec: LoraSpec) -> PyTree:
+    """Subtract the adapters from a merged tree: return the base again, within rounding.
 
     In float32 ``unmerge(merge(p, l, s), l, s)`` equals ``p`` to float32
     rounding. Fully trainable leaves keep their trained values: the base

@@ -157,6 +157,7 @@ def kernel_layout(rule: Rule, name: str, shape: tuple[int, ...]) -> KernelLayout
         inputs, outputs = (rest[0],), (rest[1],)
         inferred = ndim > 2
     elif inputs is None:
+        assert outputs is not None
         inputs = tuple(a for a in rest if a not in outputs)
     elif outputs is None:
         outputs = tuple(a for a in rest if a not in inputs)
