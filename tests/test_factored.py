@@ -214,3 +214,96 @@ def test_bfloat16_base_with_float32_adapters():
     assert out.dtype == jnp.bfloat16
     exact = np.asarray(x, np.float32) @ np.asarray(lj.merge({"w": params["w"].astype(jnp.float32)}, lora, spec)["w"])
     np.testing.assert_allclose(np.asarray(out, np.float32), exact, rtol=0.05, atol=0.1)
+
+
+def test_default_table_covers_every_primitive():
+    from lora_jax.factored import DEFAULT_HANDLERS
+
+    assert set(DEFAULT_HANDLERS) == {
+        "convert_element_type",
+        "transpose",
+        "dot_general",
+        "conv_general_dilated",
+        "gather",
+        "scan",
+        "cond",
+        "remat2",
+        "checkpoint",
+        "pjit",
+        "jit",
+        "closed_call",
+        "core_call",
+    }
+    with pytest.raises(TypeError):
+        DEFAULT_HANDLERS["dot_general"] = None  # read-only: extend through factored(..., handlers=)
+
+
+def _one_kernel():
+    params = {"w": jax.random.normal(jax.random.key(0), (6, 4))}
+    spec = lj.LoraSpec([lj.Rule("w", rank=2)])
+    lora = lj.init(jax.random.key(1), params, spec)
+    lora["w"]["b"] = jax.random.normal(jax.random.key(2), (2, 4))
+    return params, spec, lora, jax.random.normal(jax.random.key(3), (3, 6))
+
+
+def test_custom_handler_is_called_and_can_add_a_primitive():
+    from lora_jax.factored import DEFAULT_HANDLERS
+
+    params, spec, lora, x = _one_kernel()
+    calls = []
+
+    def counting_dot(interp, eqn, values):
+        calls.append(eqn.primitive.name)
+        return DEFAULT_HANDLERS["dot_general"](interp, eqn, values)
+
+    def materialized_pow(interp, eqn, values):  # a new primitive: one handler, no warning
+        return interp.run_plain(eqn, [v.materialize() for v in values])
+
+    def fn(p, x):
+        return x @ p["w"], jnp.sum(p["w"] ** 2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, penalty = lj.factored(fn, spec, handlers={"dot_general": counting_dot, "integer_pow": materialized_pow})(
+            params, lora, x
+        )
+    assert calls == ["dot_general"]
+    ref_out, ref_penalty = fn(lj.combine(params, lora, spec), x)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(penalty, ref_penalty, rtol=1e-5)
+
+
+def test_handler_returning_none_falls_back_and_says_so():
+    params, spec, lora, x = _one_kernel()
+    declined = []
+
+    def decline(interp, eqn, values):
+        declined.append(eqn.primitive.name)
+
+    def fn(p, x):
+        return x @ p["w"]
+
+    with pytest.warns(UserWarning, match=r"factored: w: it meets `dot_general`, which has no low-rank form"):
+        out = lj.factored(fn, spec, handlers={"dot_general": decline})(params, lora, x)
+    assert declined == ["dot_general"]
+    np.testing.assert_allclose(out, fn(lj.combine(params, lora, spec), x), rtol=1e-5, atol=1e-5)
+
+
+def test_primitive_mapped_to_none_takes_the_materialized_fallback(setup):
+    """Without a dot_general handler every Dense-like kernel is materialized; Conv and Embed stay factored."""
+    forward, params, lora, tokens = setup
+    declined = lj.factored(forward, SPEC, handlers={"dot_general": lambda interp, eqn, values: None})
+    removed = lj.factored(forward, SPEC, handlers={"dot_general": None})
+    with pytest.warns(UserWarning) as record:
+        out = removed(params, lora, tokens)
+    messages = [str(w.message) for w in record if str(w.message).startswith("lora_jax.factored")]
+    assert {m.split(": ")[1] for m in messages} == {"remat_dense/kernel", "qkv/kernel", "einsum", "stack/dense/kernel"}
+    assert all("it meets `dot_general`" in m for m in messages)
+    with pytest.warns(UserWarning, match="it meets `dot_general`"):
+        np.testing.assert_array_equal(declined(params, lora, tokens), out)
+    np.testing.assert_allclose(out, forward(lj.combine(params, lora, SPEC), tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_handlers_must_be_functions_or_none():
+    with pytest.raises(lj.LoraError, match="handler for `dot_general`"):
+        lj.factored(lambda p, x: x, SPEC, handlers={"dot_general": "fast"})

@@ -1,0 +1,236 @@
+"""One handler per primitive that has a low-rank form, and the default ``{primitive name: handler}`` table.
+
+A handler is called for an equation at least one of whose inputs is a :class:`LowRankKernel`, as
+``handler(interpreter, eqn, values)``, where ``values`` holds the equation's inputs (arrays or kernels). It
+returns the equation's outputs, or None when it has no low-rank form for this equation: then the interpreter
+materializes every kernel input (``W0 + s * A @ B``, as ``combine``), warns with the kernel's path, and runs the
+equation as it stands. Handlers call back into the interpreter for the frozen branch (``run_plain``), for
+sub-jaxprs (``run``) and for the dropout key of each kernel use (``next_use``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+import types
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jcore
+
+from lora_jax.factored.kernel import LowRankKernel
+
+if TYPE_CHECKING:
+    from lora_jax.factored.interpret import Interpreter
+
+Handler = Callable[["Interpreter", jcore.JaxprEqn, list[Any]], "list[Any] | None"]
+"""``(interpreter, eqn, values) -> outputs``, or None for the materialized fallback."""
+
+
+# --- layout changes: tracked on the kernel -------------------------------------------------
+
+
+def convert_element_type(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
+    """Cast ``W0``; the factors keep their dtype and are cast where they are used."""
+    (w,) = values
+    return [dataclasses.replace(w, base=w.base.astype(eqn.params["new_dtype"]))]
+
+
+def transpose(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
+    """Permute ``W0`` and its axis roles."""
+    (w,) = values
+    perm = eqn.params["permutation"]
+    return [dataclasses.replace(w, base=jnp.transpose(w.base, perm), roles=tuple(w.roles[p] for p in perm))]
+
+
+# --- operations with a low-rank form -------------------------------------------------------
+
+
+def dot_general(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
+    """Compute ``x W0 + s * (dropout(x) A) B`` for Dense, DenseGeneral and Einsum kernels."""
+    lhs, rhs = values
+    if isinstance(lhs, LowRankKernel) and isinstance(rhs, LowRankKernel):
+        return None
+    w_side = 0 if isinstance(lhs, LowRankKernel) else 1
+    w, x = (lhs, rhs) if w_side == 0 else (rhs, lhs)
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    w_contract, x_contract = (lc, rc) if w_side == 0 else (rc, lc)
+    w_batch, x_batch = (lb, rb) if w_side == 0 else (rb, lb)
+    w_free = [a for a in range(w.base.ndim) if a not in w_contract and a not in w_batch]
+    x_free = [a for a in range(x.ndim) if a not in x_contract and a not in x_batch]
+    contract_roles = {w.roles[a][0] for a in w_contract}
+    free_roles = {w.roles[a][0] for a in w_free}
+    # Low-rank only when the contraction is over all inputs (or all outputs) and the batch axes are the stack.
+    if len(contract_roles) != 1 or contract_roles == {"s"} or free_roles != {"i", "o"} - contract_roles:
+        return None
+    if any(w.roles[a][0] != "s" for a in w_batch) or len(w_batch) != w.n_stack:
+        return None
+
+    letters = iter(string.ascii_letters.replace("R", ""))
+    x_letters = {a: next(letters) for a in range(x.ndim)}
+    w_letters = {}
+    for wa, xa in zip(w_contract, x_contract):
+        w_letters[wa] = x_letters[xa]
+    for wa, xa in zip(w_batch, x_batch):
+        w_letters[wa] = x_letters[xa]
+    for wa in w_free:
+        w_letters[wa] = next(letters)
+    batch = "".join(x_letters[a] for a in x_batch)
+    x_sub = "".join(x_letters[a] for a in range(x.ndim))
+    free_x = "".join(x_letters[a] for a in x_free)
+    free_w = "".join(w_letters[a] for a in w_free)
+    out_sub = batch + (free_w + free_x if w_side == 0 else free_x + free_w)
+    a_sub, b_sub = w.subscripts(w_letters)
+    first, first_sub, second, second_sub = (
+        (w.a, a_sub, w.b, b_sub) if contract_roles == {"i"} else (w.b, b_sub, w.a, a_sub)
+    )
+    hidden = batch + free_x + "R"
+    compute = first.dtype
+    x_in = w.dropout_input(x, interp.next_use()).astype(compute)
+    h = jnp.einsum(f"{x_sub},{first_sub}->{hidden}", x_in, first, precision=eqn.params.get("precision"))
+    low = jnp.einsum(f"{hidden},{second_sub}->{out_sub}", h, second.astype(compute))
+    base_out = interp.run_plain(eqn, [w.base, x] if w_side == 0 else [x, w.base])[0]
+    return [base_out + (w.scale * low).astype(base_out.dtype)]
+
+
+def conv_general_dilated(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
+    """Convolve with ``A`` laid out as a kernel of ``r`` output features, then apply ``B`` per position (Conv)."""
+    x, w = values
+    p = eqn.params
+    if isinstance(x, LowRankKernel) or w.n_stack or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return None
+    dn = p["dimension_numbers"]
+    out_dim, out_feature = dn.rhs_spec[0], dn.out_spec[1]
+    if w.roles[out_dim][0] != "o" or sum(1 for r, _ in w.roles if r == "o") != 1:
+        return None
+    # A laid out as a conv kernel whose output-feature axis holds the rank.
+    perm = [w.roles[axis][1] if axis != out_dim else w.a.ndim - 1 for axis in range(w.base.ndim)]
+    a_kernel = jnp.transpose(w.a, perm)
+    x_in = w.dropout_input(x, interp.next_use()).astype(w.a.dtype)
+    h = jax.lax.conv_general_dilated(
+        x_in,
+        a_kernel,
+        window_strides=p["window_strides"],
+        padding=p["padding"],
+        lhs_dilation=p["lhs_dilation"],
+        rhs_dilation=p["rhs_dilation"],
+        dimension_numbers=dn,
+        precision=p["precision"],
+    )
+    low = jnp.moveaxis(jnp.tensordot(jnp.moveaxis(h, out_feature, -1), w.b.astype(h.dtype), axes=1), -1, out_feature)
+    base_out = interp.run_plain(eqn, [x, w.base])[0]
+    return [base_out + (w.scale * low).astype(base_out.dtype)]
+
+
+def gather(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
+    """Look up rows of ``A`` and apply ``B`` beside the rows of ``W0`` (Embed; no dropout on token ids)."""
+    w, indices = values
+    if isinstance(indices, LowRankKernel) or w.base.ndim != 2 or w.roles != (("i", 0), ("o", 0)):
+        return None
+    p = eqn.params
+    dn = p["dimension_numbers"]
+    if tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,) or len(dn.offset_dims) != 1:
+        return None
+    if tuple(p["slice_sizes"]) != (1, w.base.shape[1]):
+        return None
+    rank = w.a.shape[-1]
+    rows = jax.lax.gather(
+        w.a,
+        indices,
+        dimension_numbers=dn,
+        slice_sizes=(1, rank),
+        indices_are_sorted=p["indices_are_sorted"],
+        unique_indices=p["unique_indices"],
+        mode=p["mode"],
+        fill_value=p["fill_value"],
+    )
+    offset = dn.offset_dims[0]
+    low = jnp.moveaxis(jnp.tensordot(jnp.moveaxis(rows, offset, -1), w.b.astype(rows.dtype), axes=1), -1, offset)
+    base_out = interp.run_plain(eqn, [w.base, indices])[0]
+    return [base_out + (w.scale * low).astype(base_out.dtype)]
+
+
+# --- calls and control flow: the rewrite continues inside ----------------------------------
+
+
+def inline_call(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
+    """Evaluate a ``jit``-style call's jaxpr in place (the outer ``jit`` compiles it anyway)."""
+    closed = eqn.params.get("jaxpr")
+    if closed is None:
+        return None
+    return interp.run(closed.jaxpr, list(closed.consts), values)
+
+
+def checkpoint(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
+    """Re-issue ``nn.remat`` as ``jax.checkpoint`` with the same policy, rewriting inside."""
+    p = eqn.params
+
+    def body(*args: Any) -> list[Any]:
+        return interp.run(p["jaxpr"], [], list(args))
+
+    return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*values))
+
+
+def cond(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
+    """Re-issue ``cond``/``switch`` as ``jax.lax.switch``, rewriting each branch."""
+    index, operands = values[0], values[1:]
+
+    def branch(closed: jcore.ClosedJaxpr) -> Callable[..., list[Any]]:
+        return lambda *ops: interp.run(closed.jaxpr, list(closed.consts), list(ops))
+
+    return list(jax.lax.switch(index, [branch(b) for b in eqn.params["branches"]], *operands))
+
+
+def scan(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
+    """Re-issue ``scan`` (``nn.scan``) as ``jax.lax.scan``, slicing stacked kernels' factors along with ``W0``."""
+    p = eqn.params
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts, carry, xs = values[:n_consts], values[n_consts : n_consts + n_carry], values[n_consts + n_carry :]
+    if any(isinstance(c, LowRankKernel) for c in carry):
+        return None
+    sliced: dict[int, tuple[Any, ...]] = {}
+    for i, x in enumerate(xs):
+        if not isinstance(x, LowRankKernel):
+            continue
+        role, position = x.roles[0]
+        if role != "s":
+            return None
+        # Slice the factors along the same stack axis as W0's leading axis; one dropout key per step.
+        rng = None if x.rng is None else jax.random.split(x.rng, p["length"])
+        inner_roles = tuple((r, k - (r == "s" and k > position)) for r, k in x.roles[1:])
+        sliced[i] = (inner_roles, x)
+        xs[i] = (x.base, jnp.moveaxis(x.a, position, 0), jnp.moveaxis(x.b, position, 0), rng)
+    closed = p["jaxpr"]
+
+    def body(carry: list[Any], xs_t: list[Any]) -> tuple[list[Any], list[Any]]:
+        xs_t = list(xs_t)
+        for i, (roles, x) in sliced.items():
+            base, a, b, rng = xs_t[i]
+            xs_t[i] = LowRankKernel(base, a, b, rng, roles, x.scale, x.dropout, x.name)
+        outs = interp.run(closed.jaxpr, list(closed.consts), [*consts, *carry, *xs_t])
+        return outs[:n_carry], outs[n_carry:]
+
+    carry_out, ys = jax.lax.scan(body, list(carry), xs, length=p["length"], reverse=p["reverse"], unroll=p["unroll"])
+    return [*carry_out, *ys]
+
+
+DEFAULT_HANDLERS: Mapping[str, Handler] = types.MappingProxyType(
+    {
+        "convert_element_type": convert_element_type,
+        "transpose": transpose,
+        "dot_general": dot_general,
+        "conv_general_dilated": conv_general_dilated,
+        "gather": gather,
+        "scan": scan,
+        "cond": cond,
+        "remat2": checkpoint,
+        "checkpoint": checkpoint,
+        "pjit": inline_call,
+        "jit": inline_call,
+        "closed_call": inline_call,
+        "core_call": inline_call,
+    }
+)
+"""The handler of every primitive with a low-rank form or a rewrite inside; read-only."""
