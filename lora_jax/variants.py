@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from lora_jax.paths import PathTuple, path_hash
+from lora_jax.paths import PathTuple
 from lora_jax.plan import Target
 
 A_KEY = "a"
@@ -113,19 +113,10 @@ class LowRank(Variant):
         return (base.astype(jnp.float32) + update).astype(base.dtype)
 
     def factored(self, target: Target, base: Any, value: Any, rng: jax.Array | None) -> Any:
-        from lora_jax.factored import LowRankKernel  # the interpreter imports the adapters, which import this
+        from lora_jax.factored.kernel import low_rank_kernel  # the interpreter imports the adapters, which import this
 
-        layout = target.layout
-        assert layout is not None
-        roles: list[tuple[str, int]] = [("s", 0)] * len(target.shape)
-        for group, axes in (("s", layout.stack), ("i", layout.inputs), ("o", layout.outputs)):
-            for position, axis in enumerate(axes):
-                roles[axis] = (group, position)
-        if rng is not None:
-            rng = jax.random.fold_in(rng, path_hash(target.name))
         a, b = value
-        rule = target.rule
-        return LowRankKernel(jnp.asarray(base), a, b, rng, tuple(roles), rule.scale, rule.dropout, target.name)
+        return low_rank_kernel(target, base, a, b, rng)
 
     def partitions(self, target: Target, base: PartitionSpec) -> dict[PathTuple, PartitionSpec]:
         # A keeps W's stack and input entries, B its stack and output entries; the rank axis is

@@ -15,17 +15,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.extend import core as jcore
 
-from lora_jax.adapters import resolve
+from lora_jax.adapters import bind
 from lora_jax.errors import LoraError
 from lora_jax.factored.handlers import DEFAULT_HANDLERS, Handler
-from lora_jax.factored.kernel import LowRankKernel, low_rank_kernel
+from lora_jax.factored.kernel import LowRankKernel
 from lora_jax.paths import flatten
 from lora_jax.plan import abstract_leaf
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
+from lora_jax.variants import variant_of
 
 
 def _fallback(kernel: LowRankKernel, why: str) -> jax.Array:
@@ -160,17 +160,14 @@ def factored(
     table = handler_table(handlers)
 
     def wrapped(params: PyTree, lora: PyTree, *args: Any, dropout_rng: jax.Array | None = None) -> Any:
-        pairs = resolve(params, lora, spec)
+        pairs = bind(params, lora, spec)
         flat_params, treedef = flatten(params)
         leaves = [leaf for _, leaf in flat_params]
         index = {path: i for i, (path, _) in enumerate(flat_params)}
         inputs: list[Any] = list(leaves)
         for target, value in pairs:
             i = index[target.path]
-            if target.layout is None:
-                inputs[i] = jnp.asarray(value).astype(target.dtype)
-            else:
-                inputs[i] = low_rank_kernel(target, leaves[i], *value, dropout_rng)
+            inputs[i] = variant_of(target).factored(target, leaves[i], value, dropout_rng)
 
         def flat_fn(param_leaves: list[Any], args: tuple[Any, ...]) -> Any:
             return fn(jax.tree_util.tree_unflatten(treedef, param_leaves), *args)
