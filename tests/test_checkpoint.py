@@ -1,4 +1,6 @@
-"""Adapter files: round trip, no silent overwrite, clear errors for foreign or damaged files."""
+"""Adapter files and the atomic writer: round trip, no silent overwrite, clear errors for foreign or damaged files."""
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax import io
-from lora_jax.io import adapter
+from lora_jax.io import adapter, atomic
 
 PARAMS = {"enc": {"q": {"kernel": jnp.ones((16, 8))}, "v": {"kernel": jnp.ones((16, 2, 4))}}, "head": jnp.ones((8, 2))}
 SPEC = lj.LoraSpec([lj.Rule("enc/q/kernel", rank=4), lj.Rule("enc/v/kernel", rank=2, in_axes=0), lj.trainable("head")])
@@ -89,3 +91,35 @@ def test_corrupt_and_missing_files(tmp_path):
         io.load_adapter(path, PARAMS, SPEC)
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
         io.load_adapter(tmp_path / "nothing.safetensors", PARAMS, SPEC)
+
+
+def test_atomic_write_is_whole_or_nothing(tmp_path):
+    path = tmp_path / "notes.txt"
+    atomic.write_text(path, "first")
+
+    def failing(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic.write_atomic(path, failing, overwrite=True)
+    assert path.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # no temporary left behind
+
+    with pytest.raises(FileExistsError, match="notes.txt.*overwrite=True"):
+        atomic.write_atomic(path, lambda tmp: Path(tmp).write_text("second"))
+    assert path.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+    assert atomic.write_bytes(path, b"second", overwrite=True) == path
+    assert path.read_bytes() == b"second"
+    assert atomic.write_text(tmp_path / "new" / "file.txt", "made") == tmp_path / "new" / "file.txt"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file.txt", "new", "notes.txt"]
+
+
+def test_io_is_the_one_home_of_files():
+    assert lj.save_adapter is io.save_adapter is adapter.save_adapter
+    assert lj.load_adapter is io.load_adapter and lj.CheckpointCorruptError is io.CheckpointCorruptError
+    assert io.save_peft is io.peft.save_peft and io.write_atomic is atomic.write_atomic
+    assert not hasattr(lj, "checkpoint") and not hasattr(lj, "peft")
