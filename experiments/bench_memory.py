@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
     head = sum(t.trainable_size for t in lj.plan(params, spec) if t.layout is None)
     formula = 2 * len(targets) * d * r * 4 + head * 4
     with tempfile.TemporaryDirectory() as tmp:
-        file_bytes = lj.save_adapter(Path(tmp) / "a.safetensors", lora, spec, params).stat().st_size
+        file_bytes = lj.save_adapter(Path(tmp) / "a.safetensors", params, lora, spec).stat().st_size
     rows = [
         [f"2 x n x d x r x 4 B (n={len(targets)}, d={d}, r={r}) + head {head} x 4 B", f"{formula:,}"],
-        ["adapter tree (A, B and head arrays)", f"{lj.checkpoint.adapter_bytes(lora):,}"],
+        ["adapter tree (A, B and head arrays)", f"{lj.io.adapter_bytes(lora):,}"],
         ["adapter file (safetensors, with its spec signature)", f"{file_bytes:,}"],
     ]
     text = "## Adapter bytes\n\n" + report.markdown_table(["what", "bytes"], rows)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(text)
     name = "bench_memory_smoke" if args.smoke else "bench_memory"
     report.write_markdown(args.results_dir / f"{name}.md", "Memory accounting", text)
-    return {"formula": formula, "tree": lj.checkpoint.adapter_bytes(lora), "file": file_bytes, **results}
+    return {"formula": formula, "tree": lj.io.adapter_bytes(lora), "file": file_bytes, **results}
 
 
 if __name__ == "__main__":

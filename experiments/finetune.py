@@ -199,9 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     if config.method == "lora":
         lj.save_adapter(
             args.out / "adapter.safetensors",
+            result["params"],
             result["state"]["trainable"],
             result["spec"],
-            result["params"],
             overwrite=True,
         )
     tmp = args.out / "summary.json.tmp"

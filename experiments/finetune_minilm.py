@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(lj.describe(params, spec))
     print(f"dev {result['metric']}: {result['score']:.4f} after {steps} steps ({result['seconds']:.0f} s)")
 
-    adapter_path = lj.save_adapter(out / "adapter.safetensors", trainable, spec, params)
+    adapter_path = lj.save_adapter(out / "adapter.safetensors", params, trainable, spec)
     model_bytes = (models.minilm_path() / "model.safetensors").stat().st_size
     adapter_size = adapter_path.stat().st_size
     print(

@@ -6,14 +6,14 @@ p = lora_jax.combine(params, lora, spec)         # W0 + s A@B, inside jit
 serving = lora_jax.merge(params, lora, spec)     # plain tree, base dtypes
 """
 
-from lora_jax import checkpoint, parallel, peft, sharding, train
+from lora_jax import io, parallel, sharding, train
 from lora_jax.adapters import adapter_count
-from lora_jax.checkpoint import CheckpointCorruptError, load_adapter, save_adapter
 from lora_jax.combine import combine
 from lora_jax.describe import Description, describe
 from lora_jax.errors import AdapterMismatchError, LoraError, SpecError
 from lora_jax.factored import LowRankKernel, factored
 from lora_jax.initializers import init
+from lora_jax.io import CheckpointCorruptError, load_adapter, save_adapter
 from lora_jax.merge import merge, unmerge
 from lora_jax.optim import adapter_only, trainable_labels
 from lora_jax.plan import KernelLayout, Target, plan
@@ -22,9 +22,8 @@ from lora_jax.spec import LoraSpec, Rule, freeze, trainable
 __version__ = "0.1.0"
 
 __all__ = [
-    "checkpoint",
+    "io",
     "parallel",
-    "peft",
     "sharding",
     "train",
     "AdapterMismatchError",

@@ -70,7 +70,7 @@ CELLS = [
         "assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(params)\n\n"
         "import tempfile, pathlib\n"
         "adapter_file = pathlib.Path(tempfile.mkdtemp()) / 'sst2-qv-r8.safetensors'\n"
-        "lj.save_adapter(adapter_file, lora, spec, params)\n"
+        "lj.save_adapter(adapter_file, params, lora, spec)\n"
         "print(f'{adapter_file.stat().st_size / 1024:.0f} KiB')\n"
         "restored = lj.load_adapter(adapter_file, params, spec)\n\n"
         "batch = next(iter(dev_batches()))\n"

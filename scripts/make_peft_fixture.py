@@ -1,4 +1,4 @@
-"""Writes tests/fixtures/peft/: a Hugging Face PEFT LoRA adapter for the tiny BERT classifier fixture,
+"""Write tests/fixtures/peft/: a Hugging Face PEFT LoRA adapter for the tiny BERT classifier fixture,
 with random nonzero weights, and the logits PEFT computes with it.
 
     .venv-ref/bin/python scripts/make_peft_fixture.py     # needs torch, transformers, peft

@@ -1,4 +1,6 @@
-"""Adapter-only checkpoints: round trip, no silent overwrite, clear errors for foreign or damaged files."""
+"""Adapter files and the atomic writer: round trip, no silent overwrite, clear errors for foreign or damaged files."""
+
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,8 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax import checkpoint
+from lora_jax import io
+from lora_jax.io import adapter, atomic
 
 PARAMS = {"enc": {"q": {"kernel": jnp.ones((16, 8))}, "v": {"kernel": jnp.ones((16, 2, 4))}}, "head": jnp.ones((8, 2))}
 SPEC = lj.LoraSpec([lj.Rule("enc/q/kernel", rank=4), lj.Rule("enc/v/kernel", rank=2, in_axes=0), lj.trainable("head")])
@@ -19,29 +22,29 @@ def _trained():
 
 def test_round_trip(tmp_path):
     lora = _trained()
-    path = checkpoint.save_adapter(tmp_path / "adapter.safetensors", lora, SPEC, PARAMS)
-    restored = checkpoint.load_adapter(path, PARAMS, SPEC)
+    path = io.save_adapter(tmp_path / "adapter.safetensors", PARAMS, lora, SPEC)
+    restored = io.load_adapter(path, PARAMS, SPEC)
     assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(lora)
     for a, b in zip(jax.tree_util.tree_leaves(lora), jax.tree_util.tree_leaves(restored)):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(lj.merge(PARAMS, restored, SPEC)["head"], lora["head"])
-    assert path.stat().st_size < checkpoint.adapter_bytes(lora) + 4096
+    assert path.stat().st_size < io.adapter_bytes(lora) + 4096
 
 
 def test_never_overwrites_unless_asked(tmp_path):
     path = tmp_path / "adapter.safetensors"
-    checkpoint.save_adapter(path, _trained(), SPEC, PARAMS)
+    io.save_adapter(path, PARAMS, _trained(), SPEC)
     before = path.read_bytes()
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        checkpoint.save_adapter(path, lj.init(jax.random.key(5), PARAMS, SPEC), SPEC, PARAMS)
+        io.save_adapter(path, PARAMS, lj.init(jax.random.key(5), PARAMS, SPEC), SPEC)
     assert path.read_bytes() == before
-    checkpoint.save_adapter(path, lj.init(jax.random.key(5), PARAMS, SPEC), SPEC, PARAMS, overwrite=True)
+    io.save_adapter(path, PARAMS, lj.init(jax.random.key(5), PARAMS, SPEC), SPEC, overwrite=True)
     assert path.read_bytes() != before
 
 
 def test_failed_save_keeps_previous(tmp_path, monkeypatch):
     path = tmp_path / "adapter.safetensors"
-    checkpoint.save_adapter(path, _trained(), SPEC, PARAMS)
+    io.save_adapter(path, PARAMS, _trained(), SPEC)
     before = path.read_bytes()
 
     def broken_write(tensors, filename, metadata=None):
@@ -49,9 +52,9 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken_write)
+    monkeypatch.setattr(adapter, "save_file", broken_write)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.save_adapter(path, _trained(), SPEC, PARAMS, overwrite=True)
+        io.save_adapter(path, PARAMS, _trained(), SPEC, overwrite=True)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter.safetensors"]  # no temporary left behind
 
@@ -60,31 +63,63 @@ def test_adapter_that_does_not_fit_is_not_saved(tmp_path):
     lora = _trained()
     lora["enc"]["q"]["kernel"]["b"] = jnp.zeros((4, 9))
     with pytest.raises(lj.AdapterMismatchError, match="enc/q/kernel/b"):
-        checkpoint.save_adapter(tmp_path / "a.safetensors", lora, SPEC, PARAMS)
+        io.save_adapter(tmp_path / "a.safetensors", PARAMS, lora, SPEC)
     assert not (tmp_path / "a.safetensors").exists()
 
 
 def test_checkpoint_from_another_spec(tmp_path):
-    path = checkpoint.save_adapter(tmp_path / "a.safetensors", _trained(), SPEC, PARAMS)
+    path = io.save_adapter(tmp_path / "a.safetensors", PARAMS, _trained(), SPEC)
     other_rank = lj.LoraSpec([lj.Rule("enc/q/kernel", rank=2), *SPEC.rules[1:]])
     with pytest.raises(lj.AdapterMismatchError, match="enc/q/kernel/a"):
-        checkpoint.load_adapter(path, PARAMS, other_rank)
+        io.load_adapter(path, PARAMS, other_rank)
     other_alpha = lj.LoraSpec([lj.Rule("enc/q/kernel", rank=4, alpha=32), *SPEC.rules[1:]])
     with pytest.raises(lj.AdapterMismatchError, match="'scale': 2.0"):
-        checkpoint.load_adapter(path, PARAMS, other_alpha)
+        io.load_adapter(path, PARAMS, other_alpha)
     fewer = lj.LoraSpec(SPEC.rules[:2])
     with pytest.raises(lj.AdapterMismatchError, match="holds head"):
-        checkpoint.load_adapter(path, PARAMS, fewer)
+        io.load_adapter(path, PARAMS, fewer)
 
 
 def test_corrupt_and_missing_files(tmp_path):
-    path = checkpoint.save_adapter(tmp_path / "a.safetensors", _trained(), SPEC, PARAMS)
+    path = io.save_adapter(tmp_path / "a.safetensors", PARAMS, _trained(), SPEC)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(checkpoint.CheckpointCorruptError, match="a.safetensors"):
-        checkpoint.load_adapter(path, PARAMS, SPEC)
+    with pytest.raises(io.CheckpointCorruptError, match="a.safetensors"):
+        io.load_adapter(path, PARAMS, SPEC)
     path.write_bytes(b"\x00" * 40)
-    with pytest.raises(checkpoint.CheckpointCorruptError, match="a.safetensors"):
-        checkpoint.load_adapter(path, PARAMS, SPEC)
+    with pytest.raises(io.CheckpointCorruptError, match="a.safetensors"):
+        io.load_adapter(path, PARAMS, SPEC)
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
-        checkpoint.load_adapter(tmp_path / "nothing.safetensors", PARAMS, SPEC)
+        io.load_adapter(tmp_path / "nothing.safetensors", PARAMS, SPEC)
+
+
+def test_atomic_write_is_whole_or_nothing(tmp_path):
+    path = tmp_path / "notes.txt"
+    atomic.write_text(path, "first")
+
+    def failing(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic.write_atomic(path, failing, overwrite=True)
+    assert path.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]  # no temporary left behind
+
+    with pytest.raises(FileExistsError, match="notes.txt.*overwrite=True"):
+        atomic.write_atomic(path, lambda tmp: Path(tmp).write_text("second"))
+    assert path.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+    assert atomic.write_bytes(path, b"second", overwrite=True) == path
+    assert path.read_bytes() == b"second"
+    assert atomic.write_text(tmp_path / "new" / "file.txt", "made") == tmp_path / "new" / "file.txt"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file.txt", "new", "notes.txt"]
+
+
+def test_io_is_the_one_home_of_files():
+    assert lj.save_adapter is io.save_adapter is adapter.save_adapter
+    assert lj.load_adapter is io.load_adapter and lj.CheckpointCorruptError is io.CheckpointCorruptError
+    assert io.save_peft is io.peft.save_peft and io.write_atomic is atomic.write_atomic
+    assert not hasattr(lj, "checkpoint") and not hasattr(lj, "peft")

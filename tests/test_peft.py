@@ -8,7 +8,8 @@ import pytest
 from safetensors.numpy import load_file
 
 import lora_jax as lj
-from lora_jax import models, peft
+from lora_jax import models
+from lora_jax.io import peft
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PEFT_DIR = FIXTURES / "peft"
@@ -39,7 +40,7 @@ def test_export_reproduces_the_peft_file(tmp_path):
     spec = _fixture_spec(model)
     names = models.hf_names(model)
     lora = peft.load_peft(PEFT_DIR, params, spec, names)
-    peft.save_peft(tmp_path, lora, spec, params, names)
+    peft.save_peft(tmp_path, params, lora, spec, names)
     ours, theirs = load_file(str(tmp_path / peft.WEIGHTS)), load_file(str(PEFT_DIR / peft.WEIGHTS))
     assert sorted(ours) == sorted(theirs)
     for key in theirs:
@@ -48,7 +49,7 @@ def test_export_reproduces_the_peft_file(tmp_path):
     assert config["r"] == 2 and config["lora_alpha"] == 4 and config["modules_to_save"] == ["classifier"]
     assert config["rank_pattern"] == {"bert.encoder.layer.1.attention.self.value": 3}
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        peft.save_peft(tmp_path, lora, spec, params, names)
+        peft.save_peft(tmp_path, params, lora, spec, names)
 
 
 def test_scanned_layout_exports_per_layer_modules(tmp_path):
@@ -59,12 +60,12 @@ def test_scanned_layout_exports_per_layer_modules(tmp_path):
     lora = lj.init(jax.random.key(0), params, spec)
     lora = jax.tree_util.tree_map(lambda x: x + jax.random.normal(jax.random.key(1), x.shape), lora)
     stacked = models.stack_layers(lora)
-    unrolled_tensors, _ = peft.to_peft(lora, spec, params, models.hf_names(model))
-    scanned_tensors, _ = peft.to_peft(stacked, scanned_spec, scanned_params, models.hf_names(scanned_model))
+    unrolled_tensors, _ = peft.to_peft(params, lora, spec, models.hf_names(model))
+    scanned_tensors, _ = peft.to_peft(scanned_params, stacked, scanned_spec, models.hf_names(scanned_model))
     assert sorted(unrolled_tensors) == sorted(scanned_tensors)
     for key, value in unrolled_tensors.items():
         np.testing.assert_array_equal(value, scanned_tensors[key], err_msg=key)
-    peft.save_peft(tmp_path, stacked, scanned_spec, scanned_params, models.hf_names(scanned_model))
+    peft.save_peft(tmp_path, scanned_params, stacked, scanned_spec, models.hf_names(scanned_model))
     back = peft.load_peft(tmp_path, scanned_params, scanned_spec, models.hf_names(scanned_model))
     for a, b in zip(jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(back)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
@@ -85,4 +86,4 @@ def test_mismatches_name_the_module(tmp_path):
     gpt2_spec = models.lora_spec(gpt2, "qv", rank=2)
     lora = lj.init(jax.random.key(0), gpt2_params, gpt2_spec)
     with pytest.raises(lj.LoraError, match="fused tensor"):
-        peft.to_peft(lora, gpt2_spec, gpt2_params, models.hf_names(gpt2))
+        peft.to_peft(gpt2_params, lora, gpt2_spec, models.hf_names(gpt2))

@@ -1,1 +1,32 @@
-"""Files: the one atomic writer; adapter files and Hugging Face PEFT folders."""
+"""Everything lora_jax saves: adapter files and Hugging Face PEFT folders, through one atomic writer.
+
+| module | holds |
+|---|---|
+| :mod:`~lora_jax.io.atomic` | ``write_atomic``: a file is written whole or not at all, never over one unless asked |
+| :mod:`~lora_jax.io.adapter` | ``save_adapter`` / ``load_adapter``: one safetensors file with its spec's signature |
+| :mod:`~lora_jax.io.peft` | ``to_peft`` / ``save_peft`` / ``load_peft``: Hugging Face PEFT's LoRA folder |
+"""
+
+from lora_jax.io import adapter, atomic, peft
+from lora_jax.io.adapter import CheckpointCorruptError, adapter_bytes, load_adapter, save_adapter
+from lora_jax.io.atomic import refuse_existing, write_atomic, write_bytes, write_text
+from lora_jax.io.peft import HfName, NameTable, load_peft, save_peft, to_peft
+
+__all__ = [
+    "adapter",
+    "atomic",
+    "peft",
+    "CheckpointCorruptError",
+    "HfName",
+    "NameTable",
+    "adapter_bytes",
+    "load_adapter",
+    "load_peft",
+    "refuse_existing",
+    "save_adapter",
+    "save_peft",
+    "to_peft",
+    "write_atomic",
+    "write_bytes",
+    "write_text",
+]

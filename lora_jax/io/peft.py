@@ -1,4 +1,4 @@
-"""Hugging Face PEFT interop: adapters to and from ``adapter_model.safetensors`` + ``adapter_config.json``.
+"""Hugging Face PEFT folders: adapters to and from ``adapter_model.safetensors`` + ``adapter_config.json``.
 
 PEFT stores, per adapted module ``M``, ``base_model.model.M.lora_A.weight [r, in]``
 and ``base_model.model.M.lora_B.weight [out, r]`` (PyTorch's ``[out, in]``
@@ -8,8 +8,11 @@ weights under the same prefix. Here ``A [*stack, *in, r]`` and
 DenseGeneral ``[D, H, Dh]`` query matches PEFT's ``[H*Dh, D]`` Linear, and a
 stacked (``nn.scan``) kernel becomes one module per layer.
 
-Which checkpoint name goes with which param path is the model's business:
-:func:`lora_jax.models.hf_names` gives the table for the bundled models.
+Which checkpoint name goes with which param path is the model's business: a
+:data:`NameTable` maps each param path (in the unrolled ``layer_{i}`` layout)
+to its PyTorch tensor name and an :class:`HfName` layout;
+:func:`lora_jax.models.hf_names` gives the table for the bundled models. Both
+files are written through :func:`lora_jax.io.atomic.write_atomic`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from lora_jax.io.atomic import refuse_existing, write_atomic, write_text
 from lora_jax.paths import PathTuple, nested_set, path_str, unroll_path
 from lora_jax.plan import Target, plan
 from lora_jax.spec import LoraSpec
+from lora_jax.typing import PathLike, PyTree
 
 PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
@@ -41,7 +45,9 @@ class HfName(Protocol):
 
     transpose: bool  # PyTorch stores ``[out, in]``
 
-    def checkpoint_shape(self, target: tuple[int, ...]) -> tuple[int, ...]: ...
+    def checkpoint_shape(self, target: tuple[int, ...]) -> tuple[int, ...]:
+        """Return the shape the checkpoint tensor has for a param of shape ``target``."""
+        ...
 
 
 # path of a leaf in the unrolled layout -> (PyTorch tensor name, its layout)
@@ -49,11 +55,12 @@ NameTable = Mapping[str, tuple[str, HfName]]
 
 
 def _unrolled(path: PathTuple, layer: int | None) -> str:
-    """The unrolled path of one layer of a stacked leaf: ``.../layers/...`` -> ``.../layer_{i}/...``."""
+    """Return the unrolled path of one layer of a stacked leaf: ``.../layers/...`` -> ``.../layer_{i}/...``."""
     return path_str(unroll_path(path, layer))
 
 
 def _layers(target: Target) -> list[int | None]:
+    """Return the layer indices of a stacked target (one leading layer axis), or ``[None]`` for an unstacked one."""
     layout = target.layout
     stack = layout.stack if layout is not None else ()
     if len(stack) > 1 or (stack and stack != (0,)):
@@ -62,6 +69,7 @@ def _layers(target: Target) -> list[int | None]:
 
 
 def _lookup(names: NameTable, path: PathTuple, layer: int | None) -> tuple[str, HfName]:
+    """Return the PyTorch name and layout of one layer of ``path``; refuse a part of a fused tensor."""
     key = _unrolled(path, layer)
     if key not in names:
         raise LoraError(f"no PyTorch name for {key}; the name table covers {len(names)} params")
@@ -78,11 +86,13 @@ def _to_kernel_order(x: np.ndarray, axes: tuple[int, ...], lead: int) -> np.ndar
 
 
 def _from_kernel_order(x: np.ndarray, axes: tuple[int, ...], lead: int) -> np.ndarray:
+    """Permute the group of axes after ``lead`` leading axes from kernel order to rule order."""
     order = np.argsort(np.argsort(axes))
     return np.transpose(x, [*range(lead), *(lead + int(i) for i in order), *range(lead + len(axes), x.ndim)])
 
 
 def _pattern_values(targets: list[Target], names: NameTable) -> dict[str, Any]:
+    """Return the config's ``r``, ``lora_alpha``, scaling, dropout and per-module rank and alpha overrides."""
     rules = [t.rule for t in targets if t.layout is not None]
     if not rules:
         raise LoraError("the spec adapts no kernel; PEFT needs at least one LoRA module")
@@ -109,8 +119,24 @@ def _pattern_values(targets: list[Target], names: NameTable) -> dict[str, Any]:
     }
 
 
-def to_peft(lora: Any, spec: LoraSpec, params: Any, names: NameTable) -> tuple[dict[str, np.ndarray], dict]:
-    """PEFT tensors and ``adapter_config.json`` contents for an adapter tree."""
+def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> tuple[dict[str, np.ndarray], dict]:
+    """Return the PEFT tensors and the ``adapter_config.json`` contents for an adapter tree.
+
+    Args:
+      params: the base tree ``lora`` was made for.
+      lora: the adapter tree (``A [*stack, *in, r]``, ``B [*stack, r, *out]`` and fully trainable leaves).
+      spec: the spec ``lora`` was made with; one scaling for all rules.
+      names: the model's name table (:func:`lora_jax.models.hf_names`).
+
+    Returns:
+      ``(tensors, config)``: float32 ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]`` and
+      ``modules_to_save`` weights by PEFT name, and the config as a dict.
+
+    Raises:
+      AdapterMismatchError: ``lora`` does not fit ``params`` and ``spec``.
+      LoraError: a path the name table lacks, part of a fused tensor, more than one stack axis, no adapted
+        kernel, or mixed scalings.
+    """
     targets = list(plan(params, spec))
     leaves = check_fits(tuple(targets), lora)
     tensors: dict[str, np.ndarray] = {}
@@ -150,10 +176,10 @@ def to_peft(lora: Any, spec: LoraSpec, params: Any, names: NameTable) -> tuple[d
 
 
 def save_peft(
-    directory: str | Path,
-    lora: Any,
+    directory: PathLike,
+    params: PyTree,
+    lora: PyTree,
     spec: LoraSpec,
-    params: Any,
     names: NameTable,
     *,
     overwrite: bool = False,
@@ -161,21 +187,47 @@ def save_peft(
 ) -> Path:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``.
 
-    Raises ``FileExistsError`` if either file is there and ``overwrite`` is False.
+    Args:
+      directory: the folder to write; created if missing.
+      params: the base tree ``lora`` was made for.
+      lora: the adapter tree.
+      spec: the spec ``lora`` was made with.
+      names: the model's name table (:func:`lora_jax.models.hf_names`).
+      overwrite: replace existing files.
+      base_model_name_or_path: recorded in the config for PEFT to find the base model.
+
+    Returns:
+      ``directory`` as a ``Path``.
+
+    Raises:
+      FileExistsError: either file is there and ``overwrite`` is False.
+      AdapterMismatchError, LoraError: as :func:`to_peft`.
     """
     directory = Path(directory)
     refuse_existing([directory / WEIGHTS, directory / CONFIG], overwrite)
-    tensors, config = to_peft(lora, spec, params, names)
+    tensors, config = to_peft(params, lora, spec, names)
     config["base_model_name_or_path"] = base_model_name_or_path
     write_atomic(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp), overwrite=True)
     write_text(directory / CONFIG, json.dumps(config, indent=2), overwrite=True)
     return directory
 
 
-def load_peft(directory: str | Path, params: Any, spec: LoraSpec, names: NameTable) -> dict:
-    """Read a PEFT LoRA adapter into an adapter tree for ``params`` and ``spec``.
+def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTable) -> dict:
+    """Read a PEFT LoRA adapter folder into an adapter tree for ``params`` and ``spec``.
 
-    The spec's ranks and scales must be the file's: a mismatch names the module.
+    Args:
+      directory: the folder holding ``adapter_model.safetensors`` and ``adapter_config.json``.
+      params: the base tree.
+      spec: the spec to read the adapter under; its ranks and scales must be the file's.
+      names: the model's name table (:func:`lora_jax.models.hf_names`).
+
+    Returns:
+      The adapter tree, ``A`` and ``B`` in each rule's dtype, fully trainable leaves in the base's.
+
+    Raises:
+      FileNotFoundError: either file is missing.
+      LoraError: the config is not a LoRA adapter; a path the name table lacks.
+      AdapterMismatchError: a rank or scale differs, or a tensor is missing or left over (names the module).
     """
     directory = Path(directory)
     for file in (WEIGHTS, CONFIG):

@@ -1,23 +1,23 @@
-"""Adapter-only checkpoints: one small safetensors file that knows the spec it came from.
+"""Adapter files: one small safetensors file that knows the spec it came from.
 
-``save_adapter`` writes the adapter tree (and fully trainable leaves) with the
-shapes, ranks and alphas it was made with in the file's metadata;
-``load_adapter`` checks them against the base tree and spec before returning
-anything. Writes go to a temporary file that replaces the target in one
-``os.replace``, so a failed save leaves the previous checkpoint intact, and an
-existing file is only replaced when asked. (Full training state, with
-optimizer moments, is checkpointed with orbax by :mod:`lora_jax.train`.)
+:func:`save_adapter` writes the adapter tree (and fully trainable leaves) with
+the signature of the base and spec it was made for (each leaf's shape, mode,
+rank and scale) in the file's metadata; :func:`load_adapter` checks the
+signature against the base tree and spec before returning anything. Writes go
+through :func:`lora_jax.io.atomic.write_atomic`: a failed save leaves the
+previous file intact, and an existing file is only replaced when asked.
+(Full training state, with optimizer moments, is checkpointed with orbax by
+:mod:`lora_jax.train`.)
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from lora_jax.adapters import check_fits, signature
@@ -26,6 +26,7 @@ from lora_jax.io.atomic import refuse_existing, write_atomic
 from lora_jax.paths import flatten, nested_set, path_str
 from lora_jax.plan import plan
 from lora_jax.spec import LoraSpec
+from lora_jax.typing import PathLike, PyTree
 
 FORMAT = "lora_jax.adapter/1"
 
@@ -34,12 +35,26 @@ class CheckpointCorruptError(LoraError):
     """A checkpoint file that cannot be read back."""
 
 
-def save_adapter(path: str | Path, lora: Any, spec: LoraSpec, params: Any, *, overwrite: bool = False) -> Path:
-    """Write ``lora`` to ``path`` (a ``.safetensors`` file), checked against ``params`` and ``spec``.
+def save_adapter(path: PathLike, params: PyTree, lora: PyTree, spec: LoraSpec, *, overwrite: bool = False) -> Path:
+    """Write the adapter tree ``lora`` to ``path`` (a ``.safetensors`` file), checked against ``params`` and ``spec``.
+
+    Tensors are stored as float32; each leaf's own dtype and the signature of
+    ``params`` and ``spec`` go into the file's metadata.
+
+    Args:
+      path: the file to write.
+      params: the base tree ``lora`` was made for (arrays or ``ShapeDtypeStruct``).
+      lora: the adapter tree, ``{"a": A [*stack, *in, r], "b": B [*stack, r, *out]}`` at each adapted kernel and a
+        copy of each fully trainable leaf.
+      spec: the spec ``lora`` was made with.
+      overwrite: replace an existing file.
+
+    Returns:
+      ``path`` as a ``Path``.
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is False.
-      AdapterMismatchError: ``lora`` does not fit ``params`` and ``spec``.
+      AdapterMismatchError: ``lora`` does not fit ``params`` and ``spec`` (names the leaf).
     """
     path = Path(path)
     refuse_existing([path], overwrite)
@@ -50,20 +65,27 @@ def save_adapter(path: str | Path, lora: Any, spec: LoraSpec, params: Any, *, ov
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
 
 
-def load_adapter(path: str | Path, params: Any, spec: LoraSpec) -> dict:
-    """Read an adapter written by :func:`save_adapter` for this base tree and spec.
+def load_adapter(path: PathLike, params: PyTree, spec: LoraSpec) -> dict:
+    """Read an adapter file written by :func:`save_adapter` for this base tree and spec.
+
+    Args:
+      path: the ``.safetensors`` file.
+      params: the base tree (arrays or ``ShapeDtypeStruct``).
+      spec: the spec to read the adapter under; it must give every leaf the shape, mode, rank and scale it was
+        saved with.
+
+    Returns:
+      The adapter tree, each leaf in the dtype it was saved from.
 
     Raises:
       FileNotFoundError: no file at ``path``.
       CheckpointCorruptError: the file is not a readable lora_jax adapter.
-      AdapterMismatchError: it was saved for another spec or base (names the path).
+      AdapterMismatchError: it was saved for another spec or base (names the leaf).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no adapter checkpoint there")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
         tensors = load_file(str(path))
@@ -94,6 +116,6 @@ def load_adapter(path: str | Path, params: Any, spec: LoraSpec) -> dict:
     return lora
 
 
-def adapter_bytes(lora: Any) -> int:
-    """Bytes of the arrays in an adapter tree."""
+def adapter_bytes(lora: PyTree) -> int:
+    """Return the bytes of the arrays in an adapter tree."""
     return sum(int(np.asarray(x).nbytes) for _, x in flatten(lora)[0])
