@@ -34,7 +34,7 @@ def test_bfloat16_adapters_combine_merge_factored_and_save(tmp_path):
     x = jax.random.normal(jax.random.key(2), (3, 8))
     out = lj.factored(lambda p, x: x @ p["dense"]["kernel"], spec)(params, lora, x)
     np.testing.assert_allclose(out, x @ expected, rtol=2e-2, atol=2e-2)  # the low-rank branch runs in bfloat16
-    path = lj.save_adapter(tmp_path / "bf16.safetensors", lora, spec, params)
+    path = lj.save_adapter(tmp_path / "bf16.safetensors", params, lora, spec)
     back = lj.load_adapter(path, params, spec)
     for got, want in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(lora)):
         assert got.dtype == want.dtype
