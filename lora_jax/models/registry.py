@@ -47,7 +47,7 @@ class Linear:
 
     @property
     def split_axes(self) -> int:
-        """How many axes the split side spans: ``out_axes`` (column) or ``in_axes`` (row); 2 means heads."""
+        """Return how many axes the split side spans: ``out_axes`` (column) or ``in_axes`` (row); 2 means heads."""
         return self.out_axes if self.parallel == "column" else self.in_axes
 
 
@@ -66,7 +66,7 @@ class KVCache:
     max_positions: str | None = None
 
     def shape(self, config: Any, batch: int, length: int) -> tuple[int, int, int, int, int]:
-        """``(layers, B, length, K, Dh)`` for ``config``.
+        """Return the cache shape ``(layers, B, length, K, Dh)`` for ``config``.
 
         Raises:
           ConfigError: ``length`` exceeds the config's position cap.
@@ -141,30 +141,30 @@ class Architecture:
     cache: KVCache | None = None
 
     def build(self, name: str) -> Build:
-        """The build called ``name``; KeyError if the family has none."""
+        """Return the build called ``name``; KeyError if the family has none."""
         for build in self.builds:
             if build.name == name:
                 return build
         raise KeyError(name)
 
     def linear(self, name: str) -> Linear:
-        """The linear map whose preset name is ``name``; KeyError if none."""
+        """Return the linear map whose preset name is ``name``; KeyError if none."""
         for linear in self.linears:
             if linear.name == name:
                 return linear
         raise KeyError(name)
 
     def is_ignored(self, name: str) -> bool:
-        """Whether checkpoint tensor ``name`` is a buffer or copy the modules do not need."""
+        """Return whether checkpoint tensor ``name`` is a buffer or copy the modules do not need."""
         bare = name[len(self.prefix) :] if self.prefix and name.startswith(self.prefix) else name
         return any(re.fullmatch(pattern, bare) for pattern in self.ignored)
 
     def column_parallel(self) -> tuple[tuple[str, int], ...]:
-        """``(path inside a block, output axes)`` of the column-parallel linear maps."""
+        """Return ``(path inside a block, output axes)`` of the column-parallel linear maps."""
         return tuple((lin.path, lin.split_axes) for lin in self.linears if lin.parallel == "column")
 
     def row_parallel(self) -> tuple[tuple[str, int], ...]:
-        """``(path inside a block, input axes)`` of the row-parallel linear maps."""
+        """Return ``(path inside a block, input axes)`` of the row-parallel linear maps."""
         return tuple((lin.path, lin.split_axes) for lin in self.linears if lin.parallel == "row")
 
 
@@ -202,15 +202,15 @@ class Registry(Mapping[str, Architecture]):
 
     @property
     def architectures(self) -> tuple[Architecture, ...]:
-        """The registered families, in order."""
+        """Return the registered families, in order."""
         return self._architectures
 
     def add(self, *architectures: Architecture) -> Registry:
-        """A new registry with ``architectures`` after these."""
+        """Return a new registry with ``architectures`` after these."""
         return Registry((*self._architectures, *architectures))
 
     def by_type(self, model_type: str) -> Architecture:
-        """The family of ``model_type``.
+        """Return the family of ``model_type``.
 
         Raises:
           ConfigError: none is registered, with the registered types.
@@ -220,7 +220,7 @@ class Registry(Mapping[str, Architecture]):
         return self._by_type[model_type]
 
     def of(self, model_or_config: Any) -> Architecture:
-        """The family that builds this module (or whose config class this config is).
+        """Return the family that builds this module (or whose config class this config is).
 
         Raises:
           ConfigError: no registered family builds it; register one with :meth:`add`.
@@ -239,7 +239,7 @@ class Registry(Mapping[str, Architecture]):
         )
 
     def choose(self, values: Mapping[str, Any], architecture: str | None = None) -> str:
-        """The architecture name to build for a ``config.json`` dict.
+        """Return the architecture name to build for a ``config.json`` dict.
 
         ``architecture`` overrides the file (e.g. ``"BertForSequenceClassification"`` on a plain
         encoder). An unlisted head of a known ``model_type`` falls back to that type's first build,

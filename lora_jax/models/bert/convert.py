@@ -13,7 +13,7 @@ PREFIX = "bert."
 
 
 def encoder_keys(config: BertConfig, pooler: bool = True) -> KeyMap:
-    """Names in a ``BertModel`` checkpoint; without a pooler its tensors are known and unused."""
+    """Return the names in a ``BertModel`` checkpoint; without a pooler its tensors are known and unused."""
     keys: KeyMap = {}
     for kind in ("word", "position", "token_type"):
         keys |= embed_keys(f"embeddings.{kind}_embeddings", ("embeddings", f"{kind}_embeddings"))
@@ -32,12 +32,12 @@ def encoder_keys(config: BertConfig, pooler: bool = True) -> KeyMap:
 
 
 def classifier_keys(config: BertConfig, pooler: bool = True) -> KeyMap:
-    """Names in a ``BertForSequenceClassification`` checkpoint: the encoder under ``bert.``, then the head."""
+    """Return the names in a ``BertForSequenceClassification`` checkpoint: the encoder under ``bert.``, the head."""
     return prefixed(encoder_keys(config, pooler), PREFIX, ("bert",)) | linear_keys("classifier", ("classifier",), 1)
 
 
 def key_map(model: Any) -> KeyMap:
-    """The key map of a ``BertModel`` or ``BertForSequenceClassification``."""
+    """Return the key map of a ``BertModel`` or ``BertForSequenceClassification``."""
     if isinstance(model, BertForSequenceClassification):
         return classifier_keys(model.config, pooler=model.pooling == "cls")
     return encoder_keys(model.config, pooler=model.add_pooler)

@@ -18,6 +18,6 @@ class ConfigError(LoraError):
 
 
 def pick_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """The entries of ``values`` that name fields of dataclass ``cls``, None values left out."""
+    """Return the entries of ``values`` that name fields of dataclass ``cls``, None values left out."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in values.items() if k in names and v is not None}

@@ -48,7 +48,7 @@ class Tensor:
         return (math.prod(target[: self.in_ndim]), math.prod(target[self.in_ndim :]))
 
     def checkpoint_shape(self, target: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape the checkpoint tensor must have for a param of shape ``target``."""
+        """Return the shape the checkpoint tensor must have for a param of shape ``target``."""
         shape = self._flat_shape(target)
         if self.transpose:
             shape = shape[::-1]
@@ -57,7 +57,11 @@ class Tensor:
         return shape
 
     def convert(self, name: str, array: np.ndarray, target: tuple[int, ...]) -> np.ndarray:
-        """Checkpoint tensor ``name`` -> an array of shape ``target``; raises on a shape mismatch."""
+        """Convert checkpoint tensor ``name`` to an array of shape ``target``.
+
+        Raises:
+          CheckpointError: ``array`` does not have the checkpoint shape ``target`` needs.
+        """
         expected = self.checkpoint_shape(target)
         if tuple(array.shape) != expected:
             raise CheckpointError(
@@ -78,7 +82,7 @@ KeyMap = dict[str, tuple[Tensor, ...]]
 
 
 def linear_keys(hf: str, path: PathTuple, in_ndim: int, transpose: bool = True, bias: bool = True) -> KeyMap:
-    """``hf.weight``/``hf.bias`` -> ``path/kernel``/``path/bias``.
+    """Map ``hf.weight``/``hf.bias`` to ``path/kernel``/``path/bias``.
 
     Args:
       hf: the checkpoint module name, e.g. ``"encoder.layer.0.attention.self.query"``.
@@ -94,7 +98,7 @@ def linear_keys(hf: str, path: PathTuple, in_ndim: int, transpose: bool = True, 
 
 
 def norm_keys(hf: str, path: PathTuple, bias: bool = True) -> KeyMap:
-    """``hf.weight``/``hf.bias`` -> ``path/scale``/``path/bias`` (no bias for RMSNorm)."""
+    """Map ``hf.weight``/``hf.bias`` to ``path/scale``/``path/bias`` (no bias for RMSNorm)."""
     keys = {f"{hf}.weight": (Tensor((*path, "scale")),)}
     if bias:
         keys[f"{hf}.bias"] = (Tensor((*path, "bias")),)
@@ -102,12 +106,12 @@ def norm_keys(hf: str, path: PathTuple, bias: bool = True) -> KeyMap:
 
 
 def embed_keys(hf: str, path: PathTuple) -> KeyMap:
-    """``hf.weight`` -> ``path/embedding``."""
+    """Map ``hf.weight`` to ``path/embedding``."""
     return {f"{hf}.weight": (Tensor((*path, "embedding")),)}
 
 
 def prefixed(keys: KeyMap, name: str, path: PathTuple = ()) -> KeyMap:
-    """``keys`` with ``name`` before every checkpoint name and ``path`` before every param path.
+    """Return ``keys`` with ``name`` before every checkpoint name and ``path`` before every param path.
 
     For a base model inside a head model: ``prefixed(encoder, "bert.", ("bert",))``.
     """

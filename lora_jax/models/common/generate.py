@@ -32,7 +32,7 @@ def cache_for(model: nn.Module, batch: int, length: int, registry: Registry = AR
 
 
 def choose(logits: jax.Array, key: jax.Array | None, temperature: float, top_k: int | None) -> jax.Array:
-    """Next tokens ``[B]`` from ``logits [B, V]``: argmax at temperature 0, else a sample."""
+    """Return next tokens ``[B]`` from ``logits [B, V]``: argmax at temperature 0, else a sample."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature

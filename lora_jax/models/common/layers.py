@@ -20,7 +20,7 @@ Cache = dict[str, jax.Array]
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The Hugging Face activation called ``name`` (``gelu`` is the exact erf form)."""
+    """Return the Hugging Face activation called ``name`` (``gelu`` is the exact erf form)."""
     table: dict[str, Callable[[jax.Array], jax.Array]] = {
         "gelu": lambda x: jax.nn.gelu(x, approximate=False),
         "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -31,7 +31,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-    """A LayerNorm with the two-pass variance PyTorch uses (params ``scale [D]``, ``bias [D]``)."""
+    """Build a LayerNorm with the two-pass variance PyTorch uses (params ``scale [D]``, ``bias [D]``)."""
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
 
 
@@ -53,7 +53,7 @@ class RMSNorm(nn.Module):
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, half-split ("rotate_half") convention.
+    """Apply the rotary position embedding, half-split ("rotate_half") convention.
 
     Args:
       x: ``[B, T, heads, Dh]``.
@@ -75,7 +75,7 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention probabilities with grouped key/value heads.
+    """Return softmax attention probabilities with grouped key/value heads.
 
     Args:
       q: ``[B, T, H, Dh]``.
@@ -180,7 +180,7 @@ ATTENTION_LINEARS = (
 
 
 def causal_mask(query_positions: jax.Array, key_length: int, padding: jax.Array | None = None) -> jax.Array:
-    """Boolean ``[B|1, 1, T, S]``: key ``s`` visible to query ``t`` iff ``s <= pos[t]`` (and not padding).
+    """Return a boolean ``[B|1, 1, T, S]``: key ``s`` visible to query ``t`` iff ``s <= pos[t]`` (and not padding).
 
     Args:
       query_positions: ``[T]`` absolute positions of the queries.
@@ -197,6 +197,6 @@ def causal_mask(query_positions: jax.Array, key_length: int, padding: jax.Array 
 def init_cache(
     num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: Dtype = jnp.float32
 ) -> Cache:
-    """An empty KV cache: ``{"key", "value"}`` each ``[layers, B, length, K, Dh]``."""
+    """Return an empty KV cache: ``{"key", "value"}`` each ``[layers, B, length, K, Dh]``."""
     shape = (num_layers, batch, length, kv_heads, head_dim)
     return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}

@@ -47,7 +47,12 @@ def read_config(path: PathLike) -> dict[str, Any]:
 
 
 def checkpoint_files(path: PathLike) -> list[Path]:
-    """``model.safetensors``, or the shards named by ``model.safetensors.index.json``."""
+    """Return ``model.safetensors``, or the shards named by ``model.safetensors.index.json``.
+
+    Raises:
+      FileNotFoundError: neither file, or a listed shard, is there.
+      CheckpointError: the index has no ``weight_map``.
+    """
     path = Path(path)
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
@@ -67,7 +72,7 @@ def checkpoint_files(path: PathLike) -> list[Path]:
 
 
 def checkpoint_names(files: list[Path]) -> list[str]:
-    """Tensor names across files; reads headers only."""
+    """Return the tensor names across files, reading headers only."""
     names = []
     for file in files:
         with safe_open(file, framework="numpy") as f:
@@ -130,7 +135,7 @@ def build_model(
 
 
 def abstract_params(model: nn.Module) -> dict[PathTuple, jax.ShapeDtypeStruct]:
-    """Shapes and dtypes of ``model``'s params by path, without allocating them."""
+    """Return the shapes and dtypes of ``model``'s params by path, without allocating them."""
     ids = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids)["params"])
     leaves, _ = flatten(shapes)
@@ -138,12 +143,12 @@ def abstract_params(model: nn.Module) -> dict[PathTuple, jax.ShapeDtypeStruct]:
 
 
 def _placement(path: PathTuple, scan: bool) -> tuple[PathTuple, int | None]:
-    """Unrolled path -> (path in the model's layout, layer index or None)."""
+    """Return an unrolled path's (path in the model's layout, layer index or None)."""
     return stack_path(path) if scan else (path, None)
 
 
 def _init_head(model: nn.Module, path: PathTuple, shape: tuple[int, ...], dtype: Any, key: jax.Array) -> jax.Array:
-    """A fresh classifier leaf as Hugging Face draws it: kernel ``N(0, range^2)``, bias 0."""
+    """Draw a fresh head leaf as Hugging Face does: kernel ``N(0, range^2)``, bias 0."""
     if path[-1] == "bias":
         return jnp.zeros(shape, dtype)
     key = jax.random.fold_in(key, path_hash(path_str(path)))
@@ -163,7 +168,7 @@ class _Spelling:
         self.shift = 0  # +1: the checkpoint adds the prefix; -1: it omits it
 
     def match(self, raw: str) -> str | None:
-        """The key-map name of checkpoint tensor ``raw``, or None."""
+        """Return the key-map name of checkpoint tensor ``raw``, or None."""
         prefix = self.prefix
         if raw in self.names:
             return raw
@@ -176,7 +181,7 @@ class _Spelling:
         return None
 
     def spell(self, name: str) -> str:
-        """A key-map name as the checkpoint would spell it."""
+        """Return a key-map name as the checkpoint would spell it."""
         if self.shift == 1:
             return self.prefix + name
         if self.shift == -1 and name.startswith(self.prefix):

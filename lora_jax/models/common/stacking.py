@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from lora_jax.models.common.layers import Cache, Dtype
 from lora_jax.paths import STACKED, layer_index, unrolled_key
+from lora_jax.typing import PyTree
 
 
 class BlockStack(nn.Module):
@@ -72,11 +73,11 @@ def _layer_indices(node: Mapping) -> list[int] | None:
     return indices
 
 
-def stack_layers(params: Any) -> Any:
-    """Unrolled -> scanned: every dict whose keys are all ``layer_0 .. layer_{n-1}`` becomes
-    ``{"layers": ...}`` with each leaf stacked on a new leading axis ``[n, *shape]``.
+def stack_layers(params: PyTree) -> PyTree:
+    """Stack unrolled layers into the scanned layout.
 
-    A pure function on nested mappings; returns plain dicts.
+    Every dict whose keys are all ``layer_0 .. layer_{n-1}`` becomes ``{"layers": ...}`` with each
+    leaf stacked on a new leading axis ``[n, *shape]``. A pure function on nested mappings; returns plain dicts.
     """
     if not isinstance(params, Mapping):
         return params
@@ -87,8 +88,8 @@ def stack_layers(params: Any) -> Any:
     return {k: stack_layers(v) for k, v in params.items()}
 
 
-def unstack_layers(params: Any) -> Any:
-    """Scanned -> unrolled: ``{"layers": leaves [n, ...]}`` becomes ``layer_0 .. layer_{n-1}``.
+def unstack_layers(params: PyTree) -> PyTree:
+    """Unstack scanned layers: ``{"layers": leaves [n, ...]}`` becomes ``layer_0 .. layer_{n-1}``.
 
     The inverse of :func:`stack_layers`; returns plain dicts.
     """

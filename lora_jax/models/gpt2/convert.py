@@ -11,7 +11,7 @@ PREFIX = "transformer."
 
 
 def decoder_keys(n_layer: int) -> KeyMap:
-    """Names in a ``GPT2Model`` checkpoint (no ``transformer.`` prefix)."""
+    """Return the names in a ``GPT2Model`` checkpoint (no ``transformer.`` prefix)."""
     keys: KeyMap = {}
     keys |= embed_keys("wte", ("token_embeddings",))
     keys |= embed_keys("wpe", ("position_embeddings",))
@@ -35,5 +35,5 @@ def decoder_keys(n_layer: int) -> KeyMap:
 
 
 def key_map(model: Any) -> KeyMap:
-    """Names in a ``GPT2LMHeadModel`` checkpoint; its ``lm_head`` is the tied token embedding."""
+    """Return the names in a ``GPT2LMHeadModel`` checkpoint; its ``lm_head`` is the tied token embedding."""
     return prefixed(decoder_keys(model.config.n_layer), PREFIX) | {"lm_head.weight": ()}

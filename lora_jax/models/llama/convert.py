@@ -12,7 +12,7 @@ PREFIX = "model."
 
 
 def decoder_keys(config: LlamaConfig) -> KeyMap:
-    """Names in a ``LlamaModel`` checkpoint (no ``model.`` prefix)."""
+    """Return the names in a ``LlamaModel`` checkpoint (no ``model.`` prefix)."""
     keys: KeyMap = {}
     keys |= embed_keys("embed_tokens", ("token_embeddings",))
     for i in range(config.num_hidden_layers):
@@ -30,7 +30,7 @@ def decoder_keys(config: LlamaConfig) -> KeyMap:
 
 
 def key_map(model: Any) -> KeyMap:
-    """Names in a ``LlamaForCausalLM`` checkpoint; a tied ``lm_head`` is known and unused."""
+    """Return the names in a ``LlamaForCausalLM`` checkpoint; a tied ``lm_head`` is known and unused."""
     config = model.config
     head = linear_keys("lm_head", ("lm_head",), 1, bias=False)
     return prefixed(decoder_keys(config), PREFIX) | (dict.fromkeys(head, ()) if config.tie_word_embeddings else head)
