@@ -120,7 +120,7 @@ def build_model(
       ConfigError: an unknown architecture, a ``model_type`` that does not fit it, an unsupported
         config option, or an option this architecture does not take.
     """
-    registry.choose(values, architecture)
+    registry.choose(values, architecture)  # raises on a name the registry lacks
     arch = registry[architecture]
     build = arch.build(architecture)
     if values.get("model_type", arch.model_type) != arch.model_type:
