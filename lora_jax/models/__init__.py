@@ -8,26 +8,33 @@
 Models: :class:`BertModel`, :class:`BertForSequenceClassification`,
 :class:`GPT2LMHeadModel`, :class:`LlamaForCausalLM`; each takes
 ``scan_layers``, ``dtype`` and ``param_dtype``.
+
+Each family (``bert/``, ``gpt2/``, ``llama/``) is one :class:`Architecture` in the registry
+:data:`ARCHITECTURES`; another family is one more entry, passed as ``registry=ARCHITECTURES.add(entry)``
+(see :mod:`lora_jax.models.registry`).
 """
 
-from lora_jax.models.bert import BertForSequenceClassification, BertModel, BertOutput, classifier_apply_fn, mean_pool
-from lora_jax.models.config import BertConfig, ConfigError, GPT2Config, LlamaConfig
-from lora_jax.models.convert import CheckpointError, hf_names
-from lora_jax.models.decoder import DecoderOutput
-from lora_jax.models.generate import cache_for, generate
-from lora_jax.models.gpt2 import GPT2LMHeadModel
-from lora_jax.models.layers import init_cache
-from lora_jax.models.llama import LlamaForCausalLM
-from lora_jax.models.loading import (
-    ARCHITECTURES,
-    build_model,
-    checkpoint_files,
-    from_pretrained,
-    load_params,
+from lora_jax.models.bert import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    BertOutput,
+    classifier_apply_fn,
+    mean_pool,
     sentence_pooling,
 )
+from lora_jax.models.bundled import ARCHITECTURES
+from lora_jax.models.common.config import ConfigError
+from lora_jax.models.common.convert import CheckpointError
+from lora_jax.models.common.decoder import CausalLM, DecoderBlock, DecoderOutput
+from lora_jax.models.common.generate import cache_for, generate
+from lora_jax.models.common.layers import init_cache
+from lora_jax.models.common.loading import build_model, checkpoint_files, from_pretrained, hf_names, load_params
+from lora_jax.models.common.stacking import stack_layers, unstack_layers
+from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.models.presets import HEAD_PATTERN, lora_spec
-from lora_jax.models.stacking import stack_layers, unstack_layers
+from lora_jax.models.registry import Architecture, Build, KVCache, Linear, Registry
 from lora_jax.models.text import (
     embed_texts,
     encode,
@@ -40,17 +47,24 @@ from lora_jax.models.text import (
 __all__ = [
     "ARCHITECTURES",
     "HEAD_PATTERN",
+    "Architecture",
     "BertConfig",
     "BertForSequenceClassification",
     "BertModel",
     "BertOutput",
+    "Build",
+    "CausalLM",
     "CheckpointError",
     "ConfigError",
+    "DecoderBlock",
     "DecoderOutput",
     "GPT2Config",
     "GPT2LMHeadModel",
+    "KVCache",
+    "Linear",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "Registry",
     "build_model",
     "cache_for",
     "classifier_apply_fn",

@@ -24,8 +24,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax.models.config import BertConfig
-from lora_jax.models.layers import Attention, BlockStack, Cache, Dtype, activation, layer_norm
+from lora_jax.models.bert.config import BertConfig
+from lora_jax.models.bert.pooling import POOLINGS, mean_pool
+from lora_jax.models.common.config import ConfigError
+from lora_jax.models.common.layers import Attention, Cache, Dtype, activation, layer_norm
+from lora_jax.models.common.stacking import BlockStack
 
 
 class BertOutput(NamedTuple):
@@ -144,16 +147,6 @@ class BertModel(nn.Module):
         return BertOutput(x, pooled)
 
 
-POOLINGS = ("cls", "mean")
-
-
-def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Mean of ``hidden [B, T, D]`` over tokens where ``attention_mask [B, T]`` is 1 -> ``[B, D]``."""
-    mask = attention_mask.astype(jnp.float32)[..., None]
-    total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
-    return total / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
-
-
 class BertForSequenceClassification(nn.Module):
     """Pooled sentence -> dropout -> ``Dense(num_labels)``; returns logits ``[B, num_labels]``.
 
@@ -168,6 +161,11 @@ class BertForSequenceClassification(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        super().__post_init__()
+
     @nn.compact
     def __call__(
         self,
@@ -180,8 +178,6 @@ class BertForSequenceClassification(nn.Module):
         """Arguments as :meth:`BertModel.__call__`; returns ``[B, num_labels]``."""
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         cls = self.pooling == "cls"
         bert = BertModel(cfg, cls, self.scan_layers, **kw, name="bert")
         out = bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
@@ -194,13 +190,6 @@ class BertForSequenceClassification(nn.Module):
         pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
         init = nn.initializers.normal(cfg.initializer_range)
         return nn.Dense(cfg.num_labels, kernel_init=init, **kw, name="classifier")(pooled)
-
-
-def has_pooler(model: nn.Module) -> bool:
-    """Whether ``model``'s params hold ``pooler/`` (under ``bert/`` for the classifier)."""
-    if isinstance(model, BertForSequenceClassification):
-        return model.pooling == "cls"
-    return getattr(model, "add_pooler", True)
 
 
 def classifier_apply_fn(model: BertForSequenceClassification) -> Any:

@@ -12,24 +12,27 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax.models.config import GPT2Config, LlamaConfig
-from lora_jax.models.layers import Cache, init_cache
+from lora_jax.models.bundled import ARCHITECTURES
+from lora_jax.models.common.config import ConfigError
+from lora_jax.models.common.layers import Cache, init_cache
+from lora_jax.models.registry import Registry
+from lora_jax.typing import PyTree
 
 
-def cache_for(model: nn.Module, batch: int, length: int) -> Cache:
-    """An empty KV cache for ``model``: ``{"key", "value"}`` each ``[layers, B, length, K, Dh]``."""
-    cfg = model.config
-    if isinstance(cfg, GPT2Config):
-        if length > cfg.n_positions:
-            raise ValueError(f"{length} tokens exceed GPT-2's n_positions = {cfg.n_positions}")
-        return init_cache(cfg.n_layer, batch, length, cfg.n_head, cfg.head_dim, model.dtype)
-    if isinstance(cfg, LlamaConfig):
-        return init_cache(cfg.num_hidden_layers, batch, length, cfg.kv_heads, cfg.head_dim, model.dtype)
-    raise TypeError(f"generation needs a GPT-2 or Llama model, got {type(model).__name__}")
+def cache_for(model: nn.Module, batch: int, length: int, registry: Registry = ARCHITECTURES) -> Cache:
+    """Return an empty KV cache for ``model``: ``{"key", "value"}`` each ``[layers, B, length, K, Dh]``.
+
+    Raises:
+      ConfigError: ``model``'s family has no KV cache (an encoder), or ``length`` exceeds its positions.
+    """
+    arch = registry.of(model)
+    if arch.cache is None:
+        raise ConfigError(f"generation needs a decoder; {type(model).__name__} ({arch.model_type}) has no KV cache")
+    return init_cache(*arch.cache.shape(model.config, batch, length), model.dtype)
 
 
 def choose(logits: jax.Array, key: jax.Array | None, temperature: float, top_k: int | None) -> jax.Array:
-    """Next tokens ``[B]`` from ``logits [B, V]``: argmax at temperature 0, else a sample."""
+    """Return next tokens ``[B]`` from ``logits [B, V]``: argmax at temperature 0, else a sample."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
@@ -44,9 +47,10 @@ def choose(logits: jax.Array, key: jax.Array | None, temperature: float, top_k: 
 )
 def _generate(
     model: nn.Module,
-    params: dict,
+    params: PyTree,
     input_ids: jax.Array,
     prompt_mask: jax.Array,
+    cache: Cache,
     key: jax.Array | None,
     max_new_tokens: int,
     temperature: float,
@@ -65,7 +69,7 @@ def _generate(
         variables,
         input_ids,
         slot_mask,
-        cache=cache_for(model, batch, total),
+        cache=cache,
         cache_index=0,
         position_ids=prompt_positions,
     )
@@ -97,7 +101,7 @@ def _generate(
 
 def generate(
     model: nn.Module,
-    params: dict,
+    params: PyTree,
     input_ids: jax.Array,
     max_new_tokens: int,
     *,
@@ -107,11 +111,12 @@ def generate(
     top_k: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
+    registry: Registry = ARCHITECTURES,
 ) -> jax.Array:
     """Continue ``input_ids`` by ``max_new_tokens`` tokens.
 
     Args:
-      model: a :class:`GPT2LMHeadModel` or :class:`LlamaForCausalLM`.
+      model: a decoder (:class:`GPT2LMHeadModel`, :class:`LlamaForCausalLM` or another registered one).
       params: its params (or ``lora_jax.combine(...)`` of them).
       input_ids: ``[B, P]`` prompts; shorter ones padded on the left.
       max_new_tokens: ``N``; the cache holds ``P + N`` positions.
@@ -120,6 +125,7 @@ def generate(
         ``softmax(logits / temperature)``, optionally among the ``top_k`` best.
       key: the RNG key for sampling; step ``i`` uses ``fold_in(key, i)``.
       eos_token_id: after it, a row emits ``pad_token_id``.
+      registry: the families; ``model``'s own gives the cache shape.
 
     Returns:
       ``[B, P + N]`` int32: the prompt followed by the new tokens.
@@ -132,11 +138,13 @@ def generate(
         raise ValueError("sampling (temperature > 0) needs an explicit RNG key")
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    cache = cache_for(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, registry)
     return _generate(
         model,
         params,
         input_ids,
         mask,
+        cache,
         key if temperature > 0 else None,
         max_new_tokens,
         float(temperature),

@@ -1,4 +1,4 @@
-"""Building blocks shared by the BERT, GPT-2 and Llama modules.
+"""Building blocks shared by the model families: activations, norms, rotary positions, attention, KV cache.
 
 Shapes: ``B`` batch, ``T`` query length, ``S`` key length, ``D`` model width,
 ``H`` query heads, ``K`` key/value heads, ``Dh`` head width.
@@ -13,14 +13,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax.paths import STACKED, unrolled_key
+from lora_jax.models.registry import Linear
 
 Dtype = Any
 Cache = dict[str, jax.Array]
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The Hugging Face activation called ``name`` (``gelu`` is the exact erf form)."""
+    """Return the Hugging Face activation called ``name`` (``gelu`` is the exact erf form)."""
     table: dict[str, Callable[[jax.Array], jax.Array]] = {
         "gelu": lambda x: jax.nn.gelu(x, approximate=False),
         "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -31,7 +31,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
-    """A LayerNorm with the two-pass variance PyTorch uses (params ``scale [D]``, ``bias [D]``)."""
+    """Build a LayerNorm with the two-pass variance PyTorch uses (params ``scale [D]``, ``bias [D]``)."""
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
 
 
@@ -53,7 +53,7 @@ class RMSNorm(nn.Module):
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, half-split ("rotate_half") convention.
+    """Apply the rotary position embedding, half-split ("rotate_half") convention.
 
     Args:
       x: ``[B, T, heads, Dh]``.
@@ -75,7 +75,7 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention probabilities with grouped key/value heads.
+    """Return softmax attention probabilities with grouped key/value heads.
 
     Args:
       q: ``[B, T, H, Dh]``.
@@ -170,8 +170,17 @@ class Attention(nn.Module):
         return out, cache
 
 
+ATTENTION_LINEARS = (
+    Linear("q", "attention/query", in_axes=1, out_axes=2, parallel="column"),
+    Linear("k", "attention/key", in_axes=1, out_axes=2, parallel="column"),
+    Linear("v", "attention/value", in_axes=1, out_axes=2, parallel="column"),
+    Linear("o", "attention/out", in_axes=2, out_axes=1, parallel="row"),
+)
+"""The linear maps of an :class:`Attention` named ``attention`` in a block (presets ``q k v o``)."""
+
+
 def causal_mask(query_positions: jax.Array, key_length: int, padding: jax.Array | None = None) -> jax.Array:
-    """Boolean ``[B|1, 1, T, S]``: key ``s`` visible to query ``t`` iff ``s <= pos[t]`` (and not padding).
+    """Return a boolean ``[B|1, 1, T, S]``: key ``s`` visible to query ``t`` iff ``s <= pos[t]`` (and not padding).
 
     Args:
       query_positions: ``[T]`` absolute positions of the queries.
@@ -188,53 +197,6 @@ def causal_mask(query_positions: jax.Array, key_length: int, padding: jax.Array 
 def init_cache(
     num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype: Dtype = jnp.float32
 ) -> Cache:
-    """An empty KV cache: ``{"key", "value"}`` each ``[layers, B, length, K, Dh]``."""
+    """Return an empty KV cache: ``{"key", "value"}`` each ``[layers, B, length, K, Dh]``."""
     shape = (num_layers, batch, length, kv_heads, head_dim)
     return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
-
-
-class BlockStack(nn.Module):
-    """``num_layers`` copies of ``block``, unrolled (``layer_0``, ...) or under ``nn.scan`` (``layers``).
-
-    ``block(config, deterministic=, dtype=, param_dtype=)`` must map
-    ``(hidden, cache, mask, positions, cache_index) -> (hidden, cache)``.
-    Scanned params carry a leading layer axis; both layouts compute the same.
-    """
-
-    block: type[nn.Module]
-    config: Any
-    num_layers: int
-    scan: bool = False
-    deterministic: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self,
-        hidden: jax.Array,
-        mask: jax.Array,
-        positions: jax.Array | None = None,
-        cache: Cache | None = None,
-        cache_index: jax.Array | int = 0,
-    ) -> tuple[jax.Array, Cache | None]:
-        """``hidden [B, T, D]``, cache leaves ``[layers, B, S, K, Dh]`` -> same shapes."""
-        kwargs = {"deterministic": self.deterministic, "dtype": self.dtype, "param_dtype": self.param_dtype}
-        if self.scan:
-            scanned = nn.scan(
-                self.block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=self.num_layers,
-            )
-            return scanned(self.config, **kwargs, name=STACKED)(hidden, cache, mask, positions, cache_index)
-        updated = []
-        for i in range(self.num_layers):
-            layer_cache = None if cache is None else jax.tree_util.tree_map(lambda c: c[i], cache)
-            layer = self.block(self.config, **kwargs, name=unrolled_key(i))
-            hidden, layer_cache = layer(hidden, layer_cache, mask, positions, cache_index)
-            updated.append(layer_cache)
-        if cache is not None:
-            cache = jax.tree_util.tree_map(lambda *c: jnp.stack(c), *updated)
-        return hidden, cache
