@@ -17,9 +17,8 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
+from lora_jax._extras import require
 from lora_jax.adapters import check_fits, signature
 from lora_jax.errors import AdapterMismatchError, LoraError
 from lora_jax.io.atomic import refuse_existing, write_atomic
@@ -47,6 +46,7 @@ def save_adapter(path: str | Path, lora: Any, spec: LoraSpec, params: Any, *, ov
     tensors = {path_str(p): np.asarray(jnp.asarray(x, jnp.float32)) for p, x in leaves.items()}
     dtypes = {path_str(p): str(jnp.asarray(x).dtype) for p, x in leaves.items()}
     metadata = {"format": FORMAT, "signature": json.dumps(signature(params, spec)), "dtypes": json.dumps(dtypes)}
+    save_file = require("safetensors.numpy", "io").save_file
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
 
 
@@ -61,13 +61,12 @@ def load_adapter(path: str | Path, params: Any, spec: LoraSpec) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no adapter checkpoint there")
+    safetensors, numpy_io = require("safetensors", "io"), require("safetensors.numpy", "io")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as handle:
+        with safetensors.safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        tensors = numpy_io.load_file(str(path))
+    except (safetensors.SafetensorError, OSError, ValueError) as err:
         raise CheckpointCorruptError(f"{path}: not a readable safetensors file ({err})") from None
     if metadata.get("format") != FORMAT:
         raise CheckpointCorruptError(f"{path}: not a lora_jax adapter (format {metadata.get('format')!r})")

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import lora_jax as lj
 from lora_jax import checkpoint
@@ -49,7 +50,7 @@ def test_failed_save_keeps_previous(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken_write)
+    monkeypatch.setattr(safetensors.numpy, "save_file", broken_write)  # looked up when saving
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save_adapter(path, _trained(), SPEC, PARAMS, overwrite=True)
     assert path.read_bytes() == before

@@ -1,5 +1,10 @@
 """GLUE-style classification data: TFDS ArrayRecord builders (no TensorFlow), tokenization, batching, metrics."""
 
+from lora_jax._extras import require
+
+for _module in ("tensorflow_datasets", "array_record", "tokenizers"):
+    require(_module, "data")  # before the modules below import them, so that a missing one names its extra
+
 from lora_jax.data.batching import DEFAULT_BUCKETS, Batch, batches, bucket_length, num_batches, order
 from lora_jax.data.builder import TsvClassification, TsvConfig, prepare
 from lora_jax.data.encoding import Encoded, tokenize

@@ -10,6 +10,11 @@ Models: :class:`BertModel`, :class:`BertForSequenceClassification`,
 ``scan_layers``, ``dtype`` and ``param_dtype``.
 """
 
+from lora_jax._extras import require
+
+for _module in ("flax", "safetensors", "tokenizers"):
+    require(_module, "models")  # before the modules below import them, so that a missing one names its extra
+
 from lora_jax.models.bert import BertForSequenceClassification, BertModel, BertOutput, classifier_apply_fn, mean_pool
 from lora_jax.models.config import BertConfig, ConfigError, GPT2Config, LlamaConfig
 from lora_jax.models.convert import CheckpointError, hf_names
