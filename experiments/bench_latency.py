@@ -1,7 +1,7 @@
 """Inference latency, the paper's Table 1 shape: base vs LoRA merged vs LoRA unmerged vs adapter layers.
 
-    python experiments/bench_latency.py            # GPT-2-small-shaped decoder, three (batch, length) sizes
-    python experiments/bench_latency.py --smoke    # a tiny decoder, seconds
+    python -m experiments.bench_latency            # GPT-2-small-shaped decoder, three (batch, length) sizes
+    python -m experiments.bench_latency --smoke    # a tiny decoder, seconds
 
 Variants, each its own jitted forward (logits over the whole sequence):
 base; LoRA merged into the weights (``lora_jax.merge``, r=8 on every attention
@@ -14,7 +14,6 @@ across the variants so drift hits all alike; medians are reported.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import jax
@@ -22,11 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-
-import lora_jax as lj  # noqa: E402
-from lora_jax import models  # noqa: E402
+import lora_jax as lj
+from experiments import report
+from lora_jax import models
 
 ADAPTED = ("out", "proj")  # attention output and MLP output projections
 

@@ -1,7 +1,7 @@
 """Memory accounting: what adapters and training state should cost, against what is measured.
 
-    python experiments/bench_memory.py            # MiniLM, batch 32, length 64
-    python experiments/bench_memory.py --smoke
+    python -m experiments.bench_memory            # MiniLM, batch 32, length 64
+    python -m experiments.bench_memory --smoke
 
 1. Adapter bytes: the saved adapter file and the tree, against 2 * n * d * r * 4 bytes for n adapted
    d x d matrices (plus the classifier head).
@@ -12,18 +12,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import jax
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-from bench_train import tree_bytes, workload  # noqa: E402
-
-import lora_jax as lj  # noqa: E402
-from lora_jax import train  # noqa: E402
+import lora_jax as lj
+from experiments import report
+from experiments.bench_train import tree_bytes, workload
+from lora_jax import train
 
 MIB = 2**20
 

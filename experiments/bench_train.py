@@ -1,7 +1,7 @@
 """Training cost: full fine-tuning vs LoRA through combine vs LoRA through the factored path.
 
-    python experiments/bench_train.py            # the table in experiments/results/bench_train.md
-    python experiments/bench_train.py --smoke    # tiny shapes, seconds
+    python -m experiments.bench_train            # the table in experiments/results/bench_train.md
+    python -m experiments.bench_train --smoke    # tiny shapes, seconds
 
 Each measurement runs in its own process (so peak RSS is its own): compile time
 apart, then the median of repeated steps; trainable and optimizer-state bytes;
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
+from experiments import assets, report
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("full", "lora-combine", "lora-factored")
@@ -61,7 +60,7 @@ def workload(name: str, length: int, smoke: bool):
             params = model.init(jax.random.key(0), np.ones((1, 8), np.int32))["params"]
         else:
             model, params = models.from_pretrained(
-                models.minilm_path(), architecture="BertForSequenceClassification", num_labels=2, key=jax.random.key(0)
+                assets.minilm_path(), architecture="BertForSequenceClassification", num_labels=2, key=jax.random.key(0)
             )
         batch_size = 32
         vocab = model.config.vocab_size
@@ -140,10 +139,11 @@ def worker(job: dict) -> dict:
     }
 
 
-def spawn(job: dict, flags: str, python: str = sys.executable, script: Path | None = None) -> dict:
+def spawn(job: dict, flags: str, python: str = sys.executable, module: str = "experiments.bench_train") -> dict:
+    """Run ``job`` in ``python -m module --worker JOB`` from the repository root; return its JSON line."""
     env = {**os.environ, "XLA_FLAGS": flags}
-    command = [python, str(script or Path(__file__)), "--worker", json.dumps(job)]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    command = [python, "-m", module, "--worker", json.dumps(job)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=HERE.parent)
     if done.returncode != 0:
         raise RuntimeError(f"{job} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -162,8 +162,6 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     from tqdm import tqdm
-
-    from lora_jax import models
 
     repeats = args.repeats or (2 if args.smoke else 8)
     shapes = [("minilm", 64), ("minilm", 128), ("gpt2-small", 256)]
@@ -202,10 +200,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "method": m,
                     "repeats": repeats,
                     "threads": os.cpu_count(),
-                    "model_path": str(models.minilm_path()),
+                    "model_path": str(assets.minilm_path()),
                 }
                 try:
-                    peft.append(spawn(job, "", args.peft_python, HERE / "peft_baseline.py"))
+                    peft.append(spawn(job, "", args.peft_python, "experiments.peft_baseline"))
                 except RuntimeError as err:
                     print(f"PEFT baseline skipped: {err}")
                     break

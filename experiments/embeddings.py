@@ -3,7 +3,7 @@
 Paraphrase pairs should score well above unrelated pairs. Writes a markdown
 table to ``experiments/results/embeddings.md`` (or ``--out``).
 
-    .venv/bin/python experiments/embeddings.py
+    .venv/bin/python -m experiments.embeddings
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 import lora_jax.models as models
+from experiments import assets
+from lora_jax.io.atomic import write_text
 
 PAIRS = [
     ("paraphrase", "A man is eating food.", "A man is eating a piece of bread."),
@@ -30,7 +32,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "embeddings.md"
 
 def similarities(pairs: list[tuple[str, str, str]]) -> list[float]:
     """Cosine similarity of each pair's two sentences under all-MiniLM-L6-v2."""
-    path = models.minilm_path()
+    path = assets.minilm_path()
     model, params = models.from_pretrained(path)
     tokenizer = models.load_tokenizer(path, max_length=256)
     left = models.embed_texts(model, params, tokenizer, [a for _, a, _ in pairs])
@@ -54,8 +56,7 @@ def main(out: Path = DEFAULT_OUT) -> list[float]:
     scores = similarities(PAIRS)
     text = "# all-MiniLM-L6-v2 sentence similarities (lora_jax.models, float32)\n\n" + table(PAIRS, scores) + "\n"
     print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_text(out, text, overwrite=True)
     return scores
 
 

@@ -16,7 +16,9 @@ import jax
 import numpy as np
 
 import lora_jax as lj
+from experiments import assets
 from lora_jax import data, models, train
+from lora_jax.io.atomic import write_text
 
 METHODS = ("full", "lora", "bitfit", "head")
 # Steps of the --full experiments: what two CPU cores allow for a 36-run grid.
@@ -42,7 +44,7 @@ class RunConfig:
     train_limit: int | None = None  # first N shuffled training examples
     eval_limit: int | None = None
     learning_rate: float | None = None  # None: LEARNING_RATES[method]
-    data_dir: str | None = None  # None: ../shared/data/glue, else TFDS download
+    data_dir: str | None = None  # None: experiments.assets.glue_dir(), else TFDS download
     factored: bool = True
     pooling: str | None = None  # None: the checkpoint's own (mean for MiniLM)
 
@@ -71,7 +73,7 @@ def load_model(num_labels: int, seed: int, pooling: str | None = None) -> tuple[
 
     ``pooling=None`` pools as the checkpoint was trained (mean over tokens for MiniLM).
     """
-    path = models.minilm_path()
+    path = assets.minilm_path()
     model, params = models.from_pretrained(
         path,
         architecture="BertForSequenceClassification",
@@ -83,7 +85,7 @@ def load_model(num_labels: int, seed: int, pooling: str | None = None) -> tuple[
 
 
 def load_task(config: RunConfig, tokenizer: Any) -> tuple[Any, data.Encoded, data.Encoded]:
-    data_dir = config.data_dir or data.default_glue_dir()
+    data_dir = config.data_dir or assets.glue_dir()
     kwargs = {"data_dir": data_dir, "download": data_dir is None}
     train_split = data.load_split(config.task, "train", **kwargs)
     dev_split = data.load_split(config.task, "validation", **kwargs)
@@ -180,7 +182,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python experiments/finetune.py --config JSON --out DIR``: one run, in its own process.
+    """``python -m experiments.finetune --config JSON --out DIR``: one run, in its own process.
 
     Writes ``DIR/summary.json`` and, for methods with adapters or trainable
     leaves, ``DIR/adapter.safetensors``.
@@ -204,9 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             result["spec"],
             overwrite=True,
         )
-    tmp = args.out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summarize(result), indent=1))
-    tmp.replace(args.out / "summary.json")
+    write_text(args.out / "summary.json", json.dumps(summarize(result), indent=1), overwrite=True)
 
 
 if __name__ == "__main__":

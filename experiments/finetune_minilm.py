@@ -1,32 +1,28 @@
 """The main job: LoRA fine-tune of the packaged all-MiniLM-L6-v2 on SST-2, end to end.
 
-    python experiments/finetune_minilm.py              # 400 steps on shuffled SST-2 train, under 10 min on 2 cores
-    python experiments/finetune_minilm.py --full       # 3 epochs over all 67,349 training sentences
-    python experiments/finetune_minilm.py --smoke      # seconds; what the tests run
+    python -m experiments.finetune_minilm              # 400 steps on shuffled SST-2 train, under 10 min on 2 cores
+    python -m experiments.finetune_minilm --full       # 3 epochs over all 67,349 training sentences
+    python -m experiments.finetune_minilm --smoke      # seconds; what the tests run
 
 Trains LoRA (query and value, r=8) plus the classifier head, prints dev accuracy,
 saves the adapter, merges it into the base and checks that merged and
 unmerged predictions agree. Data come from --data-dir (GLUE's layout, default
-../shared/data/glue) or, when no local copy exists, from TFDS's download.
+``experiments.assets.glue_dir()``: $LORA_JAX_GLUE_DIR or ../shared/data/glue) or, when no
+local copy exists, from TFDS's download.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import finetune  # noqa: E402
-import report  # noqa: E402
-
-import lora_jax as lj  # noqa: E402
-from lora_jax import models  # noqa: E402
+import lora_jax as lj
+from experiments import assets, finetune, report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"dev {result['metric']}: {result['score']:.4f} after {steps} steps ({result['seconds']:.0f} s)")
 
     adapter_path = lj.save_adapter(out / "adapter.safetensors", params, trainable, spec)
-    model_bytes = (models.minilm_path() / "model.safetensors").stat().st_size
+    model_bytes = (assets.minilm_path() / "model.safetensors").stat().st_size
     adapter_size = adapter_path.stat().st_size
     print(
         f"adapter: {adapter_path} ({adapter_size / 1024:.0f} KiB; the base model file is {model_bytes / 2**20:.1f} MiB)"

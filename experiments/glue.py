@@ -1,7 +1,7 @@
 """GLUE on MiniLM: SST-2, RTE and CoLA x {full fine-tuning, LoRA qv r=8, BitFit, head only}.
 
-    python experiments/glue.py --full     # the results table (runs are cached under runs/cache)
-    python experiments/glue.py --smoke    # seconds-scale grid for the tests
+    python -m experiments.glue --full     # the results table (runs are cached under runs/cache)
+    python -m experiments.glue --smoke    # seconds-scale grid for the tests
 
 Reports the dev metric (mean +- std over seeds), trainable parameters, step
 time and peak memory of each run's process, as a markdown table and a bar chart.
@@ -10,15 +10,13 @@ time and peak memory of each run's process, as a markdown table and a bar chart.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-from finetune import FULL_MAX_LENGTH, FULL_STEPS, METHODS, RunConfig  # noqa: E402
-from sweep import DEFAULT_CACHE, group, run_all  # noqa: E402
+from experiments import report
+from experiments.finetune import FULL_MAX_LENGTH, FULL_STEPS, METHODS, RunConfig
+from experiments.sweep import DEFAULT_CACHE, group, run_all
 
 TASKS = ("sst2", "rte", "cola")
 SEEDS = 3

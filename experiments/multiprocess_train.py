@@ -8,8 +8,8 @@ shardings make it data parallel.
 
 Two processes on one machine (CPU, gloo collectives):
 
-    python experiments/multiprocess_train.py --num-processes 2 --process-id 0 --coordinator 127.0.0.1:12355 &
-    python experiments/multiprocess_train.py --num-processes 2 --process-id 1 --coordinator 127.0.0.1:12355
+    python -m experiments.multiprocess_train --num-processes 2 --process-id 0 --coordinator 127.0.0.1:12355 &
+    python -m experiments.multiprocess_train --num-processes 2 --process-id 1 --coordinator 127.0.0.1:12355
 
 On a Cloud TPU pod slice, run it on every host with no flags
 (``gcloud compute tpus tpu-vm ssh NAME --worker=all --command=...``):

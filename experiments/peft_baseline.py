@@ -1,9 +1,9 @@
 """The baseline users know: Hugging Face PEFT on PyTorch CPU, same model, shapes and threads as bench_train.
 
-Run by ``bench_train.py`` with a Python that has torch, transformers and peft
+Run by ``experiments.bench_train`` with a Python that has torch, transformers and peft
 (``pip install torch==2.13.0 transformers peft``); prints one JSON line.
 
-    python experiments/peft_baseline.py --worker '{"length": 64, "method": "lora", "repeats": 8, "threads": 2,
+    python -m experiments.peft_baseline --worker '{"length": 64, "method": "lora", "repeats": 8, "threads": 2,
                                                    "model_path": "..."}'
 """
 

@@ -6,7 +6,7 @@ are replicated with :func:`lora_jax.parallel.replicate`, the batch split with
 ``jax.lax.pmean`` inside the step. New code should prefer ``shard_map`` or
 ``jit`` with shardings (see ``shard_map_train.py``).
 
-    python experiments/pmap_train.py --steps 5
+    python -m experiments.pmap_train --steps 5
 """
 
 from __future__ import annotations

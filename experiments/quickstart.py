@@ -1,7 +1,7 @@
 """Quickstart: teach a small Flax model one task, then adapt it to a second with LoRA.
 
-    python experiments/quickstart.py            # full size, about a minute on 2 CPU cores
-    python experiments/quickstart.py --smoke    # seconds
+    python -m experiments.quickstart            # full size, about a minute on 2 CPU cores
+    python -m experiments.quickstart --smoke    # seconds
 
 Prints the trainable parameter count, the loss going down, and that the merged
 tree gives the same outputs as base + adapters.
@@ -10,7 +10,6 @@ tree gives the same outputs as base + adapters.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import jax
@@ -19,10 +18,8 @@ import optax
 from flax import linen as nn
 from tqdm import trange
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-
-import lora_jax as lj  # noqa: E402
+import lora_jax as lj
+from experiments import report
 
 
 class Classifier(nn.Module):

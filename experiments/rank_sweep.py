@@ -1,21 +1,19 @@
 """Which rank is enough? r in {1, 2, 4, 8, 64} x targets {q, qv, qkvo} on SST-2 (paper Table 6).
 
-python experiments/rank_sweep.py --full
-python experiments/rank_sweep.py --smoke
+python -m experiments.rank_sweep --full
+python -m experiments.rank_sweep --smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-from finetune import FULL_STEPS, RunConfig  # noqa: E402
-from sweep import DEFAULT_CACHE, group, run_all  # noqa: E402
+from experiments import report
+from experiments.finetune import FULL_STEPS, RunConfig
+from experiments.sweep import DEFAULT_CACHE, group, run_all
 
 RANKS = (1, 2, 4, 8, 64)
 TARGETS = ("q", "qv", "qkvo")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lora_jax.io.atomic import write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -42,10 +44,8 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def write_markdown(path: Path, title: str, body: str) -> Path:
-    """Write ``# title``, the environment line and ``body`` to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {title}\n\n{environment()}\n\n{body.rstrip()}\n")
-    return path
+    """Write ``# title``, the environment line and ``body`` to ``path`` (atomically, replacing it)."""
+    return write_text(path, f"# {title}\n\n{environment()}\n\n{body.rstrip()}\n", overwrite=True)
 
 
 def plot_lines(path: Path, series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str) -> Path:

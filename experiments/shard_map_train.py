@@ -10,7 +10,7 @@
 Then the adapters are merged into the sharded base without moving a weight.
 Run on a CPU with fake devices (the script sets 8 unless ``XLA_FLAGS`` is set):
 
-    python experiments/shard_map_train.py --steps 5
+    python -m experiments.shard_map_train --steps 5
 """
 
 from __future__ import annotations

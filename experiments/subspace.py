@@ -4,23 +4,21 @@ phi(A1, A2, i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), with U the left
 singular vectors of A ``[in, r]`` (the paper's right singular vectors of its
 ``A [r, in]``). Compared: r=8 vs r=64 of the same layer, and r=8 from two seeds.
 
-    python experiments/subspace.py --full
-    python experiments/subspace.py --smoke
+    python -m experiments.subspace --full
+    python -m experiments.subspace --smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import report  # noqa: E402
-from finetune import FULL_STEPS, RunConfig  # noqa: E402
-from sweep import DEFAULT_CACHE, run_cached  # noqa: E402
+from experiments import report
+from experiments.finetune import FULL_STEPS, RunConfig
+from experiments.sweep import DEFAULT_CACHE, run_cached
 
 
 def left_singular(a: np.ndarray) -> np.ndarray:

@@ -16,8 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune import RunConfig
 from tqdm import tqdm
+
+from experiments.finetune import RunConfig
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE.parent / "runs" / "cache"
@@ -36,15 +37,16 @@ def run_cached(config: RunConfig, cache: Path = DEFAULT_CACHE) -> dict[str, Any]
     if not summary.exists():
         command = [
             sys.executable,
-            str(HERE / "finetune.py"),
+            "-m",
+            "experiments.finetune",
             "--config",
             json.dumps(dataclasses.asdict(config)),
             "--out",
-            str(out),
+            str(out.resolve()),  # the run's process starts in the repository root
         ]
         # Runs of one grid share shapes: a persistent compilation cache spares most of each run's compile time.
-        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache / "jax-compilation-cache")}
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache.resolve() / "jax-compilation-cache")}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=HERE.parent)
         if done.returncode != 0:
             raise RuntimeError(f"run {config} failed:\n{done.stderr[-4000:]}")
     result = json.loads(summary.read_text())

@@ -4,16 +4,22 @@ spec = lora_jax.LoraSpec([lora_jax.Rule(r".*/(query|value)/kernel", rank=8)])
 lora = lora_jax.init(key, params, spec)          # {"...": {"a": A, "b": B}}
 p = lora_jax.combine(params, lora, spec)         # W0 + s A@B, inside jit
 serving = lora_jax.merge(params, lora, spec)     # plain tree, base dtypes
+
+The transform needs jax, numpy and optax only. The subpackages (``io``,
+``models``, ``data``, ``training``, ``distributed``) and the adapter-file
+functions load on first use, so ``import lora_jax`` stays light and a missing
+extra is named when it is needed.
 """
 
-from lora_jax import io, parallel, sharding, train
+import importlib
+from typing import Any
+
 from lora_jax.adapters import adapter_count
 from lora_jax.combine import combine
 from lora_jax.describe import Description, describe
-from lora_jax.errors import AdapterMismatchError, LoraError, SpecError
+from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError, LoraError, NonFiniteError, SpecError
 from lora_jax.factored import LowRankKernel, factored
 from lora_jax.initializers import init
-from lora_jax.io import CheckpointCorruptError, load_adapter, save_adapter
 from lora_jax.merge import merge, unmerge
 from lora_jax.optim import adapter_only, trainable_labels
 from lora_jax.plan import KernelLayout, Target, plan
@@ -21,11 +27,35 @@ from lora_jax.spec import LoraSpec, Rule, freeze, trainable
 
 __version__ = "0.1.0"
 
+# name -> (module, attribute or None for the module itself), imported on first access.
+_LAZY = {
+    "io": ("lora_jax.io", None),
+    "models": ("lora_jax.models", None),
+    "data": ("lora_jax.data", None),
+    "parallel": ("lora_jax.parallel", None),
+    "sharding": ("lora_jax.sharding", None),
+    "train": ("lora_jax.train", None),
+    "save_adapter": ("lora_jax.io", "save_adapter"),
+    "load_adapter": ("lora_jax.io", "load_adapter"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lora_jax' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
 __all__ = [
-    "io",
-    "parallel",
-    "sharding",
-    "train",
+    *_LAZY,
     "AdapterMismatchError",
     "CheckpointCorruptError",
     "Description",
@@ -33,6 +63,7 @@ __all__ = [
     "LoraError",
     "LoraSpec",
     "LowRankKernel",
+    "NonFiniteError",
     "Rule",
     "SpecError",
     "Target",
@@ -43,10 +74,8 @@ __all__ = [
     "factored",
     "freeze",
     "init",
-    "load_adapter",
     "merge",
     "plan",
-    "save_adapter",
     "trainable",
     "trainable_labels",
     "unmerge",

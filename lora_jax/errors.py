@@ -15,3 +15,7 @@ class AdapterMismatchError(LoraError):
 
 class NonFiniteError(LoraError):
     """A NaN or Inf where a finite number is required: an adapter to save or merge, a merged kernel, a loss."""
+
+
+class CheckpointCorruptError(LoraError):
+    """A file lora_jax wrote that cannot be read back: damaged, truncated or not its format."""

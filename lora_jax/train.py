@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
+from lora_jax._extras import require
 from lora_jax.combine import combine
 from lora_jax.factored import factored
 from lora_jax.initializers import init
@@ -163,7 +163,7 @@ def evaluate(
 
 
 def _checkpoints(directory: Path, keep: int) -> Any:
-    import orbax.checkpoint as ocp  # heavy; only runs that checkpoint need it
+    ocp = require("orbax.checkpoint", "train")  # heavy; only runs that checkpoint need it
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False)
     return ocp.CheckpointManager(directory.resolve(), options=options)
@@ -173,7 +173,7 @@ def restore_latest(directory: Path, template: dict) -> dict | None:
     """The newest checkpoint in ``directory`` shaped like ``template``, or None."""
     if not directory.exists():
         return None
-    import orbax.checkpoint as ocp
+    ocp = require("orbax.checkpoint", "train")
 
     with _checkpoints(directory, keep=1) as manager:
         step = manager.latest_step()
@@ -245,7 +245,7 @@ def fit(
             log.flush()
 
     def checkpoint(step: int) -> None:
-        import orbax.checkpoint as ocp
+        ocp = require("orbax.checkpoint", "train")
 
         if manager is not None and step not in manager.all_steps():
             manager.save(step, args=ocp.args.StandardSave(state))
@@ -258,6 +258,7 @@ def fit(
 
     try:
         batches = _epoch_batches(train_batches, steps_per_epoch, start)
+        tqdm = require("tqdm", "train").tqdm
         bar = tqdm(total=config.steps, initial=start, disable=not progress, mininterval=1.0, desc="train")
         window_loss, window_examples, window_start = [], 0, time.perf_counter()
         for step in range(start + 1, config.steps + 1):

@@ -1,4 +1,7 @@
-"""Writes notebooks/quickstart.ipynb from the cells below (run once after editing them)."""
+"""Writes notebooks/quickstart.ipynb from the cells below (run once after editing them).
+
+python scripts/make_notebook.py
+"""
 
 from pathlib import Path
 
@@ -10,19 +13,21 @@ CELLS = [
         "# lora_jax quickstart: LoRA on MiniLM for SST-2\n\n"
         "A spec picks the weights, `init` makes the adapters, a jitted step trains only them, `merge` folds them "
         "into a plain tree for serving, and an adapter file of a few hundred kilobytes carries the result.\n\n"
-        "`QUICKSTART_STEPS` (environment) sets the training length; the tests run this notebook with a few steps."
+        "`QUICKSTART_STEPS` (environment) sets the training length; the tests run this notebook with a few steps. "
+        "Start Jupyter in the repository root: `experiments.assets` knows where this checkout keeps MiniLM and GLUE."
     ),
     new_code_cell(
         "import os\n"
         "import jax, jax.numpy as jnp, numpy as np\n"
         "import lora_jax as lj\n"
-        "from lora_jax import data, models, train\n\n"
+        "from lora_jax import data, models, train\n"
+        "from experiments import assets\n\n"
         "STEPS = int(os.environ.get('QUICKSTART_STEPS', '200'))\n"
         "EVAL_LIMIT = None if STEPS >= 100 else 64"
     ),
     new_markdown_cell("## The base model\nThe packaged all-MiniLM-L6-v2, with a fresh two-class head."),
     new_code_cell(
-        "path = models.minilm_path()\n"
+        "path = assets.minilm_path()\n"
         "model, params = models.from_pretrained(path, architecture='BertForSequenceClassification', num_labels=2,\n"
         "                                       key=jax.random.key(0))\n"
         "tokenizer = models.load_tokenizer(path)\n"
@@ -39,9 +44,10 @@ CELLS = [
         "## Data\nSST-2 through the TFDS ArrayRecord builder (no TensorFlow), bucketed to lengths 32 and 64."
     ),
     new_code_cell(
-        "glue = data.default_glue_dir()\n"
-        "train_enc = data.tokenize(data.load_split('sst2', 'train', data_dir=glue), tokenizer, 64)\n"
-        "dev_enc = data.tokenize(data.load_split('sst2', 'validation', data_dir=glue), tokenizer, 64)\n"
+        "glue = assets.glue_dir()  # None: no local copy, so download it\n"
+        "source = dict(data_dir=glue, download=glue is None)\n"
+        "train_enc = data.tokenize(data.load_split('sst2', 'train', **source), tokenizer, 64)\n"
+        "dev_enc = data.tokenize(data.load_split('sst2', 'validation', **source), tokenizer, 64)\n"
         "len(train_enc.labels), len(dev_enc.labels)"
     ),
     new_markdown_cell(
@@ -82,6 +88,8 @@ CELLS = [
     ),
 ]
 
+for i, cell in enumerate(CELLS):
+    cell.id = f"cell-{i}"  # stable ids: regenerating changes only what was edited
 notebook = new_notebook(cells=CELLS, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}})
 out = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
 nbformat.write(notebook, out)

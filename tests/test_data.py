@@ -28,8 +28,8 @@ from lora_jax.data import (
     tokenize,
 )
 from lora_jax.data.encoding import truncated_lengths
+from lora_jax.errors import LoraError
 
-GLUE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 WORDS = [
     "the",
     "a",
@@ -64,8 +64,8 @@ def tfds_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def rte(tfds_dir: Path) -> dict[str, Examples]:
-    return {split: load_split("rte", split, data_dir=GLUE_DIR, tfds_dir=tfds_dir) for split in ("train", "dev")}
+def rte(tfds_dir: Path, glue_dir: Path) -> dict[str, Examples]:
+    return {split: load_split("rte", split, data_dir=glue_dir, tfds_dir=tfds_dir) for split in ("train", "dev")}
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +86,10 @@ def write(path: Path, lines: list[str]) -> Path:
 # --- builders -------------------------------------------------------------------------------
 
 
-def test_rte_counts_and_labels_match_tsv(rte: dict[str, Examples]) -> None:
+def test_rte_counts_and_labels_match_tsv(rte: dict[str, Examples], glue_dir: Path) -> None:
     assert (len(rte["train"]), len(rte["dev"])) == (2490, 277)
     for split, name in (("train", "train.tsv"), ("dev", "dev.tsv")):
-        rows = raw_tsv(GLUE_DIR / "RTE" / name)
+        rows = raw_tsv(glue_dir / "RTE" / name)
         ex = rte[split]
         assert ex.labels.dtype == np.int32
         assert set(ex.labels.tolist()) == {0, 1}
@@ -98,14 +98,16 @@ def test_rte_counts_and_labels_match_tsv(rte: dict[str, Examples]) -> None:
         assert list(ex.texts[1]) == [r[1] for r in rows]
 
 
-def test_prepared_data_is_arrayrecord_reused_and_needs_no_tensorflow(rte: dict[str, Examples], tfds_dir: Path) -> None:
+def test_prepared_data_is_arrayrecord_reused_and_needs_no_tensorflow(
+    rte: dict[str, Examples], tfds_dir: Path, glue_dir: Path
+) -> None:
     (version_dir,) = (tfds_dir / "tsv_classification").glob("rte_*/1.0.0")
     assert sorted(p.name for p in version_dir.glob("*.array_record-*")) == [
         f"tsv_classification-{split}.array_record-00000-of-00001" for split in ("train", "validation")
     ]
     info = version_dir / "dataset_info.json"
     before = info.stat().st_mtime_ns
-    again = load_split("rte", "validation", data_dir=GLUE_DIR, tfds_dir=tfds_dir)
+    again = load_split("rte", "validation", data_dir=glue_dir, tfds_dir=tfds_dir)
     assert info.stat().st_mtime_ns == before
     assert again.labels.tolist() == rte["dev"].labels.tolist()
     assert "tensorflow" not in sys.modules
@@ -174,6 +176,22 @@ def test_missing_file_names_path(tmp_path: Path, tfds_dir: Path) -> None:
     write(tmp_path / "train.tsv", ["text\tlabel", "ok\t0"])
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "dev.tsv")):
         load_split("gone", "train", data_dir=tmp_path, tfds_dir=tfds_dir, text_columns=["text"], label_column="label")
+
+
+def test_missing_data_dir_is_named(tmp_path: Path, tfds_dir: Path) -> None:
+    gone = tmp_path / "no-such-glue"
+    with pytest.raises(FileNotFoundError, match=f"{gone}: no such data directory for task 'rte'"):
+        load_split("rte", "train", data_dir=gone, tfds_dir=tfds_dir)
+    assert not (tfds_dir / "tsv_classification" / "rte").exists(), "nothing was downloaded instead"
+
+
+def test_data_dir_or_download_is_the_callers_choice(tfds_dir: Path) -> None:
+    with pytest.raises(LoraError, match="task 'sst2': give data_dir.* or download=True"):
+        load_split("sst2", "train", tfds_dir=tfds_dir)
+    with pytest.raises(LoraError, match="task 'mine': give data_dir.*dev.tsv$"):
+        load_split("mine", "train", tfds_dir=tfds_dir, text_columns=["text"], label_column="label")
+    with pytest.raises(LoraError, match="not both"):
+        load_split("sst2", "train", data_dir=tfds_dir, tfds_dir=tfds_dir, download=True)
 
 
 # --- tokenization ---------------------------------------------------------------------------

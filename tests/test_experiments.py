@@ -1,21 +1,37 @@
 """Each experiment script runs at its smoke size and writes its results."""
 
-import importlib.util
+import importlib
+import pkgutil
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+import experiments
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = sorted(m.name for m in pkgutil.iter_modules(experiments.__path__))
 
 
 def load(name: str):
-    sys.path.insert(0, str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXPERIMENTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses (Flax modules) look their module up
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"experiments.{name}")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_experiment_is_a_module_of_the_package(name):
+    source = (ROOT / "experiments" / f"{name}.py").read_text()
+    assert "sys.path" not in source
+    assert load(name).__name__ == f"experiments.{name}"
+
+
+def test_experiments_run_as_modules_from_the_repository_root():
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.quickstart", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--smoke" in done.stdout
 
 
 def test_quickstart_smoke(tmp_path):
@@ -115,9 +131,12 @@ def test_quickstart_notebook_runs(monkeypatch):
     import nbformat
 
     monkeypatch.setenv("QUICKSTART_STEPS", "3")
-    path = EXPERIMENTS.parent / "notebooks" / "quickstart.ipynb"
+    path = ROOT / "notebooks" / "quickstart.ipynb"
     notebook = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3").execute()
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    )
+    client.execute()  # from the repository root, where the notebook imports experiments.assets
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
     assert "trainable: 74,498" in text

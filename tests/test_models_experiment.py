@@ -1,26 +1,12 @@
-"""experiments/embeddings.py runs and ranks paraphrases above unrelated pairs."""
+"""experiments.embeddings runs and ranks paraphrases above unrelated pairs."""
 
-import importlib.util
-from pathlib import Path
-
-import pytest
-
-import lora_jax.models as models
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "embeddings.py"
+from experiments import embeddings
 
 
-def test_embeddings_experiment_ranks_paraphrases_first(tmp_path, capsys):
-    try:
-        models.minilm_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-    spec = importlib.util.spec_from_file_location("embeddings_experiment", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_embeddings_experiment_ranks_paraphrases_first(minilm_dir, tmp_path, capsys):
     out = tmp_path / "embeddings.md"
-    scores = module.main(out)
-    kinds = [kind for kind, _, _ in module.PAIRS]
+    scores = embeddings.main(out)
+    kinds = [kind for kind, _, _ in embeddings.PAIRS]
     paraphrase = [s for k, s in zip(kinds, scores) if k == "paraphrase"]
     unrelated = [s for k, s in zip(kinds, scores) if k == "unrelated"]
     assert min(paraphrase) > max(unrelated) + 0.3

@@ -29,11 +29,8 @@ def apply(model, params, *args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    try:
-        return models.from_pretrained(models.minilm_path())
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+def minilm(minilm_dir):
+    return models.from_pretrained(minilm_dir)
 
 
 @pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", "tiny_bert_cls"])

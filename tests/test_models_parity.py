@@ -23,14 +23,6 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def minilm_dir() -> Path:
-    try:
-        return models.minilm_path()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
-
-
-@pytest.fixture(scope="module")
 def reference() -> dict:
     return dict(np.load(FIXTURES / "minilm.npz"))
 

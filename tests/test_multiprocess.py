@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import socket
@@ -13,8 +12,10 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import multiprocess_train
+
 ROOT = pathlib.Path(__file__).parent.parent
-SCRIPT = ROOT / "experiments" / "multiprocess_train.py"
+MODULE = "experiments.multiprocess_train"
 TIMEOUT_S = 150
 STEPS = 3
 
@@ -32,7 +33,7 @@ def _launch(tmp_path: pathlib.Path, out: pathlib.Path) -> tuple[list[int], list[
     procs, logs = [], []
     for rank in range(2):
         log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
-        cmd = [sys.executable, str(SCRIPT), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+        cmd = [sys.executable, "-m", MODULE, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
         cmd += ["--process-id", str(rank), "--steps", str(STEPS), "--out", str(out)]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log))
     codes = []
@@ -53,11 +54,7 @@ def _launch(tmp_path: pathlib.Path, out: pathlib.Path) -> tuple[list[int], list[
 
 
 def _reference() -> dict:
-    spec = importlib.util.spec_from_file_location("multiprocess_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["multiprocess_train"] = module  # flax modules are dataclasses, which need this
-    spec.loader.exec_module(module)
-    return module.run(STEPS, devices=jax.devices()[:1])
+    return multiprocess_train.run(STEPS, devices=jax.devices()[:1])
 
 
 def test_two_processes_match_one(tmp_path):

@@ -7,14 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import _train_job as job  # tests/ is on sys.path: pytest puts a test file's folder there
 import numpy as np
 import pytest
 
 import lora_jax as lj
 from lora_jax import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-import _train_job as job  # noqa: E402
 
 JOB = Path(__file__).parent / "_train_job.py"
 

@@ -1,9 +1,14 @@
 """GLUE-style classification data: TFDS ArrayRecord builders (no TensorFlow), tokenization, batching, metrics."""
 
+from lora_jax._extras import require
+
+for _module in ("tensorflow_datasets", "array_record", "tokenizers"):
+    require(_module, "data")  # before the modules below import them, so that a missing one names its extra
+
 from lora_jax.data.batching import DEFAULT_BUCKETS, Batch, batches, bucket_length, num_batches, order
 from lora_jax.data.builder import TsvClassification, TsvConfig, prepare
 from lora_jax.data.encoding import Encoded, tokenize
-from lora_jax.data.loading import Examples, default_glue_dir, load_split, resolve_task
+from lora_jax.data.loading import Examples, load_split, resolve_task
 from lora_jax.data.metrics import METRICS, accuracy, compute_metrics, confusion_matrix, f1, matthews_corrcoef
 from lora_jax.data.tasks import TASKS, TaskSpec, custom_task, get_task
 from lora_jax.data.tsv import DataFileError, parse_tsv, read_tsv
@@ -25,7 +30,6 @@ __all__ = [
     "compute_metrics",
     "confusion_matrix",
     "custom_task",
-    "default_glue_dir",
     "f1",
     "get_task",
     "load_split",

