@@ -12,7 +12,7 @@ extra is named when it is needed.
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lora_jax.adapters import adapter_count
 from lora_jax.combine import combine
@@ -24,6 +24,10 @@ from lora_jax.merge import merge, unmerge
 from lora_jax.optim import adapter_only, trainable_labels
 from lora_jax.plan import KernelLayout, Target, plan
 from lora_jax.spec import LoraSpec, Rule, freeze, trainable
+
+if TYPE_CHECKING:  # what __getattr__ below imports on first use
+    from lora_jax import data, io, models, parallel, sharding, train
+    from lora_jax.io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 
@@ -55,7 +59,14 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    *_LAZY,
+    "data",
+    "io",
+    "load_adapter",
+    "models",
+    "parallel",
+    "save_adapter",
+    "sharding",
+    "train",
     "AdapterMismatchError",
     "CheckpointCorruptError",
     "Description",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from lora_jax.errors import NonFiniteError
 from lora_jax.paths import flatten, path_str
@@ -24,7 +25,7 @@ def _floating(leaf: jax.Array) -> bool:
 
 def is_traced(tree: PyTree) -> bool:
     """Return whether any leaf of ``tree`` is a tracer (the caller runs under ``jax.jit`` or a transform)."""
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(tree))
+    return any(isinstance(leaf, Tracer) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def nonfinite_paths(tree: PyTree) -> list[str]:

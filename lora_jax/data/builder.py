@@ -8,6 +8,7 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -54,17 +55,24 @@ class TsvClassification(tfds.core.GeneratorBasedBuilder):
         "Put train.tsv and dev.tsv (tab-separated, header row, the task's text and label columns) in the manual dir."
     )
 
-    @tfds.core.utils.classproperty
+    @tfds.core.utils.classproperty  # pyright: ignore[reportAttributeAccessIssue]  (TFDS's own decorator)
     @classmethod
-    def code_path(cls) -> None:
+    def code_path(cls) -> None:  # pyright: ignore[reportIncompatibleMethodOverride, reportIncompatibleVariableOverride]
         """No source folder: TFDS would look for a checksums file next to the code, which needs
         the optional ``importlib_resources`` package, and this builder records no checksums."""
         return None
 
     @property
+    def tsv_config(self) -> TsvConfig:
+        """The builder's config, which names the task."""
+        config = self.builder_config
+        assert isinstance(config, TsvConfig), "the builder needs a TsvConfig"
+        return config
+
+    @property
     def task(self) -> TaskSpec:
         """The task this builder reads."""
-        task = self.builder_config.task
+        task = self.tsv_config.task
         assert task is not None, "TsvConfig needs a task"
         return task
 
@@ -75,7 +83,9 @@ class TsvClassification(tfds.core.GeneratorBasedBuilder):
             if task.label_names is not None
             else tfds.features.ClassLabel(num_classes=task.num_classes)
         )
-        features = {f"text_{k}": tfds.features.Text() for k in range(len(task.text_columns))}
+        features: dict[str, tfds.features.FeatureConnector] = {
+            f"text_{k}": tfds.features.Text() for k in range(len(task.text_columns))
+        }
         features.update(label=labels, idx=tfds.features.Scalar(dtype=np.int32))
         return tfds.core.DatasetInfo(
             builder=self,
@@ -86,7 +96,7 @@ class TsvClassification(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         task = self.task
         header = None
-        if self.builder_config.name in TASKS:
+        if self.tsv_config.name in TASKS:
             # Registered configs always download, even if TFDS's default manual dir holds other files.
             source = Path(os.fspath(dl_manager.download_and_extract(task.url))) / task.subdir
             header = task.remote_header
@@ -100,7 +110,7 @@ class TsvClassification(tfds.core.GeneratorBasedBuilder):
         task = self.task
         rows = read_tsv(path, task.text_columns, task.label_column, task.num_classes, task.label_names, header)
         for i, label in enumerate(rows.labels):
-            example = {f"text_{k}": column[i] for k, column in enumerate(rows.texts)}
+            example: dict[str, Any] = {f"text_{k}": column[i] for k, column in enumerate(rows.texts)}
             example.update(label=label, idx=i)
             yield i, example
 

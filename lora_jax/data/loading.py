@@ -87,7 +87,7 @@ def load_split(
     elif not Path(data_dir).expanduser().is_dir():
         raise FileNotFoundError(f"{data_dir}: no such data directory for task {spec.name!r}")
     builder = prepare(spec, data_dir, tfds_dir)
-    source = builder.as_data_source(split=SPLIT_ALIASES[split])
+    source = builder.as_data_source(split=SPLIT_ALIASES[split])  # pyright: ignore[reportCallIssue]  (TFDS's stubs lack split)
     records = source.__getitems__(list(range(len(source))))
     # ArrayRecord files are shuffled at preparation; the stored row index restores file order.
     records = sorted(records, key=lambda r: int(r["idx"]))

@@ -55,6 +55,7 @@ def dot_general(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> 
         return None
     w_side = 0 if isinstance(lhs, LowRankKernel) else 1
     w, x = (lhs, rhs) if w_side == 0 else (rhs, lhs)
+    assert isinstance(w, LowRankKernel) and not isinstance(x, LowRankKernel)
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     w_contract, x_contract = (lc, rc) if w_side == 0 else (rc, lc)
     w_batch, x_batch = (lb, rb) if w_side == 0 else (rb, lb)

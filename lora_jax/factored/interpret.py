@@ -102,7 +102,7 @@ class Interpreter:
         info = self.debug_info
         if info is not None:
             info = info._replace(arg_names=None, result_paths=None)
-        jaxpr = jcore.Jaxpr([], invars, eqn.outvars, [eqn], effects=eqn.effects, debug_info=info)
+        jaxpr = jcore.Jaxpr([], invars, eqn.outvars, [eqn], effects=eqn.effects, debug_info=info)  # pyright: ignore[reportArgumentType]  (None is accepted)
         return list(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, []))(*inputs))
 
 

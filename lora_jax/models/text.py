@@ -60,7 +60,8 @@ def sentence_embeddings(
     Returns:
       ``[B, D]`` float32 unit vectors.
     """
-    hidden = model.apply({"params": params}, input_ids, attention_mask, token_type_ids).hidden_states
+    out = model.apply({"params": params}, input_ids, attention_mask, token_type_ids)
+    hidden = out.hidden_states  # pyright: ignore[reportAttributeAccessIssue]  (apply returns the module's output)
     return l2_normalize(mean_pool(hidden, attention_mask))
 
 

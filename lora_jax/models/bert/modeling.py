@@ -200,7 +200,7 @@ def classifier_apply_fn(model: BertForSequenceClassification) -> Any:
     """
 
     def apply_fn(params: Any, batch: dict, rng: jax.Array | None) -> jax.Array:
-        return model.apply(
+        return model.apply(  # pyright: ignore[reportReturnType]  (apply returns the module's output)
             {"params": params},
             batch["input_ids"],
             batch["attention_mask"],

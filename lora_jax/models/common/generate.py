@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from lora_jax.models.bundled import ARCHITECTURES
 from lora_jax.models.common.config import ConfigError
+from lora_jax.models.common.decoder import DecoderOutput
 from lora_jax.models.common.layers import Cache, init_cache
 from lora_jax.models.registry import Registry
 from lora_jax.typing import PyTree
@@ -39,6 +40,7 @@ def choose(logits: jax.Array, key: jax.Array | None, temperature: float, top_k: 
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
+    assert key is not None, "sampling needs a key"
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
@@ -65,7 +67,7 @@ def _generate(
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
     prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
     lengths = jnp.sum(prompt_mask, axis=1)
-    out = model.apply(
+    out: DecoderOutput = model.apply(  # pyright: ignore[reportAssignmentType]  (apply returns the module's output)
         variables,
         input_ids,
         slot_mask,
@@ -88,7 +90,7 @@ def _generate(
         tokens, cache, logits, done = state
         tokens, done = emit(step, logits, tokens, done)
         nxt = jax.lax.dynamic_slice(tokens, (0, prompt + step), (batch, 1))
-        out = model.apply(
+        out: DecoderOutput = model.apply(  # pyright: ignore[reportAssignmentType]
             variables, nxt, slot_mask, cache=cache, cache_index=prompt + step, position_ids=(lengths + step)[:, None]
         )
         return tokens, out.cache, out.logits[:, -1], done

@@ -148,6 +148,7 @@ class Attention(nn.Module):
         k = proj(self.num_kv_heads, "key")(x)
         v = proj(self.num_kv_heads, "value")(x)
         if self.rope_theta is not None:
+            assert positions is not None, "rotary embeddings need positions"
             q = rotary(q, positions, self.rope_theta)
             k = rotary(k, positions, self.rope_theta)
         if cache is not None:

@@ -48,7 +48,7 @@ class BlockStack(nn.Module):
                 self.block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # pyright: ignore[reportArgumentType]  (flax annotates one int)
                 length=self.num_layers,
             )
             return scanned(self.config, **kwargs, name=STACKED)(hidden, cache, mask, positions, cache_index)
