@@ -2,10 +2,10 @@
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from lora_jax import _extras
 
