@@ -6,7 +6,7 @@ p = lora_jax.combine(params, lora, spec)         # W0 + s A@B, inside jit
 serving = lora_jax.merge(params, lora, spec)     # plain tree, base dtypes
 """
 
-from lora_jax import checkpoint, parallel, peft, sharding, train
+from lora_jax import checkpoint, distributed, peft, train, training
 from lora_jax.adapters import adapter_count
 from lora_jax.checkpoint import CheckpointCorruptError, load_adapter, save_adapter
 from lora_jax.combine import combine
@@ -23,10 +23,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "checkpoint",
-    "parallel",
+    "distributed",
     "peft",
-    "sharding",
     "train",
+    "training",
     "AdapterMismatchError",
     "CheckpointCorruptError",
     "Description",
