@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 import lora_jax as lj
-from lora_jax import data, models, train
+from lora_jax import data, models, training
 
 METHODS = ("full", "lora", "bitfit", "head")
 # Steps of the --full experiments: what two CPU cores allow for a 36-run grid.
@@ -118,7 +118,7 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
             dev_enc, config.batch_size, seed=None, buckets=buckets, drop_remainder=False, limit=config.eval_limit
         )
 
-    train_config = train.TrainConfig(
+    train_config = training.TrainConfig(
         steps=config.steps,
         learning_rate=config.resolved().learning_rate,
         seed=config.seed,
@@ -126,16 +126,17 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
         log_every=20,
     )
     apply_fn = models.classifier_apply_fn(model)
+    classify = training.classification(apply_fn, task.metrics)
     start = time.perf_counter()
-    state, records = train.fit(
-        apply_fn,
+    state, records = training.fit(
+        classify.loss,
         params,
         spec,
         train_config,
         train_batches,
         steps_per_epoch,
-        eval_batches,
-        task.metrics,
+        evaluate=classify.evaluate,
+        eval_batches=eval_batches,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
     )
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.method == "lora":
         lj.save_adapter(
             args.out / "adapter.safetensors",
-            result["state"]["trainable"],
+            result["state"]["lora"],
             result["spec"],
             result["params"],
             overwrite=True,

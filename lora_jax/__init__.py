@@ -6,7 +6,7 @@ p = lora_jax.combine(params, lora, spec)         # W0 + s A@B, inside jit
 serving = lora_jax.merge(params, lora, spec)     # plain tree, base dtypes
 """
 
-from lora_jax import checkpoint, distributed, peft, train, training
+from lora_jax import checkpoint, distributed, peft, training
 from lora_jax.adapters import adapter_count
 from lora_jax.checkpoint import CheckpointCorruptError, load_adapter, save_adapter
 from lora_jax.combine import combine
@@ -25,7 +25,6 @@ __all__ = [
     "checkpoint",
     "distributed",
     "peft",
-    "train",
     "training",
     "AdapterMismatchError",
     "CheckpointCorruptError",

@@ -4,9 +4,9 @@ from lora_jax.data.batching import DEFAULT_BUCKETS, Batch, batches, bucket_lengt
 from lora_jax.data.builder import TsvClassification, TsvConfig, prepare
 from lora_jax.data.encoding import Encoded, tokenize
 from lora_jax.data.loading import Examples, default_glue_dir, load_split, resolve_task
-from lora_jax.data.metrics import METRICS, accuracy, compute_metrics, confusion_matrix, f1, matthews_corrcoef
 from lora_jax.data.tasks import TASKS, TaskSpec, custom_task, get_task
 from lora_jax.data.tsv import DataFileError, parse_tsv, read_tsv
+from lora_jax.training.metrics import METRICS, accuracy, compute_metrics, confusion_matrix, f1, matthews_corrcoef
 
 __all__ = [
     "DEFAULT_BUCKETS",
