@@ -6,7 +6,7 @@ shapes, ranks and alphas it was made with in the file's metadata;
 anything. Writes go to a temporary file that replaces the target in one
 ``os.replace``, so a failed save leaves the previous checkpoint intact, and an
 existing file is only replaced when asked. (Full training state, with
-optimizer moments, is checkpointed with orbax by :mod:`lora_jax.train`.)
+optimizer moments, is checkpointed with orbax by :mod:`lora_jax.training.checkpoints`.)
 """
 
 from __future__ import annotations
