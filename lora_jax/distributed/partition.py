@@ -37,7 +37,7 @@ class ShardingError(LoraError):
     """A partition rule does not fit a param: unknown mesh axis, indivisible dimension, too many entries."""
 
 
-def make_mesh(shape: Sequence[int], names: Sequence[str], devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(shape: Sequence[int], names: Sequence[str], devices: Sequence[Any] | None = None) -> Mesh:
     """Build a mesh like ``jax.make_mesh``, with ``Auto`` axes.
 
     Recent JAX makes ``Explicit`` axes by default, which puts shardings in the
@@ -98,7 +98,7 @@ def check_partition(
     return PartitionSpec(*entries, *([None] * (len(shape) - len(entries))))
 
 
-def evaluate_value(value: RuleValue, name: str, shape: tuple[int, ...], sizes: AxisSizes | None) -> PartitionSpec:
+def _partition_of(value: RuleValue, name: str, shape: tuple[int, ...], sizes: AxisSizes | None) -> PartitionSpec:
     """Return the partition a rule value gives the leaf at ``name`` (``None`` means replicated)."""
     if value is None:
         return PartitionSpec()
@@ -106,9 +106,6 @@ def evaluate_value(value: RuleValue, name: str, shape: tuple[int, ...], sizes: A
         return value
     out = value(name, shape, sizes)
     return PartitionSpec() if out is None else out
-
-
-_NO_MATCH = object()
 
 
 def partitions(
@@ -149,12 +146,11 @@ def partitions(
         name = path_str(path)
         abstract = abstract_leaf(leaf)
         shape = tuple(abstract.shape)
-        value = next((v for pattern, v in rules if matches(pattern, name, abstract)), _NO_MATCH)
-        if value is _NO_MATCH:
-            if strict:
-                raise ShardingError(f"{name}: no partition rule matches this path (strict=True)")
-            value = default
-        out.append(check_partition(name, shape, evaluate_value(value, name, shape, sizes), sizes))
+        found = [v for pattern, v in rules if matches(pattern, name, abstract)][:1]
+        if not found and strict:
+            raise ShardingError(f"{name}: no partition rule matches this path (strict=True)")
+        value = found[0] if found else default
+        out.append(check_partition(name, shape, _partition_of(value, name, shape, sizes), sizes))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -237,7 +233,7 @@ def fsdp(
     def rule(name: str, shape: tuple[int, ...], sizes: AxisSizes | None) -> PartitionSpec:
         if sizes is None:
             raise ShardingError(f"{name}: an fsdp rule needs the mesh; pass mesh= to partitions")
-        entries = list(evaluate_value(base, name, shape, sizes))
+        entries = list(_partition_of(base, name, shape, sizes))
         entries += [None] * (len(shape) - len(entries))
         missing = [a for a in axes if a not in sizes]
         if missing:

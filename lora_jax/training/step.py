@@ -41,7 +41,8 @@ def _to_varying(tree: PyTree, axis: AxisName) -> PyTree:
     # gradient local, so pmean below gives the mean as in pmap.
     if hasattr(jax.lax, "pcast"):
         return jax.tree_util.tree_map(lambda x: jax.lax.pcast(x, axis, to="varying"), tree)
-    return jax.tree_util.tree_map(lambda x: jax.lax.pvary(x, axis), tree)
+    pvary = getattr(jax.lax, "pvary")  # noqa: B009 - the name before pcast, in older JAX
+    return jax.tree_util.tree_map(lambda x: pvary(x, axis), tree)
 
 
 @dataclasses.dataclass(frozen=True)

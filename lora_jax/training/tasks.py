@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from lora_jax.errors import LoraError
 from lora_jax.training.metrics import METRICS, compute_metrics
@@ -49,7 +50,7 @@ class Task(NamedTuple):
 # Classification ----------------------------------------------------------------
 
 
-def classification_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
+def classification_loss(logits: jax.Array, labels: ArrayLike, weights: ArrayLike) -> jax.Array:
     """Return the weighted mean cross-entropy of ``logits [B, C]`` for ``labels [B]`` with ``weights [B]``."""
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -98,7 +99,7 @@ def classification(apply_fn: ApplyFn, metrics: Sequence[str] = ("accuracy",)) ->
 # Causal language modelling -------------------------------------------------------
 
 
-def next_token_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def next_token_nll(logits: jax.Array, input_ids: ArrayLike, loss_mask: ArrayLike) -> tuple[jax.Array, jax.Array]:
     """Return the summed negative log-likelihood of the marked tokens and how many there are.
 
     Position ``t`` of ``logits [B, T, V]`` predicts token ``t + 1`` of
@@ -106,12 +107,13 @@ def next_token_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
     marks token ``t + 1``. The first token of a row is never predicted, so its
     mask entry is ignored.
     """
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), input_ids[:, 1:])
+    targets = jnp.asarray(input_ids)[:, 1:]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
     mask = jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32)
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def causal_lm_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+def causal_lm_loss(logits: jax.Array, input_ids: ArrayLike, loss_mask: ArrayLike) -> jax.Array:
     """Return the mean next-token cross-entropy over the tokens ``loss_mask`` marks (see :func:`next_token_nll`)."""
     total, count = next_token_nll(logits, input_ids, loss_mask)
     return total / jnp.maximum(count, 1.0)
