@@ -20,25 +20,25 @@ import jax
 import lora_jax as lj
 from experiments import report
 from experiments.bench_train import tree_bytes, workload
-from lora_jax import train
+from lora_jax import training
 
 MIB = 2**20
 
 
 def compiled_memory(method: str, smoke: bool) -> dict:
-    apply_fn, params, batch, spec, loss = workload("minilm", 16 if smoke else 64, smoke)
+    _, params, batch, spec, loss = workload("minilm", 16 if smoke else 64, smoke)
     values = params
     if method == "full":
         spec = lj.LoraSpec([lj.trainable(".*")])
         params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    tx = train.make_optimizer(train.TrainConfig(steps=100))
-    state = jax.eval_shape(lambda v: train.init_state(jax.random.key(0), v, spec, tx), values)
-    step = train.make_train_step(apply_fn, spec, tx, use_factored=method != "full", loss=loss)
+    tx = training.make_optimizer(training.TrainConfig(steps=100))
+    state = jax.eval_shape(lambda v: training.init_state(jax.random.key(0), v, spec, tx), values)
+    step = training.state_step(training.train_step(loss, spec, tx, factored=method != "full"))
     memory = step.lower(state, params, batch).compile().memory_analysis()
     return {
         "spec": spec,
         "base_bytes": tree_bytes(values),
-        "trainable_bytes": tree_bytes(state["trainable"]),
+        "trainable_bytes": tree_bytes(state["lora"]),
         "optimizer_bytes": tree_bytes(state["opt_state"]),
         "argument_bytes": memory.argument_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes,

@@ -44,11 +44,10 @@ def tree_bytes(tree) -> int:
 
 
 def workload(name: str, length: int, smoke: bool):
-    """(apply_fn, params, batch, lora spec, loss) for a named workload."""
+    """(apply_fn, params, batch, lora spec, loss_fn) for a named workload; ``loss_fn(params, batch, rng)``."""
     import jax
-    import optax
 
-    from lora_jax import models
+    from lora_jax import models, training
 
     rng = np.random.default_rng(0)
     if name == "minilm":
@@ -75,22 +74,23 @@ def workload(name: str, length: int, smoke: bool):
         apply_fn = models.classifier_apply_fn(model)
 
         spec = models.lora_spec(model, "qv", rank=8, alpha=16, head=True)
-        from lora_jax.train import batch_classification_loss as loss
+        loss = training.classification(apply_fn).loss
     else:
         config = models.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512) if smoke else models.GPT2Config()
         model = models.GPT2LMHeadModel(config)
         params = model.init(jax.random.key(0), np.ones((1, 8), np.int32))["params"]
         batch_size = 8
-        batch = {"input_ids": rng.integers(0, config.vocab_size, (batch_size, length)).astype(np.int32)}
+        batch = {
+            "input_ids": rng.integers(0, config.vocab_size, (batch_size, length)).astype(np.int32),
+            "loss_mask": np.ones((batch_size, length), np.float32),  # every next token counts
+        }
 
         def apply_fn(p, b, r):
             return model.apply(
                 {"params": p}, b["input_ids"], deterministic=r is None, rngs=None if r is None else {"dropout": r}
             ).logits
 
-        def loss(logits, b):
-            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], b["input_ids"][:, 1:]).mean()
-
+        loss = training.causal_lm(apply_fn).loss
         spec = models.lora_spec(model, "all-linear", rank=8, alpha=16)
     return apply_fn, params, batch, spec, loss
 
@@ -100,42 +100,42 @@ def worker(job: dict) -> dict:
     import jax
 
     import lora_jax as lj
-    from lora_jax import train
+    from lora_jax import training
 
-    apply_fn, params, batch, spec, loss = workload(job["workload"], job["length"], job["smoke"])
+    _, params, batch, spec, loss = workload(job["workload"], job["length"], job["smoke"])
     method = job["method"]
     values = params  # what the trainable state starts from
     if method == "full":
         spec = lj.LoraSpec([lj.trainable(".*")])
         # The trainable copy is the only copy: the frozen tree holds shapes, not arrays.
         params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    tx = train.make_optimizer(train.TrainConfig(steps=1000))
-    state = train.init_state(jax.random.key(0), values, spec, tx)
+    tx = training.make_optimizer(training.TrainConfig(steps=1000))
+    state = training.init_state(jax.random.key(0), values, spec, tx)
     del values
-    step = train.make_train_step(apply_fn, spec, tx, use_factored=method == "lora-factored", loss=loss)
+    step = training.state_step(training.train_step(loss, spec, tx, factored=method == "lora-factored"))
     start = time.perf_counter()
     step = step.lower(state, params, batch).compile()  # tracing (and the factored rewrite) + XLA
     compile_s = time.perf_counter() - start
     memory = step.memory_analysis()
     temp_bytes = getattr(memory, "temp_size_in_bytes", float("nan")) if memory is not None else float("nan")
-    state, out = step(state, params, batch)  # warm-up
-    jax.block_until_ready(out)
+    state, loss_value = step(state, params, batch)  # warm-up
+    jax.block_until_ready(loss_value)
     times = []
     for _ in range(job["repeats"]):
         start = time.perf_counter()
-        state, out = step(state, params, batch)
-        jax.block_until_ready(out)
+        state, loss_value = step(state, params, batch)
+        jax.block_until_ready(loss_value)
         times.append(time.perf_counter() - start)
     return {
         **job,
         "compile_s": compile_s,
         "step_ms": 1000 * float(np.median(times)),
         "step_ms_all": [1000 * t for t in times],
-        "trainable_bytes": tree_bytes(state["trainable"]),
+        "trainable_bytes": tree_bytes(state["lora"]),
         "optimizer_bytes": tree_bytes(state["opt_state"]),
         "xla_temp_bytes": temp_bytes,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "loss": float(out["loss"]),
+        "loss": float(loss_value),
     }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 import lora_jax as lj
 from experiments import assets
-from lora_jax import data, models, train
+from lora_jax import data, models, training
 from lora_jax.io.atomic import write_text
 
 METHODS = ("full", "lora", "bitfit", "head")
@@ -120,7 +120,7 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
             dev_enc, config.batch_size, seed=None, buckets=buckets, drop_remainder=False, limit=config.eval_limit
         )
 
-    train_config = train.TrainConfig(
+    train_config = training.TrainConfig(
         steps=config.steps,
         learning_rate=config.resolved().learning_rate,
         seed=config.seed,
@@ -128,16 +128,17 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
         log_every=20,
     )
     apply_fn = models.classifier_apply_fn(model)
+    classify = training.classification(apply_fn, task.metrics)
     start = time.perf_counter()
-    state, records = train.fit(
-        apply_fn,
+    state, records = training.fit(
+        classify.loss,
         params,
         spec,
         train_config,
         train_batches,
         steps_per_epoch,
-        eval_batches,
-        task.metrics,
+        evaluate=classify.evaluate,
+        eval_batches=eval_batches,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
     )
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         lj.save_adapter(
             args.out / "adapter.safetensors",
             result["params"],
-            result["state"]["trainable"],
+            result["state"]["lora"],
             result["spec"],
             overwrite=True,
         )

@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = finetune.run(config, checkpoint_dir=out / "checkpoints")
     params, spec, state, apply_fn = result["params"], result["spec"], result["state"], result["apply_fn"]
-    trainable = state["trainable"]
+    lora = state["lora"]
     print(lj.describe(params, spec))
     print(f"dev {result['metric']}: {result['score']:.4f} after {steps} steps ({result['seconds']:.0f} s)")
 
-    adapter_path = lj.save_adapter(out / "adapter.safetensors", params, trainable, spec)
+    adapter_path = lj.save_adapter(out / "adapter.safetensors", params, lora, spec)
     model_bytes = (assets.minilm_path() / "model.safetensors").stat().st_size
     adapter_size = adapter_path.stat().st_size
     print(

@@ -3,8 +3,8 @@
 Each process runs this same script. JAX joins them into one runtime
 (``jax.distributed.initialize``), the mesh spans every process's devices, the
 base is FSDP-sharded over all of them, and each process feeds only its own
-slice of the global batch. The jitted step is the single-device step; the
-shardings make it data parallel.
+slice of the global batch. The jitted step is the single-device step
+(:func:`lora_jax.training.train_step`); the shardings make it data parallel.
 
 Two processes on one machine (CPU, gloo collectives):
 
@@ -30,8 +30,8 @@ import numpy as np
 import optax
 
 import lora_jax
-from lora_jax import parallel
-from lora_jax import sharding as shd
+from lora_jax import distributed as dist
+from lora_jax.training import train_step
 
 WIDTH, HIDDEN, CLASSES, GLOBAL_BATCH = 16, 32, 4, 8
 SPEC = lora_jax.LoraSpec([lora_jax.Rule(r"(fc1|fc2)/kernel", rank=4), lora_jax.trainable(r"head/.*")])
@@ -46,7 +46,7 @@ class Classifier(nn.Module):
         return nn.Dense(CLASSES, name="head")(h)
 
 
-def loss_fn(params: Any, batch: dict) -> jax.Array:
+def loss_fn(params: Any, batch: dict, rng: jax.Array | None) -> jax.Array:
     logits = Classifier().apply({"params": params}, batch["x"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
@@ -67,7 +67,7 @@ def run(steps: int = 3, devices: list[jax.Device] | None = None) -> dict[str, An
       ``{"lora": {path: array}, "losses": [...]}`` with full values on every process.
     """
     devices = jax.devices() if devices is None else devices
-    mesh = shd.make_mesh((len(devices),), ("data",), devices=devices)
+    mesh = dist.make_mesh((len(devices),), ("data",), devices=devices)
     # Every process computes the same initial values on its own CPU, then keeps its slices.
     cpu = jax.local_devices(backend="cpu")[0]
     with jax.default_device(cpu):
@@ -75,17 +75,12 @@ def run(steps: int = 3, devices: list[jax.Device] | None = None) -> dict[str, An
         host_lora = jax.device_get(jax.jit(lora_jax.init, static_argnums=2)(jax.random.key(1), host_params, SPEC))
     tx = optax.adamw(1e-2)
 
-    base_specs = shd.partition_specs(host_params, shd.fsdp_rules("data"), mesh)
-    sh = shd.train_shardings(mesh, host_params, base_specs, SPEC, tx)
-    params = parallel.global_put(host_params, sh.params)
-    lora = parallel.global_put(host_lora, sh.lora)
+    base_partitions = dist.partitions(host_params, dist.fsdp_rules("data"), mesh)
+    sh = dist.train_shardings(host_params, SPEC, base_partitions, mesh, tx)
+    params = dist.global_put(host_params, sh.params)
+    lora = dist.global_put(host_lora, sh.lora)
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(lora)
-    step = jax.jit(
-        parallel.train_step(loss_fn, tx, SPEC),
-        in_shardings=(sh.params, sh.lora, sh.opt_state, sh.batch),
-        out_shardings=(sh.lora, sh.opt_state, sh.replicated),
-        donate_argnums=(1, 2),
-    )
+    step = dist.jit_step(train_step(loss_fn, SPEC, tx), sh)
 
     # With one device per process, process i's devices hold rows i*B/n onwards of the global batch.
     rows = GLOBAL_BATCH // jax.process_count()
@@ -93,10 +88,10 @@ def run(steps: int = 3, devices: list[jax.Device] | None = None) -> dict[str, An
     losses = []
     for i in range(steps):
         local = {k: v[mine] for k, v in global_batch(i).items()}
-        batch = parallel.process_batch(local, sh.batch)
-        lora, opt_state, loss = step(params, lora, opt_state, batch)
-        losses.append(float(parallel.to_host(loss)))
-    flat = lora_jax.paths.flatten(parallel.to_host(lora))[0]
+        batch = dist.process_batch(local, sh.batch)
+        lora, opt_state, loss = step(params, lora, opt_state, batch, None)
+        losses.append(float(dist.to_host(loss)))
+    flat = lora_jax.paths.flatten(dist.to_host(lora))[0]
     return {"lora": {lora_jax.paths.path_str(p): np.asarray(v) for p, v in flat}, "losses": losses}
 
 

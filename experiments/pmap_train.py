@@ -1,10 +1,11 @@
 """LoRA in a ``jax.pmap`` training loop, for code bases built on ``pmap``.
 
 Everything carries a leading device axis: params, adapters and optimizer state
-are replicated with :func:`lora_jax.parallel.replicate`, the batch split with
-:func:`lora_jax.parallel.split_batch`, and adapter gradients averaged with
-``jax.lax.pmean`` inside the step. New code should prefer ``shard_map`` or
-``jit`` with shardings (see ``shard_map_train.py``).
+are replicated with :func:`lora_jax.distributed.replicate`, the batch split with
+:func:`lora_jax.distributed.split_batch`, and adapter gradients averaged with
+``jax.lax.pmean`` inside the step (:func:`lora_jax.training.train_step` with
+``axis_name``). New code should prefer ``shard_map`` or ``jit`` with shardings
+(see ``shard_map_train.py``).
 
     python -m experiments.pmap_train --steps 5
 """
@@ -27,7 +28,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import lora_jax  # noqa: E402
-from lora_jax import parallel  # noqa: E402
+from lora_jax import distributed as dist  # noqa: E402
+from lora_jax.training import train_step  # noqa: E402
 
 WIDTH, CLASSES = 16, 4
 SPEC = lora_jax.LoraSpec([lora_jax.Rule(r"hidden/kernel", rank=4), lora_jax.trainable(r"head/.*")])
@@ -40,7 +42,7 @@ class Model(nn.Module):
         return nn.Dense(CLASSES, name="head")(nn.tanh(nn.Dense(WIDTH, name="hidden")(x)))
 
 
-def loss_fn(params: Any, batch: dict) -> jax.Array:
+def loss_fn(params: Any, batch: dict, rng: jax.Array | None) -> jax.Array:
     logits = Model().apply({"params": params}, batch["x"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
@@ -54,17 +56,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = Model().init(jax.random.key(0), jnp.zeros((1, WIDTH)))["params"]
     lora = lora_jax.init(jax.random.key(1), params, SPEC)
     tx = optax.sgd(0.1, momentum=0.9)
-    one = jax.jit(parallel.train_step(loss_fn, tx, SPEC))
+    one = jax.jit(train_step(loss_fn, SPEC, tx))
     ref, ref_state = lora, tx.init(lora)
 
-    step = parallel.pmap_step(loss_fn, tx, SPEC, "data")
-    p_params, p_lora, p_state = parallel.replicate((params, lora, tx.init(lora)), n)
+    step = dist.pmap_step(train_step(loss_fn, SPEC, tx, axis_name="data"), "data")
+    p_params, p_lora, p_state = dist.replicate((params, lora, tx.init(lora)), n)
     losses = []
     for i in range(args.steps):
         rng = np.random.default_rng(i)
         batch = {"x": rng.normal(size=(4 * n, WIDTH)).astype(np.float32), "y": rng.integers(0, CLASSES, 4 * n)}
-        p_lora, p_state, loss = step(p_params, p_lora, p_state, parallel.split_batch(batch, n))
-        ref, ref_state, _ = one(params, ref, ref_state, batch)
+        p_lora, p_state, loss = step(p_params, p_lora, p_state, dist.split_batch(batch, n), None)
+        ref, ref_state, _ = one(params, ref, ref_state, batch, None)
         losses.append(float(loss[0]))
 
     first = jax.tree.map(lambda x: x[0], p_lora)

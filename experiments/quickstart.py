@@ -20,6 +20,7 @@ from tqdm import trange
 
 import lora_jax as lj
 from experiments import report
+from lora_jax.training import train_step
 
 
 class Classifier(nn.Module):
@@ -43,23 +44,20 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def fit(loss_fn, trainable, steps: int, lr: float, desc: str) -> tuple[object, list[float]]:
+def fit(
+    loss_fn, params, lora, spec: lj.LoraSpec, batch, steps: int, lr: float, desc: str
+) -> tuple[object, list[float]]:
+    """Train ``lora`` for ``steps`` Adam steps of ``loss_fn(params, batch, rng)`` on one batch."""
     tx = optax.adam(lr)
-    state = tx.init(trainable)
-
-    @jax.jit
-    def step(trainable, state):
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        updates, state = tx.update(grads, state, trainable)
-        return optax.apply_updates(trainable, updates), state, loss
-
+    step = jax.jit(train_step(loss_fn, spec, tx))
+    state = tx.init(lora)
     losses = []
     with trange(steps, desc=desc, leave=False, mininterval=1.0) as bar:
         for _ in bar:
-            trainable, state, loss = step(trainable, state)
+            lora, state, loss = step(params, lora, state, batch, None)
             losses.append(float(loss))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    return trainable, losses
+    return lora, losses
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,19 +73,20 @@ def main(argv: list[str] | None = None) -> dict:
     x2, y2 = make_task(keys[2], n, jax.random.normal(keys[3], (16, 4)))
     params = model.init(keys[4], x1)["params"]
 
-    def task1_loss(p):
-        return cross_entropy(model.apply({"params": p}, x1), y1)
+    def loss_fn(p, batch, rng):
+        x, y = batch
+        return cross_entropy(model.apply({"params": p}, x), y)
 
-    params, _ = fit(task1_loss, params, steps, 3e-3, "task 1, full training")
+    # Task 1 trains every weight: full training is the spec that makes every leaf trainable.
+    everything = lj.LoraSpec([lj.trainable(".*")])
+    full = lj.init(keys[4], params, everything)  # a trainable copy of every leaf
+    full, _ = fit(loss_fn, params, full, everything, (x1, y1), steps, 3e-3, "task 1, full training")
+    params = lj.merge(params, full, everything)
 
     spec = lj.LoraSpec([lj.Rule(r"dense_\d/kernel", rank=4, alpha=8), lj.trainable("head/.*")])
     print(lj.describe(params, spec))
     lora = lj.init(keys[5], params, spec)
-
-    def task2_loss(lora):
-        return cross_entropy(model.apply({"params": lj.combine(params, lora, spec)}, x2), y2)
-
-    lora, losses = fit(task2_loss, lora, steps, 3e-3, "task 2, LoRA")
+    lora, losses = fit(loss_fn, params, lora, spec, (x2, y2), steps, 3e-3, "task 2, LoRA")
     merged = lj.merge(params, lora, spec)
     combined_logits = model.apply({"params": lj.combine(params, lora, spec)}, x2)
     merged_logits = model.apply({"params": merged}, x2)

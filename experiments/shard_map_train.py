@@ -4,8 +4,10 @@
    adapter gradients averaged with ``jax.lax.pmean``.
 2. ``jax.jit`` with shardings on a ``(data, model)`` mesh: base FSDP-sharded over
    ``data`` and tensor-parallel over ``model``, adapters and optimizer state
-   sharded like their kernels (:func:`lora_jax.sharding.train_shardings`).
+   sharded like their kernels (:func:`lora_jax.distributed.train_shardings`).
 3. One device, for reference.
+
+All three run the one step of :func:`lora_jax.training.train_step`.
 
 Then the adapters are merged into the sharded base without moving a weight.
 Run on a CPU with fake devices (the script sets 8 unless ``XLA_FLAGS`` is set):
@@ -31,8 +33,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import lora_jax  # noqa: E402
-from lora_jax import parallel  # noqa: E402
-from lora_jax import sharding as shd  # noqa: E402
+from lora_jax import distributed as dist  # noqa: E402
+from lora_jax.training import train_step  # noqa: E402
 
 WIDTH, HIDDEN, CLASSES = 16, 64, 4
 SPEC = lora_jax.LoraSpec([lora_jax.Rule(r"mlp/(up_proj|down_proj)/kernel", rank=4), lora_jax.trainable(r"mlp/head/.*")])
@@ -53,7 +55,7 @@ class Wrapped(nn.Module):
         return Model(name="mlp")(x)
 
 
-def loss_fn(params: Any, batch: dict) -> jax.Array:
+def loss_fn(params: Any, batch: dict, rng: jax.Array | None) -> jax.Array:
     logits = Wrapped().apply({"params": params}, batch["x"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
 
@@ -78,39 +80,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = [make_batch(i, 2 * n) for i in range(args.steps)]
 
     # 3. one device
-    one = jax.jit(parallel.train_step(loss_fn, tx, SPEC))
+    one = jax.jit(train_step(loss_fn, SPEC, tx))
     ref, ref_state = lora0, tx.init(lora0)
     for batch in batches:
-        ref, ref_state, _ = one(params, ref, ref_state, batch)
+        ref, ref_state, _ = one(params, ref, ref_state, batch, None)
 
     # 1. shard_map data parallel over every device
-    mesh = shd.make_mesh((n,), ("data",))
-    dp = parallel.shard_map_step(loss_fn, tx, SPEC, mesh, "data")
+    mesh = dist.make_mesh((n,), ("data",))
+    dp = dist.shard_map_step(train_step(loss_fn, SPEC, tx, axis_name="data"), mesh, "data")
     # The step donates its adapter and optimizer buffers, so it gets its own copies.
     lora, state = jax.tree.map(jnp.copy, lora0), tx.init(lora0)
     for batch in batches:
-        lora, state, _ = dp(params, lora, state, batch)
+        lora, state, _ = dp(params, lora, state, batch, None)
     dp_gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(lora), jax.tree.leaves(ref)))
 
     # 2. FSDP x tensor parallel with jit and shardings
     model = 2 if n % 2 == 0 else 1
-    mesh2 = shd.make_mesh((n // model, model), ("data", "model"))
-    base_specs = shd.partition_specs(params, shd.fsdp_tp_rules("data", "model"), mesh2)
-    sh = shd.train_shardings(mesh2, params, base_specs, SPEC, tx)
-    step = jax.jit(
-        parallel.train_step(loss_fn, tx, SPEC),
-        in_shardings=(sh.params, sh.lora, sh.opt_state, sh.batch),
-        out_shardings=(sh.lora, sh.opt_state, sh.replicated),
-        donate_argnums=(1, 2),
-    )
+    mesh2 = dist.make_mesh((n // model, model), ("data", "model"))
+    base_partitions = dist.partitions(params, dist.fsdp_tp_rules("data", "model"), mesh2)
+    sh = dist.train_shardings(params, SPEC, base_partitions, mesh2, tx)
+    step = dist.jit_step(train_step(loss_fn, SPEC, tx), sh)
     sharded_params = jax.device_put(params, sh.params)
     lora2 = jax.device_put(lora0, sh.lora)
     state2 = jax.jit(tx.init, out_shardings=sh.opt_state)(lora2)
     for batch in batches:
-        lora2, state2, _ = step(sharded_params, lora2, state2, batch)
+        lora2, state2, _ = step(sharded_params, lora2, state2, batch, None)
     tp_gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(lora2), jax.tree.leaves(ref)))
 
-    merged = shd.sharded_merge(sharded_params, lora2, SPEC)
+    merged = dist.sharded_merge(sharded_params, lora2, SPEC)
     kept = all(
         m.sharding.is_equivalent_to(p.sharding, p.ndim)
         for m, p in zip(jax.tree.leaves(merged), jax.tree.leaves(sharded_params))

@@ -26,7 +26,7 @@ from lora_jax.plan import KernelLayout, Target, plan
 from lora_jax.spec import LoraSpec, Rule, freeze, trainable
 
 if TYPE_CHECKING:  # what __getattr__ below imports on first use
-    from lora_jax import data, io, models, parallel, sharding, train
+    from lora_jax import data, distributed, io, models, training
     from lora_jax.io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -36,9 +36,8 @@ _LAZY = {
     "io": ("lora_jax.io", None),
     "models": ("lora_jax.models", None),
     "data": ("lora_jax.data", None),
-    "parallel": ("lora_jax.parallel", None),
-    "sharding": ("lora_jax.sharding", None),
-    "train": ("lora_jax.train", None),
+    "distributed": ("lora_jax.distributed", None),
+    "training": ("lora_jax.training", None),
     "save_adapter": ("lora_jax.io", "save_adapter"),
     "load_adapter": ("lora_jax.io", "load_adapter"),
 }
@@ -60,13 +59,12 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "data",
+    "distributed",
     "io",
     "load_adapter",
     "models",
-    "parallel",
     "save_adapter",
-    "sharding",
-    "train",
+    "training",
     "AdapterMismatchError",
     "CheckpointCorruptError",
     "Description",

@@ -36,7 +36,12 @@ def adapter_only(tx: optax.GradientTransformation, trainable_key: str = "lora") 
 
     Frozen leaves get zero updates and no optimizer state.
     """
-    return optax.multi_transform(
-        {TRAINABLE: tx, FROZEN: optax.set_to_zero()},
-        lambda tree: trainable_labels(tree, trainable_key),
-    )
+
+    def labels(tree: Any) -> Any:
+        # optax.tree_utils.tree_map_params (which partitions optimizer state) calls init
+        # with a leafless placeholder for the whole tree; it needs no labels.
+        if not isinstance(tree, dict) and not jax.tree_util.tree_leaves(tree):
+            return tree
+        return trainable_labels(tree, trainable_key)
+
+    return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)

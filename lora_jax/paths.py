@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 
 PathTuple = tuple[str, ...]
+Predicate = Callable[[str, jax.ShapeDtypeStruct], bool]
+"""``(path, leaf) -> bool``: a pattern written as a function of the ``/``-joined path and the abstract leaf."""
+Pattern = str | Predicate
+"""A regex that must match the whole ``/``-joined path (``re.fullmatch``), or a :data:`Predicate`."""
 
 STACKED = "layers"
 """The key of the scanned layout's one subtree of blocks."""
@@ -112,3 +116,33 @@ def stack_path(path: PathTuple) -> tuple[PathTuple, int | None]:
         if layer is not None:
             return (*path[:depth], STACKED, *path[depth + 1 :]), layer
     return path, None
+
+
+def check_pattern(pattern: Pattern, label: str) -> None:
+    """Check that ``pattern`` is a valid regex or a callable.
+
+    Raises:
+      ValueError: a string that is not a valid regex (naming ``label``).
+      TypeError: neither a string nor a callable.
+    """
+    if isinstance(pattern, str):
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{label}: pattern is not a valid regex: {err}") from None
+    elif not callable(pattern):
+        raise TypeError(f"{label}: pattern must be a regex string or a predicate")
+
+
+def matches(pattern: Pattern, name: str, leaf: jax.ShapeDtypeStruct) -> bool:
+    """Whether ``pattern`` matches the leaf at ``name``: the one rule matcher of specs and partition rules.
+
+    Args:
+      pattern: a regex, matched against the whole path (``re.fullmatch``), or
+        a predicate ``(path, leaf) -> bool``.
+      name: the leaf's ``/``-joined path, e.g. ``encoder/layer_0/query/kernel``.
+      leaf: the leaf's shape and dtype.
+    """
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return bool(pattern(name, leaf))

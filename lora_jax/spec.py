@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 
-Predicate = Callable[[str, jax.ShapeDtypeStruct], bool]
+from lora_jax.paths import Predicate, check_pattern, matches
+
 Mode = Literal["lora", "train", "freeze"]
 Scaling = Literal["standard", "rslora"]
 Init = Literal["kaiming_uniform", "gaussian"]
@@ -81,13 +80,7 @@ class Rule:
         label = self.label
         if self.mode not in ("lora", "train", "freeze"):
             raise ValueError(f"{label}: mode must be 'lora', 'train' or 'freeze', got {self.mode!r}")
-        if isinstance(self.pattern, str):
-            try:
-                re.compile(self.pattern)
-            except re.error as err:
-                raise ValueError(f"{label}: pattern is not a valid regex: {err}") from None
-        elif not callable(self.pattern):
-            raise TypeError(f"{label}: pattern must be a regex string or a predicate")
+        check_pattern(self.pattern, label)
         if self.mode != "lora":
             return
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -116,9 +109,8 @@ class Rule:
         return self.alpha / self.rank
 
     def matches(self, path: str, leaf: jax.ShapeDtypeStruct) -> bool:
-        if isinstance(self.pattern, str):
-            return re.fullmatch(self.pattern, path) is not None
-        return bool(self.pattern(path, leaf))
+        """Whether this rule's pattern matches the leaf at ``path`` (see :func:`lora_jax.paths.matches`)."""
+        return matches(self.pattern, path, leaf)
 
 
 def trainable(pattern: str | Predicate, name: str | None = None) -> Rule:

@@ -20,7 +20,7 @@ CELLS = [
         "import os\n"
         "import jax, jax.numpy as jnp, numpy as np\n"
         "import lora_jax as lj\n"
-        "from lora_jax import data, models, train\n"
+        "from lora_jax import data, models, training\n"
         "from experiments import assets\n\n"
         "STEPS = int(os.environ.get('QUICKSTART_STEPS', '200'))\n"
         "EVAL_LIMIT = None if STEPS >= 100 else 64"
@@ -51,8 +51,9 @@ CELLS = [
         "len(train_enc.labels), len(dev_enc.labels)"
     ),
     new_markdown_cell(
-        "## Train\nAdamW with warm-up and linear decay; the factored path computes `x W0 + s (x A) B` and never "
-        "a gradient for `W0`."
+        "## Train\nThe classification task gives the loss (weighted cross-entropy on the batch's `labels` and "
+        "`weights`) and the evaluation (accuracy of the merged model); `fit` runs AdamW with warm-up and linear "
+        "decay. The factored path computes `x W0 + s (x A) B` and never a gradient for `W0`."
     ),
     new_code_cell(
         "apply_fn = models.classifier_apply_fn(model)  # (params, batch, rng | None) -> logits\n\n"
@@ -60,10 +61,11 @@ CELLS = [
         "    return data.batches(train_enc, 32, seed=0, epoch=epoch, buckets=(32, 64))\n\n"
         "def dev_batches():\n"
         "    return data.batches(dev_enc, 32, seed=None, buckets=(32, 64), drop_remainder=False, limit=EVAL_LIMIT)\n\n"
-        "config = train.TrainConfig(steps=STEPS, learning_rate=1e-3, log_every=max(1, STEPS // 10))\n"
-        "state, records = train.fit(apply_fn, params, spec, config, train_batches,\n"
-        "                           data.num_batches(len(train_enc.labels), 32), dev_batches, ('accuracy',),\n"
-        "                           progress=False)\n"
+        "task = training.classification(apply_fn, ('accuracy',))\n"
+        "config = training.TrainConfig(steps=STEPS, learning_rate=1e-3, log_every=max(1, STEPS // 10))\n"
+        "state, records = training.fit(task.loss, params, spec, config, train_batches,\n"
+        "                              data.num_batches(len(train_enc.labels), 32),\n"
+        "                              evaluate=task.evaluate, eval_batches=dev_batches, progress=False)\n"
         "[(r['step'], round(r['loss'], 4)) for r in records if r['split'] == 'train']"
     ),
     new_code_cell("records[-1]  # dev accuracy of the merged model"),
@@ -71,7 +73,7 @@ CELLS = [
         "## Merge, save, load\nThe merged tree has the base's structure and dtypes: the unmodified `apply` serves it."
     ),
     new_code_cell(
-        "lora = state['trainable']\n"
+        "lora = state['lora']\n"
         "merged = lj.merge(params, lora, spec)\n"
         "assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(params)\n\n"
         "import tempfile, pathlib\n"

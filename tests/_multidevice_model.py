@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lora_jax import LoraSpec, Rule, combine, trainable
-from lora_jax import sharding as shd
+from lora_jax import LoraSpec, Rule, trainable
+from lora_jax import distributed as dist
+from lora_jax.training import TrainStep, train_step
 
 VOCAB, WIDTH, HEADS, HEAD_DIM, FF, LAYERS, SEQ, BATCH = 32, 16, 4, 4, 32, 2, 4, 8
 
@@ -71,22 +72,22 @@ def lora_spec(scanned: bool) -> LoraSpec:
     )
 
 
-def tp_table(axis: str = "model") -> list[tuple[str, shd.RuleValue]]:
+def tp_table(axis: str = "model") -> list[dist.PartitionRule]:
     """Tensor-parallel rules for this model: heads for attention, columns/rows for the MLP."""
     return [
-        (r".*/(query|key|value)/(kernel|bias)", shd.column_parallel(axis, out_ndim=2)),
-        (r".*/out/kernel", shd.row_parallel(axis, in_ndim=2)),
-        (r".*/up/(kernel|bias)", shd.column_parallel(axis)),
-        (r".*/down/kernel", shd.row_parallel(axis)),
+        (r".*/(query|key|value)/(kernel|bias)", dist.column_parallel(axis, out_ndim=2)),
+        (r".*/out/kernel", dist.row_parallel(axis, in_ndim=2)),
+        (r".*/up/(kernel|bias)", dist.column_parallel(axis)),
+        (r".*/down/kernel", dist.row_parallel(axis)),
     ]
 
 
-def base_rules(mesh_names: tuple[str, ...], scanned: bool) -> list[tuple[str, shd.RuleValue]]:
+def base_rules(mesh_names: tuple[str, ...], scanned: bool) -> list[dist.PartitionRule]:
     """FSDP over ``data`` on a 1-D mesh; FSDP over ``data`` plus TP over ``model`` on a 2-D one."""
     stacked = r"layers/.*" if scanned else None
     if mesh_names == ("data",):
-        return shd.fsdp_rules("data", stacked=stacked)
-    return shd.fsdp_tp_rules("data", "model", tp=tp_table("model"), stacked=stacked)
+        return dist.fsdp_rules("data", stacked=stacked)
+    return dist.fsdp_tp_rules("data", "model", tp=tp_table("model"), stacked=stacked)
 
 
 def make_params(scanned: bool, seed: int = 0) -> dict:
@@ -108,7 +109,8 @@ def make_batch(seed: int = 1, batch: int = BATCH) -> dict:
 def loss_fn(scanned: bool):
     model = TinyLM(scanned=scanned)
 
-    def loss(params: dict, batch: dict) -> jax.Array:
+    def loss(params: dict, batch: dict, rng: jax.Array | None) -> jax.Array:
+        del rng  # no dropout
         logits = model.apply({"params": params}, batch["tokens"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
@@ -119,13 +121,6 @@ def make_tx() -> optax.GradientTransformation:
     return optax.adamw(1e-2, weight_decay=0.01)
 
 
-def train_step(scanned: bool, tx: optax.GradientTransformation):
-    """``(params, lora, opt_state, batch) -> (lora, opt_state, loss)``, unjitted."""
-    spec, loss = lora_spec(scanned), loss_fn(scanned)
-
-    def step(params, lora, opt_state, batch):
-        value, grads = jax.value_and_grad(lambda adapters: loss(combine(params, adapters, spec), batch))(lora)
-        updates, opt_state = tx.update(grads, opt_state, lora)
-        return optax.apply_updates(lora, updates), opt_state, value
-
-    return step
+def make_step(scanned: bool, tx: optax.GradientTransformation, *, factored: bool = False, **options) -> TrainStep:
+    """The train step of this model, unjitted; through ``combine`` unless ``factored``."""
+    return train_step(loss_fn(scanned), lora_spec(scanned), tx, factored=factored, **options)

@@ -18,8 +18,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import lora_jax
-from lora_jax import parallel
-from lora_jax import sharding as shd
+from lora_jax import distributed as dist
 
 HERE = pathlib.Path(__file__).parent
 
@@ -87,46 +86,51 @@ def _reference():
     tx = tm.make_tx()
     params, lora = jax.device_put((params, lora), device)
     opt_state = jax.jit(tx.init)(lora)
-    step = jax.jit(tm.train_step(False, tx))
+    step = jax.jit(tm.make_step(False, tx))
     losses = []
     for _ in range(STEPS):
-        lora, opt_state, loss = step(params, lora, opt_state, batch)
+        lora, opt_state, loss = step(params, lora, opt_state, batch, None)
         losses.append(float(loss))
     return _host(lora), _host(opt_state), losses
 
 
-def _sharded_run(mesh_shape, names, scanned: bool):
+def _sharded_run(mesh_shape, names, scanned: bool, factored: bool):
     host_params, lora0, batch = _initial_for(scanned)
-    mesh = shd.make_mesh(mesh_shape, names)
+    mesh = dist.make_mesh(mesh_shape, names)
     tx = tm.make_tx()
     spec = tm.lora_spec(scanned)
-    base_specs = shd.partition_specs(host_params, tm.base_rules(names, scanned), mesh)
-    sh = shd.train_shardings(mesh, host_params, base_specs, spec, tx, data_axes="data")
+    base_specs = dist.partitions(host_params, tm.base_rules(names, scanned), mesh)
+    sh = dist.train_shardings(host_params, spec, base_specs, mesh, tx, data_axes="data")
     params = jax.device_put(host_params, sh.params)
     lora = jax.device_put(lora0, sh.lora)
     opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(lora)
-    step = jax.jit(
-        tm.train_step(scanned, tx),
-        in_shardings=(sh.params, sh.lora, sh.opt_state, sh.batch),
-        out_shardings=(sh.lora, sh.opt_state, sh.replicated),
-        donate_argnums=(1, 2),
-    )
+    step = dist.jit_step(tm.make_step(scanned, tx, factored=factored), sh)
     batch = jax.device_put(batch, sh.batch)
     losses = []
     for _ in range(STEPS):
-        lora, opt_state, loss = step(params, lora, opt_state, batch)
+        lora, opt_state, loss = step(params, lora, opt_state, batch, None)
         losses.append(float(loss))
     return sh, base_specs, host_params, params, lora, opt_state, losses
 
 
-# Every mesh, both layouts on (2, 4); each case compiles a step, so not all six.
-TRAIN_CASES = [(MESHES[0], False), (MESHES[1], False), (MESHES[1], True), (MESHES[2], True)]
+# Every mesh, both layouts on (2, 4), the factored path once; each case compiles a step, so not all twelve.
+TRAIN_CASES = [
+    (MESHES[0], False, False),
+    (MESHES[1], False, False),
+    (MESHES[1], True, False),
+    (MESHES[2], True, False),
+    (MESHES[1], True, True),
+]
 
 
-@pytest.mark.parametrize("mesh,scanned", TRAIN_CASES, ids=["8-unrolled", "2x4-unrolled", "2x4-scanned", "4x2-scanned"])
-def test_training_matches_one_device(mesh, scanned):
+@pytest.mark.parametrize(
+    "mesh,scanned,factored",
+    TRAIN_CASES,
+    ids=["8-unrolled", "2x4-unrolled", "2x4-scanned", "4x2-scanned", "2x4-scanned-factored"],
+)
+def test_training_matches_one_device(mesh, scanned, factored):
     mesh_shape, names = mesh
-    sh, base_specs, host_params, params, lora, opt_state, losses = _sharded_run(mesh_shape, names, scanned)
+    sh, base_specs, host_params, params, lora, opt_state, losses = _sharded_run(mesh_shape, names, scanned, factored)
     # Every adapter and optimizer-state leaf carries the sharding its rule says.
     _check_tree(lora, sh.lora, "lora")
     _check_tree(opt_state, sh.opt_state, "opt_state")
@@ -146,7 +150,7 @@ def test_training_matches_one_device(mesh, scanned):
     # Training never writes the base.
     jax.tree_util.tree_map(np.testing.assert_array_equal, _host(params), host_params)
     # The rules really shard: adapters use every mesh axis.
-    lora_specs = jax.tree_util.tree_leaves(shd.adapter_specs(host_params, base_specs, tm.lora_spec(scanned)))
+    lora_specs = jax.tree_util.tree_leaves(dist.lora_partitions(host_params, tm.lora_spec(scanned), base_specs))
     used = {
         axis for s in lora_specs for entry in s if entry for axis in ((entry,) if isinstance(entry, str) else entry)
     }
@@ -155,29 +159,30 @@ def test_training_matches_one_device(mesh, scanned):
 
 @pytest.mark.parametrize("mesh_shape,names", MESHES, ids=["8", "2x4", "4x2"])
 def test_merge_keeps_shardings(mesh_shape, names):
-    mesh = shd.make_mesh(mesh_shape, names)
+    mesh = dist.make_mesh(mesh_shape, names)
     spec = tm.lora_spec(True)
     host_params = _initial_for(True)[0]
-    base_specs = shd.partition_specs(host_params, tm.base_rules(names, True), mesh)
-    sh = shd.train_shardings(mesh, host_params, base_specs, spec)
+    base_specs = dist.partitions(host_params, tm.base_rules(names, True), mesh)
+    sh = dist.train_shardings(host_params, spec, base_specs, mesh)
     lora = _init(jax.random.key(0), host_params, spec)
     lora = jax.tree_util.tree_map(lambda x: x + 0.1, lora)  # B != 0, so merge changes the kernels
     lora = jax.device_put(lora, sh.lora)
     params = jax.device_put(host_params, sh.params)
     want = _host(_merge(host_params, _host(lora), spec))
 
-    merged = shd.sharded_merge(params, lora, spec)
+    merged = dist.sharded_merge(params, lora, spec)
     _check_tree(merged, sh.params, "merged")
     _close(merged, want)
 
     # Each device adds its own slice of A @ B to its slice of W: no collectives at all.
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    compiled = shd._jitted_merge(False, treedef, tuple(x.sharding for x in leaves)).lower(params, lora, spec).compile()
+    jitted = dist.shardings._jitted_merge(False, treedef, tuple(x.sharding for x in leaves))
+    compiled = jitted.lower(params, lora, spec).compile()
     hlo = compiled.as_text()
     for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"):
         assert op not in hlo, op
 
-    donated = shd.sharded_merge(params, lora, spec, donate=True)
+    donated = dist.sharded_merge(params, lora, spec, donate=True)
     _check_tree(donated, sh.params, "merged")
     _close(donated, want)
     # Adapted kernels are updated in place; the head, replaced by its trained copy, is not aliased.
@@ -192,24 +197,28 @@ def _dp_reference():
     """``STEPS`` sgd steps on one device over the full 16-row batch."""
     params, lora, _ = _initial()
     batch = tm.make_batch(batch=16)
-    step = jax.jit(parallel.train_step(tm.loss_fn(False), DP_TX, tm.lora_spec(False)))
+    step = jax.jit(tm.make_step(False, DP_TX))
     state = DP_TX.init(lora)
     losses = []
     for _ in range(STEPS):
-        lora, state, loss = step(params, lora, state, batch)
+        lora, state, loss = step(params, lora, state, batch, None)
         losses.append(float(loss))
     return _host(lora), losses
 
 
-def test_shard_map_data_parallel_matches_one_device():
+@pytest.mark.parametrize(
+    "factored,varying", [(False, True), (False, False), (True, False)], ids=["combine-vma", "combine", "factored"]
+)
+def test_shard_map_data_parallel_matches_one_device(factored, varying):
     params, lora, _ = _initial()
     batch = tm.make_batch(batch=16)
-    mesh = shd.make_mesh((8,), ("data",))
-    step = parallel.shard_map_step(tm.loss_fn(False), DP_TX, tm.lora_spec(False), mesh, "data")
+    mesh = dist.make_mesh((8,), ("data",))
+    local = tm.make_step(False, DP_TX, factored=factored, axis_name="data", mark_varying=varying)
+    step = dist.shard_map_step(local, mesh, "data")
     state = DP_TX.init(lora)
     losses = []
     for _ in range(STEPS):
-        lora, state, loss = step(params, lora, state, batch)
+        lora, state, loss = step(params, lora, state, batch, None)
         losses.append(float(loss))
     want_lora, want_losses = _dp_reference()
     _close(lora, want_lora)
@@ -219,41 +228,69 @@ def test_shard_map_data_parallel_matches_one_device():
 def test_pmap_data_parallel_matches_one_device():
     params, lora, _ = _initial()
     n = jax.local_device_count()
-    step = parallel.pmap_step(tm.loss_fn(False), DP_TX, tm.lora_spec(False), "data")
-    params, lora, state = parallel.replicate((params, lora, DP_TX.init(lora)), n)
-    batch = parallel.split_batch(tm.make_batch(batch=16), n)
+    step = dist.pmap_step(tm.make_step(False, DP_TX, axis_name="data"), "data")
+    params, lora, state = dist.replicate((params, lora, DP_TX.init(lora)), n)
+    batch = dist.split_batch(tm.make_batch(batch=16), n)
     losses = []
     for _ in range(STEPS):
-        lora, state, loss = step(params, lora, state, batch)
+        lora, state, loss = step(params, lora, state, batch, None)
         losses.append(float(loss[0]))
     want_lora, want_losses = _dp_reference()
     _close(jax.tree_util.tree_map(lambda x: x[0], lora), want_lora)
     np.testing.assert_allclose(losses, want_losses, **TOL)
 
 
+def test_wrappers_refuse_a_step_that_does_not_average():
+    mesh = dist.make_mesh((8,), ("data",))
+    with pytest.raises(lora_jax.LoraError, match=r"shard_map_step .* axis_name='data'"):
+        dist.shard_map_step(tm.make_step(False, DP_TX), mesh, "data")
+    with pytest.raises(lora_jax.LoraError, match=r"pmap_step .* axis_name='data'"):
+        dist.pmap_step(tm.make_step(False, DP_TX, axis_name="batch"), "data")
+
+
+def test_dropout_rng_under_shard_map():
+    """LoRA dropout under shard_map: a key changes the loss, the same key gives the same update."""
+    params, _, _ = _initial()
+    spec = lora_jax.LoraSpec(
+        [lora_jax.Rule(r".*/(up|down)/kernel", rank=2, dropout=0.5), lora_jax.trainable("head/.*")]
+    )
+    lora = jax.tree_util.tree_map(lambda x: x + 0.1, _init(jax.random.key(3), params, spec))  # B != 0
+    mesh = dist.make_mesh((8,), ("data",))
+    step = dist.shard_map_step(
+        lora_jax.training.train_step(tm.loss_fn(False), spec, DP_TX, axis_name="data"),
+        mesh,
+        donate=False,
+    )
+    out = step(params, lora, DP_TX.init(lora), tm.make_batch(batch=16), jax.random.key(0))
+    again = step(params, lora, DP_TX.init(lora), tm.make_batch(batch=16), jax.random.key(0))
+    plain = step(params, lora, DP_TX.init(lora), tm.make_batch(batch=16), None)
+    _close(out[0], again[0])
+    assert float(out[2]) != float(plain[2])
+
+
 def test_bad_mesh_axis_and_divisibility():
-    mesh = shd.make_mesh((8,), ("data",))
+    mesh = dist.make_mesh((8,), ("data",))
     params = _initial()[0]
-    with pytest.raises(shd.ShardingError, match=r"layer_0/\w+/kernel: .*'model'"):
-        shd.partition_specs(params, tm.tp_table("model"), mesh)
-    with pytest.raises(shd.ShardingError, match=r"layer_0/query/kernel.*'data'.*size 8"):
-        shd.partition_specs(params, [(r".*/query/kernel", shd.column_parallel("data", out_ndim=2))], mesh)
-    # A spec that fit one mesh is checked again against another.
-    specs = shd.partition_specs(params, [(r"embed/embedding", PartitionSpec("data"))], mesh)
-    with pytest.raises(shd.ShardingError, match=r"embed/embedding.*'data'"):
-        shd.check_specs(params, specs, shd.make_mesh((2, 4), ("x", "y")))
+    with pytest.raises(dist.ShardingError, match=r"layer_0/\w+/kernel: .*'model'"):
+        dist.partitions(params, tm.tp_table("model"), mesh)
+    with pytest.raises(dist.ShardingError, match=r"layer_0/query/kernel.*'data'.*size 8"):
+        dist.partitions(params, [(r".*/query/kernel", dist.column_parallel("data", out_ndim=2))], mesh)
+    # A partition that fit one mesh is checked again against another.
+    specs = dist.partitions(params, [(r"embed/embedding", PartitionSpec("data"))], mesh)
+    with pytest.raises(dist.ShardingError, match=r"embed/embedding.*'data'"):
+        dist.check_partitions(params, specs, dist.make_mesh((2, 4), ("x", "y")))
 
 
 def test_bundled_model_merge_on_a_2d_mesh():
     models = pytest.importorskip("lora_jax.models")
     model, host_params = models.from_pretrained(HERE / "fixtures" / "models" / "tiny_llama", scan_layers=True)
-    mesh = shd.make_mesh((4, 2), ("data", "model"))
+    mesh = dist.make_mesh((4, 2), ("data", "model"))
     spec = models.lora_spec(model, "all-linear", rank=2)
-    base_specs = shd.partition_specs(host_params, shd.MODEL_RULES, mesh)
-    sh = shd.train_shardings(mesh, host_params, base_specs, spec)
+    base_specs = dist.partitions(host_params, dist.MODEL_RULES, mesh)
+    sh = dist.train_shardings(host_params, spec, base_specs, mesh)
     lora = jax.tree_util.tree_map(lambda x: x + 0.01, _init(jax.random.key(0), host_params, spec))
     want = _host(_merge(host_params, lora, spec))
     params = jax.device_put(host_params, sh.params)
-    merged = shd.sharded_merge(params, jax.device_put(lora, sh.lora), spec)
+    merged = dist.sharded_merge(params, jax.device_put(lora, sh.lora), spec)
     _check_tree(merged, sh.params, "merged")
     _close(merged, want)

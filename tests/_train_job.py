@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from lora_jax import train
+from lora_jax import training
 from lora_jax.models import BertConfig, BertForSequenceClassification, classifier_apply_fn, lora_spec
 
 CONFIG = BertConfig(
@@ -60,9 +60,9 @@ def main():
     parser.add_argument("--delay", type=float, default=0.0)
     args = parser.parse_args()
     params, spec, apply_fn = setup()
-    config = train.TrainConfig(steps=STEPS, learning_rate=1e-2, checkpoint_every=5, keep_checkpoints=2, log_every=5)
-    state, _ = train.fit(
-        apply_fn,
+    config = training.TrainConfig(steps=STEPS, learning_rate=1e-2, checkpoint_every=5, keep_checkpoints=2, log_every=5)
+    state, _ = training.fit(
+        training.classification(apply_fn).loss,
         params,
         spec,
         config,
@@ -71,7 +71,7 @@ def main():
         checkpoint_dir=args.checkpoint_dir,
         progress=False,
     )
-    flat = {lj.paths.path_str(p): np.asarray(x) for p, x in lj.paths.flatten(state["trainable"])[0]}
+    flat = {lj.paths.path_str(p): np.asarray(x) for p, x in lj.paths.flatten(state["lora"])[0]}
     np.savez(args.out, **flat)
 
 

@@ -41,7 +41,7 @@ def test_the_transform_needs_only_jax_numpy_and_optax():
         "lora = lj.init(jax.random.key(0), params, spec)\n"
         "assert lj.merge(params, lora, spec)['dense']['kernel'].shape == (4, 3)\n"
         "try:\n"
-        "    lj.save_adapter('never.safetensors', lora, spec, params)\n"
+        "    lj.save_adapter('never.safetensors', params, lora, spec)\n"
         "except ImportError as err:\n"
         "    print(err)\n"
     )

@@ -1,6 +1,8 @@
-"""The trainer: the loss goes down, methods share one footing, a killed run resumes exactly."""
+"""Training: the one train step, the task-agnostic loop, the two tasks on the bundled models, checkpoints."""
 
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -8,17 +10,21 @@ import time
 from pathlib import Path
 
 import _train_job as job  # tests/ is on sys.path: pytest puts a test file's folder there
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import lora_jax as lj
-from lora_jax import train
+from lora_jax import training
 
 JOB = Path(__file__).parent / "_train_job.py"
+MODELS = Path(__file__).parent / "fixtures" / "models"
 
 
 def test_schedule_warms_up_then_decays():
-    schedule = train.learning_rate_schedule(train.TrainConfig(steps=100, learning_rate=1e-3, warmup_ratio=0.1))
+    schedule = training.learning_rate_schedule(training.TrainConfig(steps=100, learning_rate=1e-3, warmup_ratio=0.1))
     expected = {0: 0.0, 5: 0.5e-3, 10: 1e-3, 55: 0.5e-3, 100: 0.0}
     for step, lr in expected.items():
         assert float(schedule(step)) == pytest.approx(lr, abs=1e-9)
@@ -27,21 +33,22 @@ def test_schedule_warms_up_then_decays():
 @pytest.mark.parametrize("use_factored", [True, False])
 def test_fit_reduces_loss_and_logs(tmp_path, use_factored):
     params, spec, apply_fn = job.setup()
-    config = train.TrainConfig(steps=24, learning_rate=1e-2, log_every=4, factored=use_factored)
+    config = training.TrainConfig(steps=24, learning_rate=1e-2, log_every=4, factored=use_factored)
     log = tmp_path / "metrics.jsonl"
+    task = training.classification(apply_fn, ("accuracy", "f1"))
 
     def eval_batches():
         return job.train_batches(0)
 
-    state, records = train.fit(
-        apply_fn,
+    state, records = training.fit(
+        task.loss,
         params,
         spec,
         config,
         job.train_batches,
         8,
-        eval_batches,
-        ("accuracy", "f1"),
+        evaluate=task.evaluate,
+        eval_batches=eval_batches,
         log_path=log,
         progress=False,
     )
@@ -49,8 +56,12 @@ def test_fit_reduces_loss_and_logs(tmp_path, use_factored):
     assert losses[-1] < losses[0]
     lines = [json.loads(x) for x in log.read_text().splitlines()]
     assert lines == records
-    assert lines[-1]["split"] == "eval" and 0.0 <= lines[-1]["accuracy"] <= 1.0
+    assert lines[-1]["split"] == "eval" and 0.0 <= lines[-1]["accuracy"] <= 1.0 and "f1" in lines[-1]
     assert int(state["step"]) == 24
+    assert set(state) == {"lora", "opt_state", "step", "rng"}
+    assert jax.tree_util.tree_structure(state["lora"]) == jax.tree_util.tree_structure(
+        lj.init(jax.random.key(0), params, spec)
+    )
 
 
 def test_methods_on_one_footing():
@@ -93,3 +104,234 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-7, err_msg=name)
     # Only the last `keep_checkpoints` remain.
     assert sorted(int(p.name) for p in resumed_dir.iterdir() if p.name.isdigit()) == [25, 30]
+
+
+# The train step ------------------------------------------------------------------
+
+
+def _plain_problem():
+    """A function of a plain dict, its data, and a spec with an adapter and a fully trainable leaf."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {"w": jax.random.normal(keys[0], (8, 16)) / 3, "head": jax.random.normal(keys[1], (16, 1)) / 4}
+    x = jax.random.normal(keys[2], (32, 8))
+    batch = {"x": x, "y": jnp.sin(x.sum(axis=1, keepdims=True))}
+
+    def loss_fn(p, b, rng):
+        h = jnp.tanh(b["x"] @ p["w"])
+        if rng is not None:
+            h = h * jax.random.bernoulli(rng, 0.9, h.shape) / 0.9
+        return jnp.mean((h @ p["head"] - b["y"]) ** 2)
+
+    spec = lj.LoraSpec([lj.Rule("w", rank=2), lj.trainable("head")])
+    return params, batch, loss_fn, spec
+
+
+def test_train_step_factored_and_combine_agree():
+    params, batch, loss_fn, spec = _plain_problem()
+    lora = jax.tree_util.tree_map(lambda x: x + 0.05, lj.init(jax.random.key(1), params, spec))
+    tx = optax.adam(1e-2)
+    fast = jax.jit(training.train_step(loss_fn, spec, tx))(params, lora, tx.init(lora), batch, None)
+    slow = jax.jit(training.train_step(loss_fn, spec, tx, factored=False))(params, lora, tx.init(lora), batch, None)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), fast, slow)
+    # The loss is the loss of base plus adapters, before the update.
+    want = loss_fn(lj.combine(params, lora, spec), batch, None)
+    np.testing.assert_allclose(fast[2], want, rtol=1e-6)
+    # A key turns the model's dropout on; the same key gives the same step.
+    step = jax.jit(training.train_step(loss_fn, spec, tx))
+    a = step(params, lora, tx.init(lora), batch, jax.random.key(5))
+    b = step(params, lora, tx.init(lora), batch, jax.random.key(5))
+    assert float(a[2]) == float(b[2]) != float(fast[2])
+
+
+def test_train_step_full_fine_tuning_reads_no_base_values():
+    params, batch, loss_fn, _ = _plain_problem()
+    spec = lj.LoraSpec([lj.trainable(".*")])
+    lora = lj.init(jax.random.key(0), params, spec)
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    tx = optax.sgd(0.1)
+    new, _, loss = training.train_step(loss_fn, spec, tx, factored=False)(shapes, lora, tx.init(lora), batch, None)
+    np.testing.assert_allclose(loss, loss_fn(params, batch, None), rtol=1e-6)
+    assert not np.allclose(new["w"], params["w"])
+
+
+# Tasks on the bundled models --------------------------------------------------------
+
+
+def _steps(task, params, spec, batch, steps=12, lr=1e-2):
+    tx = optax.adam(lr)
+    step = jax.jit(training.train_step(task.loss, spec, tx))
+    lora = lj.init(jax.random.key(0), params, spec)
+    opt_state, losses = tx.init(lora), []
+    for _ in range(steps):
+        lora, opt_state, loss = step(params, lora, opt_state, batch, None)
+        losses.append(float(loss))
+    return lora, losses
+
+
+def test_classification_on_tiny_bert():
+    models = pytest.importorskip("lora_jax.models")
+    model, params = models.from_pretrained(MODELS / "tiny_bert_cls")
+    apply_fn = models.classifier_apply_fn(model)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 96, (12, 10)).astype(np.int32)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "token_type_ids": np.zeros_like(ids),
+        "labels": (ids[:, 1] % 3).astype(np.int32),
+        "weights": np.array([1.0] * 10 + [0.0] * 2, np.float32),  # two filler rows
+    }
+    task = training.classification(apply_fn, ("accuracy", "f1", "matthews_corrcoef"))
+    # The loss is the weighted cross-entropy: filler rows do not count.
+    logits = np.asarray(apply_fn(params, batch, None), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    want = -np.mean(logp[np.arange(10), batch["labels"][:10]])
+    np.testing.assert_allclose(task.loss(params, batch, None), want, rtol=1e-5)
+    spec = models.lora_spec(model, "qv", rank=4, head=True)
+    lora, losses = _steps(task, params, spec, batch)
+    assert losses[-1] < 0.7 * losses[0]
+    merged = lj.merge(params, lora, spec)
+    scores = task.evaluate(merged, [batch])
+    assert set(scores) == {"accuracy", "f1", "matthews_corrcoef"}
+    preds = np.argmax(np.asarray(apply_fn(merged, batch, None)), axis=-1)
+    assert scores["accuracy"] == pytest.approx(np.mean(preds[:10] == batch["labels"][:10]))
+    with pytest.raises(lj.LoraError, match="unknown metric 'auc'"):
+        training.classification(apply_fn, ("auc",))
+
+
+def _lm_apply(model):
+    def apply_fn(params, batch, rng):
+        return model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["attention_mask"],
+            deterministic=rng is None,
+            rngs=None if rng is None else {"dropout": rng},
+        ).logits
+
+    return apply_fn
+
+
+def _lm_batch(seed, prompt_lengths, lengths, length=10):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 96, (len(lengths), length)).astype(np.int32)
+    attention = (np.arange(length)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    return {
+        "input_ids": ids * attention,
+        "attention_mask": attention,
+        "loss_mask": training.completion_mask(prompt_lengths, lengths, length),
+    }
+
+
+def _hand_nll(logits, batch):
+    """Summed NLL and count of the answer tokens, by loops over rows and positions in float64."""
+    logits = np.asarray(logits, np.float64)
+    logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    total, count = 0.0, 0
+    for b in range(logits.shape[0]):
+        for t in range(1, logits.shape[1]):
+            if batch["loss_mask"][b, t]:
+                total -= logp[b, t - 1, batch["input_ids"][b, t]]
+                count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
+def test_causal_lm_on_the_bundled_decoders(name):
+    models = pytest.importorskip("lora_jax.models")
+    model, params = models.from_pretrained(MODELS / name)
+    apply_fn = _lm_apply(model)
+    task = training.causal_lm(apply_fn)
+    batch = _lm_batch(0, prompt_lengths=[3, 5, 2], lengths=[10, 8, 6])
+    assert batch["loss_mask"][1].tolist() == [0] * 5 + [1] * 3 + [0] * 2
+
+    # The loss counts the answer tokens only: prompts and padding are left out.
+    total, count = _hand_nll(apply_fn(params, batch, None), batch)
+    assert count == 7 + 3 + 4
+    np.testing.assert_allclose(task.loss(params, batch, None), total / count, rtol=1e-5)
+    everything = dict(batch, loss_mask=batch["attention_mask"].astype(np.float32))
+    assert abs(float(task.loss(params, everything, None)) - total / count) > 1e-4
+
+    # Perplexity is exp of the mean NLL over every answer token of every batch.
+    other = _lm_batch(1, prompt_lengths=[4, 1], lengths=[9, 10])
+    total2, count2 = _hand_nll(apply_fn(params, other, None), other)
+    scores = task.evaluate(params, [batch, other])
+    np.testing.assert_allclose(scores["nll"], (total + total2) / (count + count2), rtol=1e-5)
+    np.testing.assert_allclose(scores["perplexity"], math.exp(scores["nll"]), rtol=1e-9)
+
+    # A few LoRA steps lower the loss.
+    spec = models.lora_spec(model, "all-linear", rank=4)
+    _, losses = _steps(task, params, spec, batch, steps=10, lr=2e-2)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+# Checkpoints ------------------------------------------------------------------------
+
+
+def _fit_plain(spec, directory, steps=2):
+    params, batch, loss_fn, _ = _plain_problem()
+    config = training.TrainConfig(steps=steps, learning_rate=1e-2, log_every=1)
+    return training.fit(
+        loss_fn, params, spec, config, lambda epoch: [batch], 1, checkpoint_dir=directory, progress=False
+    )
+
+
+def test_resuming_under_another_spec_names_the_directory_and_the_difference(tmp_path):
+    directory = tmp_path / "run"
+    spec = lj.LoraSpec([lj.Rule("w", rank=2, alpha=4.0), lj.trainable("head")])
+    state, _ = _fit_plain(spec, directory)
+    assert [p.name for p in directory.iterdir()] == ["2"]
+    # The same spec resumes (here: nothing left to do) and gives the state back.
+    again, records = _fit_plain(spec, directory)
+    assert records == [] and int(again["step"]) == 2
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again["lora"], state["lora"])
+
+    params = _plain_problem()[0]
+    changed = {
+        "rank": (
+            lj.LoraSpec([lj.Rule("w", rank=4, alpha=4.0), lj.trainable("head")]),
+            r"w/a: rank 2 in the checkpoint, 4 now",
+        ),
+        "alpha": (
+            lj.LoraSpec([lj.Rule("w", rank=2, alpha=8.0), lj.trainable("head")]),
+            r"w/a: scale \(alpha / r\) 2.0 in the checkpoint, 4.0 now",
+        ),
+        "targets": (lj.LoraSpec([lj.Rule("w", rank=2, alpha=4.0)]), r"targets: head only in the checkpoint"),
+    }
+    for other, message in changed.values():
+        with pytest.raises(
+            lj.AdapterMismatchError, match=rf"^{re.escape(str(directory.resolve()))}: checkpoint 2 .*{message}"
+        ):
+            _fit_plain(other, directory, steps=4)
+        with (
+            training.Checkpoints(directory, params, other) as checkpoints,
+            pytest.raises(lj.AdapterMismatchError, match=message),
+        ):
+            checkpoints.restore_latest(state)
+    # Nothing was written by the refused runs.
+    assert [p.name for p in directory.iterdir()] == ["2"]
+
+
+def test_signature_differences():
+    saved = {
+        "a": {"shape": [4, 2], "mode": "lora", "rank": 2, "scale": 2.0},
+        "h": {"shape": [3], "mode": "train", "rank": None, "scale": None},
+    }
+    assert training.signature_differences(saved, saved) == []
+    wanted = {
+        "a": {"shape": [4, 8], "mode": "lora", "rank": 8, "scale": 1.0},
+        "g": {"shape": [3], "mode": "train", "rank": None, "scale": None},
+    }
+    assert training.signature_differences(saved, wanted) == [
+        "targets: h only in the checkpoint (1 leaves)",
+        "targets: g only in this spec (1 leaves)",
+        "a: rank 2 in the checkpoint, 8 now",
+        "a: scale (alpha / r) 2.0 in the checkpoint, 1.0 now",
+        "a: shape [4, 2] in the checkpoint, [4, 8] now",
+    ]
+
+
+def test_importing_lora_jax_loads_neither_orbax_nor_tqdm():
+    code = "import sys, lora_jax; print(sorted(m for m in ('orbax', 'tqdm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""GLUE-style classification data: TFDS ArrayRecord builders (no TensorFlow), tokenization, batching, metrics."""
+"""GLUE-style classification data: TFDS ArrayRecord builders (no TensorFlow), tokenization, batching."""
 
 from lora_jax._extras import require
 
@@ -9,13 +9,11 @@ from lora_jax.data.batching import DEFAULT_BUCKETS, Batch, batches, bucket_lengt
 from lora_jax.data.builder import TsvClassification, TsvConfig, prepare
 from lora_jax.data.encoding import Encoded, tokenize
 from lora_jax.data.loading import Examples, load_split, resolve_task
-from lora_jax.data.metrics import METRICS, accuracy, compute_metrics, confusion_matrix, f1, matthews_corrcoef
 from lora_jax.data.tasks import TASKS, TaskSpec, custom_task, get_task
 from lora_jax.data.tsv import DataFileError, parse_tsv, read_tsv
 
 __all__ = [
     "DEFAULT_BUCKETS",
-    "METRICS",
     "TASKS",
     "Batch",
     "DataFileError",
@@ -24,16 +22,11 @@ __all__ = [
     "TaskSpec",
     "TsvClassification",
     "TsvConfig",
-    "accuracy",
     "batches",
     "bucket_length",
-    "compute_metrics",
-    "confusion_matrix",
     "custom_task",
-    "f1",
     "get_task",
     "load_split",
-    "matthews_corrcoef",
     "num_batches",
     "order",
     "parse_tsv",

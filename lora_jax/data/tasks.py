@@ -16,7 +16,7 @@ class TaskSpec:
         label_column: Header name of the label column.
         num_classes: Labels are integers in ``[0, num_classes)``.
         label_names: Optional names for labels; a label field may also hold one of these names.
-        metrics: Metric names (keys of ``lora_jax.data.metrics.METRICS``); the first is the headline one.
+        metrics: Metric names (keys of ``lora_jax.training.metrics.METRICS``); the first is the headline one.
         subdir: Folder of this task under a GLUE-style root directory (``"RTE"``); empty for custom tasks.
         url: Official archive to download when no local files are given; ``None`` for custom tasks.
         remote_header: Column names for downloaded files that have no header row (GLUE's CoLA).

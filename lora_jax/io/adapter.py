@@ -7,7 +7,7 @@ signature against the base tree and spec before returning anything. Writes go
 through :func:`lora_jax.io.atomic.write_atomic`: a failed save leaves the
 previous file intact, and an existing file is only replaced when asked.
 (Full training state, with optimizer moments, is checkpointed with orbax by
-:mod:`lora_jax.train`.)
+:mod:`lora_jax.training.checkpoints`.)
 """
 
 from __future__ import annotations

@@ -330,7 +330,7 @@ def from_pretrained(
 def hf_names(model: nn.Module, registry: Registry = ARCHITECTURES) -> dict[str, tuple[str, Tensor]]:
     """Return, for a registered model, unrolled param path -> (PyTorch tensor name, its :class:`Tensor` layout).
 
-    The table :mod:`lora_jax.peft` needs to write and read Hugging Face PEFT adapters. Names are
+    The table :mod:`lora_jax.io.peft` needs to write and read Hugging Face PEFT adapters. Names are
     spelled as the module's PyTorch class saves them (``bert.`` inside ``BertForSequenceClassification``,
     ``transformer.`` for GPT-2, ``model.`` for Llama).
     """

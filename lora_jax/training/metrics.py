@@ -1,4 +1,7 @@
-"""Classification metrics on numpy predictions and labels, with optional per-example weights."""
+"""Classification metrics on numpy predictions and labels, with optional per-example weights.
+
+:mod:`lora_jax.data` re-exports them; they live here because evaluation needs them and not the data layer.
+"""
 
 from __future__ import annotations
 

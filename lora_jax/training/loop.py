@@ -1,0 +1,218 @@
+"""A small training loop for any task: AdamW with warm-up and decay, JSON-lines log, checkpoints, exact resume.
+
+The loop knows nothing of labels or predictions: it takes the loss
+(``loss_fn(params, batch, rng) -> scalar``) and, to report scores, an
+evaluation (``evaluate(params, batches) -> {name: value}``), such as the two
+tasks of :mod:`lora_jax.training.tasks`. Methods differ only in their spec:
+LoRA rules, ``lj.trainable(".*")`` for full fine-tuning,
+``lj.trainable(".*bias")`` for BitFit, the head alone for head-only.
+
+The state is ``{"lora", "opt_state", "step", "rng"}``; the base params stay
+outside it, frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lora_jax._extras import require
+from lora_jax.errors import LoraError
+from lora_jax.initializers import init
+from lora_jax.merge import merge
+from lora_jax.spec import LoraSpec
+from lora_jax.training.checkpoints import Checkpoints
+from lora_jax.training.step import LossFn, TrainStep, train_step
+from lora_jax.training.tasks import Batch, Evaluate
+from lora_jax.typing import PathLike, PyTree
+
+Batches = Callable[[int], Iterable[Batch]]
+"""``epoch -> batches``: the same batches in the same order for the same epoch, every time."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The paper's recipe (AdamW, linear warm-up, then linear decay to zero) and the loop's cadence."""
+
+    steps: int
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    seed: int = 0
+    factored: bool = True  # False: materialize W0 + s*A@B with combine
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the end only
+    checkpoint_every: int = 0  # 0: checkpoint at the end only
+    keep_checkpoints: int = 2
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Return linear warm-up from 0 over ``warmup_ratio * steps``, then linear decay to 0 at ``steps``."""
+    warmup = max(1, int(config.warmup_ratio * config.steps))
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, config.learning_rate, warmup),
+            optax.linear_schedule(config.learning_rate, 0.0, max(1, config.steps - warmup)),
+        ],
+        [warmup],
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Return AdamW on :func:`learning_rate_schedule` with ``config.weight_decay``."""
+    return optax.adamw(learning_rate_schedule(config), weight_decay=config.weight_decay)
+
+
+def init_state(key: jax.Array, params: PyTree, spec: LoraSpec, tx: optax.GradientTransformation) -> dict:
+    """Return a fresh state: adapters (``B = 0``), optimizer state, step 0, an RNG."""
+    init_key, rng = jax.random.split(key)
+    lora = init(init_key, params, spec)
+    return {
+        "lora": lora,
+        "opt_state": tx.init(lora),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(rng),
+    }
+
+
+def state_step(step: TrainStep) -> Callable[[dict, PyTree, Batch], tuple[dict, jax.Array]]:
+    """Thread :func:`init_state`'s state through ``step``: ``(state, params, batch) -> (state, loss)``, jitted.
+
+    Each call draws a fresh key from the state's RNG, so a resumed run draws
+    the keys an unbroken one would. The state passed in is donated.
+    """
+
+    def advance(state: dict, params: PyTree, batch: Batch) -> tuple[dict, jax.Array]:
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        lora, opt_state, loss = step(params, state["lora"], state["opt_state"], batch, step_rng)
+        new_state = {"lora": lora, "opt_state": opt_state, "step": state["step"] + 1, "rng": jax.random.key_data(rng)}
+        return new_state, loss
+
+    return jax.jit(advance, donate_argnums=0)
+
+
+def _epoch_batches(train_batches: Batches, steps_per_epoch: int, start: int) -> Iterator[Batch]:
+    """Yield batches from global step ``start`` on, epoch after epoch (the order of an unbroken run)."""
+    epoch, skip = divmod(start, steps_per_epoch)
+    while True:
+        for i, batch in enumerate(train_batches(epoch)):
+            if i >= skip:
+                yield batch
+        epoch, skip = epoch + 1, 0
+
+
+def _rows(batch: Batch) -> int:
+    return int(np.shape(jax.tree_util.tree_leaves(batch)[0])[0])
+
+
+def fit(
+    loss_fn: LossFn,
+    params: PyTree,
+    spec: LoraSpec,
+    config: TrainConfig,
+    train_batches: Batches,
+    steps_per_epoch: int,
+    *,
+    evaluate: Evaluate | None = None,
+    eval_batches: Callable[[], Iterable[Batch]] | None = None,
+    checkpoint_dir: PathLike | None = None,
+    log_path: PathLike | None = None,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """Train ``spec``'s trainable leaves for ``config.steps`` steps; resume if checkpoints exist.
+
+    Args:
+      loss_fn: ``(params, batch, rng | None) -> scalar``, a function of a
+        plain param tree (e.g. ``lora_jax.training.tasks.classification(apply_fn).loss``).
+      params: the frozen base tree.
+      spec: which leaves train and how.
+      config: optimizer, schedule, logging and checkpoint settings.
+      train_batches: ``epoch -> batches``, the same for the same epoch every
+        time (so a resumed run sees what an unbroken one would).
+      steps_per_epoch: how many batches ``train_batches(epoch)`` yields.
+      evaluate: ``(params, batches) -> {name: value}``, run on the merged tree
+        every ``config.eval_every`` steps and at the end; with ``eval_batches``.
+      eval_batches: ``() -> batches`` for ``evaluate``.
+      checkpoint_dir: orbax checkpoints of the state (kept: the last
+        ``config.keep_checkpoints``), each with the spec signature; a run
+        restarted with the same directory resumes from the newest, and one
+        with another spec raises :class:`lora_jax.AdapterMismatchError`.
+      log_path: records as JSON lines (appended).
+      progress: show a progress bar.
+
+    Returns:
+      The final state ``{"lora", "opt_state", "step", "rng"}`` and the logged
+      records: ``{"step", "split": "train", "loss", "examples_per_s"}`` every
+      ``config.log_every`` steps, ``{"step", "split": "eval", **scores}`` per evaluation.
+    """
+    tqdm = require("tqdm", "train").tqdm  # the progress bar is the loop's only use of it
+
+    if (evaluate is None) != (eval_batches is None):
+        raise LoraError("fit: pass evaluate= and eval_batches= together, or neither")
+    tx = make_optimizer(config)
+    state = init_state(jax.random.key(config.seed), params, spec, tx)
+    checkpoints = None
+    if checkpoint_dir is not None:
+        checkpoints = Checkpoints(checkpoint_dir, params, spec, keep=config.keep_checkpoints)
+    log = open(log_path, "a") if log_path is not None else None  # noqa: SIM115 - closed below
+    records: list[dict] = []
+
+    def record(entry: dict) -> None:
+        records.append(entry)
+        if log is not None:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+
+    def run_eval(step: int) -> None:
+        if evaluate is not None and eval_batches is not None:
+            merged = jax.jit(merge, static_argnums=2)(params, state["lora"], spec)
+            record({"step": step, "split": "eval", **evaluate(merged, eval_batches())})
+
+    try:
+        if checkpoints is not None:
+            restored = checkpoints.restore_latest(state)
+            state = restored if restored is not None else state
+        advance = state_step(train_step(loss_fn, spec, tx, factored=config.factored))
+        start = int(state["step"])
+        batches = _epoch_batches(train_batches, steps_per_epoch, start)
+        bar = tqdm(total=config.steps, initial=start, disable=not progress, mininterval=1.0, desc="train")
+        window_loss, window_examples, window_start = [], 0, time.perf_counter()
+        for step in range(start + 1, config.steps + 1):
+            batch = next(batches)
+            state, loss = advance(state, params, batch)
+            window_loss.append(loss)
+            window_examples += _rows(batch)
+            if step % config.log_every == 0 or step == config.steps:
+                mean = float(np.mean([float(x) for x in window_loss]))
+                rate = window_examples / max(time.perf_counter() - window_start, 1e-9)
+                record({"step": step, "split": "train", "loss": mean, "examples_per_s": rate})
+                bar.set_postfix(loss=f"{mean:.4f}", ex_s=f"{rate:.0f}")
+                window_loss, window_examples, window_start = [], 0, time.perf_counter()
+            bar.update(1)
+            if checkpoints is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                checkpoints.save(step, state)
+            if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+                run_eval(step)
+        bar.close()
+        if checkpoints is not None:
+            checkpoints.save(config.steps, state)
+        run_eval(config.steps)
+    finally:
+        if log is not None:
+            log.close()
+        if checkpoints is not None:
+            checkpoints.close()
+    return state, records
+
+
+def steps_for(examples: int, batch_size: int, epochs: float) -> int:
+    """Return the number of optimizer steps for ``epochs`` passes over ``examples``."""
+    return max(1, math.ceil(epochs * (examples // batch_size)))
