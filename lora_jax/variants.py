@@ -181,11 +181,3 @@ VARIANTS: Mapping[str, Variant] = {variant.mode: variant for variant in (LowRank
 def variant_of(target: Target) -> Variant:
     """Return the variant of ``target``'s rule."""
     return VARIANTS[target.rule.mode]
-
-
-def abstract_lora(targets: tuple[Target, ...]) -> dict[PathTuple, jax.ShapeDtypeStruct]:
-    """Return every adapter-tree leaf of ``targets`` by path, with its shape and dtype."""
-    out: dict[PathTuple, jax.ShapeDtypeStruct] = {}
-    for target in targets:
-        out.update(variant_of(target).leaves(target))
-    return out

@@ -286,7 +286,7 @@ def test_bundled_model_merge_on_a_2d_mesh():
     model, host_params = models.from_pretrained(HERE / "fixtures" / "models" / "tiny_llama", scan_layers=True)
     mesh = dist.make_mesh((4, 2), ("data", "model"))
     spec = models.lora_spec(model, "all-linear", rank=2)
-    base_specs = dist.partitions(host_params, dist.MODEL_RULES, mesh)
+    base_specs = dist.partitions(host_params, models.partition_rules(), mesh)
     sh = dist.train_shardings(host_params, spec, base_specs, mesh)
     lora = jax.tree_util.tree_map(lambda x: x + 0.01, _init(jax.random.key(0), host_params, spec))
     want = _host(_merge(host_params, lora, spec))

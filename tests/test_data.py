@@ -15,13 +15,9 @@ from lora_jax.data import (
     DataFileError,
     Encoded,
     Examples,
-    accuracy,
     batches,
     bucket_length,
-    compute_metrics,
-    f1,
     load_split,
-    matthews_corrcoef,
     num_batches,
     parse_tsv,
     prepare,
@@ -29,6 +25,7 @@ from lora_jax.data import (
 )
 from lora_jax.data.encoding import truncated_lengths
 from lora_jax.errors import LoraError
+from lora_jax.training.metrics import accuracy, compute_metrics, f1, matthews_corrcoef
 
 WORDS = [
     "the",

@@ -154,7 +154,7 @@ def test_model_rules_for_the_bundled_models(name, scan):
     model, params = models.from_pretrained(MODELS / name, scan_layers=scan)
     params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     mesh = AbstractMesh((4, 2), ("data", "model"))
-    specs = dist.partitions(params, dist.MODEL_RULES, mesh)
+    specs = dist.partitions(params, models.partition_rules(), mesh)
     flat = {"/".join(p): s for p, s in lora_jax.paths.flatten(specs)[0]}
     layer = "layers" if scan else "layer_0"
     lead = (None,) if scan else ()
@@ -173,7 +173,7 @@ def test_model_rules_for_the_bundled_models(name, scan):
     lora_parts = dist.lora_partitions(params, spec, specs)
     for path, leaf in lora_jax.paths.flatten(dist.abstract_lora(params, spec))[0]:
         dist.check_partition("/".join(path), leaf.shape, lora_jax.paths.nested_get(lora_parts, path), dict(mesh.shape))
-    tp_only = dist.partitions(params, dist.model_rules(None, "model"), mesh)
+    tp_only = dist.partitions(params, models.partition_rules(None, "model"), mesh)
     assert not any("data" in str(s) for s in jax.tree_util.tree_leaves(tp_only))
 
 

@@ -2,7 +2,6 @@
 
 - :mod:`~lora_jax.distributed.partition`: partition the base by path rules
   (FSDP, tensor parallel), with checks against the mesh.
-- :mod:`~lora_jax.distributed.model_rules`: the rules for the bundled models.
 - :mod:`~lora_jax.distributed.shardings`: adapter and optimizer-state
   partitions derived from the base's; :class:`TrainShardings`; :func:`sharded_merge`.
 - :mod:`~lora_jax.distributed.steps`: :func:`jit_step`, :func:`shard_map_step`,
@@ -10,7 +9,6 @@
 - :mod:`~lora_jax.distributed.multihost`: many processes, one mesh; ``pmap``'s device axis.
 """
 
-from lora_jax.distributed.model_rules import MODEL_RULES, model_rules
 from lora_jax.distributed.multihost import global_put, process_batch, replicate, split_batch, to_host
 from lora_jax.distributed.partition import (
     COLUMN_MODULES,
@@ -46,7 +44,6 @@ from lora_jax.distributed.steps import jit_step, pmap_step, shard_map_step
 
 __all__ = [
     "COLUMN_MODULES",
-    "MODEL_RULES",
     "ROW_MODULES",
     "PartitionFn",
     "PartitionRule",
@@ -65,7 +62,6 @@ __all__ = [
     "jit_step",
     "lora_partitions",
     "make_mesh",
-    "model_rules",
     "named",
     "partitions",
     "pmap_step",

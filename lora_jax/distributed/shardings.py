@@ -25,14 +25,13 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lora_jax.adapters import A_KEY, B_KEY
 from lora_jax.distributed.partition import ShardingError, lookup, partitions_by_path
-from lora_jax.initializers import init
 from lora_jax.merge import merge
 from lora_jax.paths import PathTuple, nested_set
 from lora_jax.plan import Target, abstract_leaf, plan
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
+from lora_jax.variants import variant_of
 
 
 def _padded(partition: PartitionSpec, ndim: int, name: str) -> list[Any]:
@@ -45,18 +44,12 @@ def _padded(partition: PartitionSpec, ndim: int, name: str) -> list[Any]:
 def target_partitions(target: Target, base: PartitionSpec) -> dict[PathTuple, PartitionSpec]:
     """Return the adapter-tree leaves of one target with their partitions, given the kernel's.
 
-    ``A [*stack, *in, r]`` takes ``W``'s stack and input entries, ``B [*stack,
-    r, *out]`` its stack and output entries; the rank axis is replicated. A
-    fully trainable leaf keeps ``base``.
+    The target's variant decides: ``A [*stack, *in, r]`` takes ``W``'s stack
+    and input entries, ``B [*stack, r, *out]`` its stack and output entries,
+    the rank axis replicated; a fully trainable leaf keeps ``base``.
     """
     entries = _padded(base, len(target.shape), target.name)
-    if target.layout is None:
-        return {target.path: PartitionSpec(*entries)}
-    layout = target.layout
-    stack = [entries[a] for a in layout.stack]
-    a_partition = PartitionSpec(*stack, *(entries[a] for a in layout.inputs), None)
-    b_partition = PartitionSpec(*stack, None, *(entries[a] for a in layout.outputs))
-    return {(*target.path, A_KEY): a_partition, (*target.path, B_KEY): b_partition}
+    return variant_of(target).partitions(target, PartitionSpec(*entries))
 
 
 def lora_partitions(params: PyTree, spec: LoraSpec, base_partitions: PyTree) -> dict:
@@ -87,8 +80,11 @@ def lora_partitions(params: PyTree, spec: LoraSpec, base_partitions: PyTree) -> 
 
 def abstract_lora(params: PyTree, spec: LoraSpec) -> dict:
     """Return the ``jax.ShapeDtypeStruct`` of each adapter-tree leaf, without allocating it."""
-    abstract = jax.tree_util.tree_map(abstract_leaf, params)
-    return jax.eval_shape(lambda p: init(jax.random.key(0), p, spec), abstract)
+    out: dict = {}
+    for target in plan(params, spec):
+        for path, leaf in variant_of(target).leaves(target).items():
+            nested_set(out, path, leaf)
+    return out
 
 
 def state_partitions(tree: PyTree, partitions: PyTree, tx: optax.GradientTransformation) -> PyTree:

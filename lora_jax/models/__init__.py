@@ -38,6 +38,7 @@ from lora_jax.models.common.loading import build_model, checkpoint_files, from_p
 from lora_jax.models.common.stacking import stack_layers, unstack_layers
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from lora_jax.models.partitioning import partition_rules, tensor_parallel_rules
 from lora_jax.models.presets import HEAD_PATTERN, lora_spec
 from lora_jax.models.registry import Architecture, Build, KVCache, Linear, Registry
 from lora_jax.models.text import (
@@ -83,9 +84,11 @@ __all__ = [
     "load_params",
     "load_tokenizer",
     "lora_spec",
+    "partition_rules",
     "mean_pool",
     "sentence_embeddings",
     "sentence_pooling",
     "stack_layers",
+    "tensor_parallel_rules",
     "unstack_layers",
 ]
