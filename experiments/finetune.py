@@ -48,7 +48,7 @@ class RunConfig:
     factored: bool = True
     pooling: str | None = None  # None: the checkpoint's own (mean for MiniLM)
 
-    def resolved(self) -> RunConfig:
+    def with_defaults(self) -> RunConfig:
         """This configuration with the method's learning rate filled in: what a run's cache key hashes."""
         if self.learning_rate is not None:
             return self
@@ -122,7 +122,7 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
 
     train_config = training.TrainConfig(
         steps=config.steps,
-        learning_rate=config.resolved().learning_rate,
+        learning_rate=config.with_defaults().learning_rate,
         seed=config.seed,
         factored=config.factored,
         log_every=20,
@@ -169,7 +169,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     import resource
 
     return {
-        "config": dataclasses.asdict(result["config"].resolved()),
+        "config": dataclasses.asdict(result["config"].with_defaults()),
         "metric": result["metric"],
         "score": result["score"],
         "scores": result["scores"],

@@ -26,7 +26,7 @@ DEFAULT_CACHE = HERE.parent / "runs" / "cache"
 
 def run_dir(config: RunConfig, cache: Path) -> Path:
     # Resolved, so that changing a method's default learning rate changes the key.
-    key = json.dumps(dataclasses.asdict(config.resolved()), sort_keys=True)
+    key = json.dumps(dataclasses.asdict(config.with_defaults()), sort_keys=True)
     return cache / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

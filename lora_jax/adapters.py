@@ -78,9 +78,6 @@ def bind(params: Any, lora: Any, spec: LoraSpec) -> list[tuple[Target, Any]]:
     return [(target, variant_of(target).value(target, leaves)) for target in targets]
 
 
-resolve = bind
-
-
 def signature(params: Any, spec: LoraSpec) -> dict[str, dict]:
     """Describe each leaf of the adapter tree by the settings that give its numbers meaning.
 

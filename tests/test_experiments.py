@@ -152,11 +152,11 @@ def test_bench_memory_smoke(tmp_path):
     assert out["lora"]["temp_bytes"] < out["full"]["temp_bytes"]
 
 
-def test_run_cache_key_follows_the_resolved_learning_rate(tmp_path):
+def test_run_cache_key_follows_the_default_learning_rate(tmp_path):
     finetune, sweep = load("finetune"), load("sweep")
     implicit = finetune.RunConfig(method="lora")
     explicit = finetune.RunConfig(method="lora", learning_rate=finetune.LEARNING_RATES["lora"])
-    assert implicit.resolved() == explicit
+    assert implicit.with_defaults() == explicit
     assert sweep.run_dir(implicit, tmp_path) == sweep.run_dir(explicit, tmp_path)
     other = finetune.RunConfig(method="lora", learning_rate=0.5 * finetune.LEARNING_RATES["lora"])
     assert sweep.run_dir(other, tmp_path) != sweep.run_dir(implicit, tmp_path)

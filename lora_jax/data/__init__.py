@@ -8,8 +8,8 @@ for _module in ("tensorflow_datasets", "array_record", "tokenizers"):
 from lora_jax.data.batching import DEFAULT_BUCKETS, Batch, batches, bucket_length, num_batches, order
 from lora_jax.data.builder import TsvClassification, TsvConfig, prepare
 from lora_jax.data.encoding import Encoded, tokenize
-from lora_jax.data.loading import Examples, load_split, resolve_task
-from lora_jax.data.tasks import TASKS, TaskSpec, custom_task, get_task
+from lora_jax.data.loading import Examples, load_split, task_for
+from lora_jax.data.tasks import TASKS, Task, custom_task, get_task
 from lora_jax.data.tsv import DataFileError, parse_tsv, read_tsv
 
 __all__ = [
@@ -19,7 +19,7 @@ __all__ = [
     "DataFileError",
     "Encoded",
     "Examples",
-    "TaskSpec",
+    "Task",
     "TsvClassification",
     "TsvConfig",
     "batches",
@@ -32,6 +32,6 @@ __all__ = [
     "parse_tsv",
     "prepare",
     "read_tsv",
-    "resolve_task",
+    "task_for",
     "tokenize",
 ]

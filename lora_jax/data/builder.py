@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lora_jax.data.tasks import TASKS, TaskSpec
+from lora_jax.data.tasks import TASKS, Task
 from lora_jax.data.tsv import read_tsv
 
 FILE_FORMAT = "array_record"
@@ -24,7 +24,7 @@ SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
 class TsvConfig(tfds.core.BuilderConfig):
     """A builder config carrying the task whose files it reads."""
 
-    task: TaskSpec | None = None
+    task: Task | None = None
 
 
 def _registered_configs() -> list[TsvConfig]:
@@ -70,7 +70,7 @@ class TsvClassification(tfds.core.GeneratorBasedBuilder):
         return config
 
     @property
-    def task(self) -> TaskSpec:
+    def task(self) -> Task:
         """The task this builder reads."""
         task = self.tsv_config.task
         assert task is not None, "TsvConfig needs a task"
@@ -115,7 +115,7 @@ class TsvClassification(tfds.core.GeneratorBasedBuilder):
             yield i, example
 
 
-def task_dir(task: TaskSpec, data_dir: str | os.PathLike) -> Path:
+def task_dir(task: Task, data_dir: str | os.PathLike) -> Path:
     """The folder holding the task's files: ``data_dir/<subdir>`` for a GLUE-style root, else ``data_dir``."""
     root = Path(data_dir).expanduser()
     nested = root / task.subdir
@@ -126,7 +126,7 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "task"
 
 
-def local_config(task: TaskSpec, source: Path) -> TsvConfig:
+def local_config(task: Task, source: Path) -> TsvConfig:
     """A config named after the task and a hash of its column spec and file contents.
 
     Hashing the contents means edited files are prepared afresh while identical ones are reused.
@@ -141,7 +141,7 @@ def local_config(task: TaskSpec, source: Path) -> TsvConfig:
 
 
 def prepare(
-    task: TaskSpec,
+    task: Task,
     data_dir: str | os.PathLike | None,
     tfds_dir: str | os.PathLike | None = None,
 ) -> TsvClassification:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from lora_jax.data.builder import prepare
-from lora_jax.data.tasks import TaskSpec, custom_task, get_task
+from lora_jax.data.tasks import Task, custom_task, get_task
 from lora_jax.errors import LoraError
 
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "dev": "validation", "eval": "validation"}
@@ -20,7 +20,7 @@ SPLIT_ALIASES = {"train": "train", "validation": "validation", "dev": "validatio
 class Examples:
     """One split in file order: ``texts[k][i]`` is text column ``k`` of example ``i``."""
 
-    task: TaskSpec
+    task: Task
     split: str
     texts: tuple[tuple[str, ...], ...]
     labels: np.ndarray
@@ -29,24 +29,24 @@ class Examples:
         return len(self.labels)
 
 
-def resolve_task(
-    task: str | TaskSpec,
+def task_for(
+    task: str | Task,
     text_columns: Sequence[str] | None = None,
     label_column: str | None = None,
     num_classes: int = 2,
     label_names: Sequence[str] | None = None,
-) -> TaskSpec:
+) -> Task:
     """A registered task by name, or a custom one when the caller names its columns."""
     if text_columns is None and label_column is None:
         return get_task(task)
     if text_columns is None or label_column is None:
         raise ValueError("a custom task needs both text_columns and label_column")
-    name = task.name if isinstance(task, TaskSpec) else task
+    name = task.name if isinstance(task, Task) else task
     return custom_task(name, text_columns, label_column, num_classes, label_names)
 
 
 def load_split(
-    task: str | TaskSpec,
+    task: str | Task,
     split: str,
     data_dir: str | os.PathLike | None = None,
     tfds_dir: str | os.PathLike | None = None,
@@ -59,7 +59,7 @@ def load_split(
     """Prepares (or reuses) the task under ``tfds_dir`` and returns one split in file order.
 
     Args:
-        task: A registered name (``"sst2"``, ``"rte"``, ``"cola"``), a ``TaskSpec``, or any name
+        task: A registered name (``"sst2"``, ``"rte"``, ``"cola"``), a ``Task``, or any name
             for a custom task together with ``text_columns`` and ``label_column``.
         split: ``"train"`` or ``"validation"`` (alias ``"dev"``), read from ``train.tsv`` / ``dev.tsv``.
         data_dir: Folder with ``train.tsv`` and ``dev.tsv``, or a GLUE-style root with one folder per task.
@@ -75,7 +75,7 @@ def load_split(
         LoraError: neither ``data_dir`` nor ``download`` is given, or both are.
         FileNotFoundError: ``data_dir`` (or a file the task needs in it) does not exist.
     """
-    spec = resolve_task(task, text_columns, label_column, num_classes, label_names)
+    spec = task_for(task, text_columns, label_column, num_classes, label_names)
     if split not in SPLIT_ALIASES:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_ALIASES)}")
     if download:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 
 @dataclasses.dataclass(frozen=True)
-class TaskSpec:
+class Task:
     """How to read and score one classification task laid out as ``train.tsv`` and ``dev.tsv``.
 
     Attributes:
@@ -43,8 +43,8 @@ class TaskSpec:
 
 _GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/{}.zip"
 
-TASKS: dict[str, TaskSpec] = {
-    "sst2": TaskSpec(
+TASKS: dict[str, Task] = {
+    "sst2": Task(
         name="sst2",
         text_columns=("sentence",),
         label_column="label",
@@ -53,7 +53,7 @@ TASKS: dict[str, TaskSpec] = {
         subdir="SST-2",
         url=_GLUE_URL.format("SST-2"),
     ),
-    "rte": TaskSpec(
+    "rte": Task(
         name="rte",
         text_columns=("sentence1", "sentence2"),
         label_column="label",
@@ -62,7 +62,7 @@ TASKS: dict[str, TaskSpec] = {
         subdir="RTE",
         url=_GLUE_URL.format("RTE"),
     ),
-    "cola": TaskSpec(
+    "cola": Task(
         name="cola",
         text_columns=("sentence",),
         label_column="label",
@@ -83,9 +83,9 @@ def custom_task(
     num_classes: int = 2,
     label_names: Sequence[str] | None = None,
     metrics: Sequence[str] = ("accuracy",),
-) -> TaskSpec:
+) -> Task:
     """Describes a user's own task: a directory with ``train.tsv`` and ``dev.tsv`` using these column names."""
-    return TaskSpec(
+    return Task(
         name=name,
         text_columns=tuple(text_columns),
         label_column=label_column,
@@ -95,14 +95,14 @@ def custom_task(
     )
 
 
-def get_task(task: str | TaskSpec) -> TaskSpec:
+def get_task(task: str | Task) -> Task:
     """Returns the spec for a registered task name, or ``task`` itself when it is already a spec."""
-    if isinstance(task, TaskSpec):
+    if isinstance(task, Task):
         return task
     key = task.lower().replace("-", "")
     if key not in TASKS:
         raise KeyError(
             f"unknown task {task!r}; registered tasks are {sorted(TASKS)}; "
-            "for your own data pass text_columns= and label_column= (or a TaskSpec from custom_task)"
+            "for your own data pass text_columns= and label_column= (or a Task from custom_task)"
         )
     return TASKS[key]

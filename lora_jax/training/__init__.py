@@ -1,10 +1,10 @@
-"""Train adapters: the one train step, a task-agnostic loop, two tasks, and checkpoints.
+"""Train adapters: the one train step, a task-agnostic loop, two objectives, and checkpoints.
 
 - :mod:`~lora_jax.training.step`: :func:`train_step`, the step that ``jit``,
   ``shard_map`` and ``pmap`` wrap (see :mod:`lora_jax.distributed`).
 - :mod:`~lora_jax.training.loop`: :func:`fit`, AdamW with warm-up and decay,
   JSON-lines log, checkpoints, exact resume; it takes the loss and evaluation.
-- :mod:`~lora_jax.training.tasks`: :func:`classification` and :func:`causal_lm`.
+- :mod:`~lora_jax.training.objectives`: :func:`classification` and :func:`causal_lm`.
 - :mod:`~lora_jax.training.checkpoints`: :class:`Checkpoints`, orbax with the spec signature.
 - :mod:`~lora_jax.training.metrics`: accuracy, F1, MCC on numpy predictions.
 
@@ -22,9 +22,8 @@ from lora_jax.training.loop import (
     steps_for,
 )
 from lora_jax.training.metrics import METRICS, compute_metrics
-from lora_jax.training.step import LossFn, TrainStep, train_step
-from lora_jax.training.tasks import (
-    Task,
+from lora_jax.training.objectives import (
+    Objective,
     causal_lm,
     causal_lm_loss,
     classification,
@@ -32,12 +31,13 @@ from lora_jax.training.tasks import (
     completion_mask,
     next_token_nll,
 )
+from lora_jax.training.step import LossFn, TrainStep, train_step
 
 __all__ = [
     "METRICS",
     "Checkpoints",
     "LossFn",
-    "Task",
+    "Objective",
     "TrainConfig",
     "TrainStep",
     "causal_lm",

@@ -3,7 +3,7 @@
 The loop knows nothing of labels or predictions: it takes the loss
 (``loss_fn(params, batch, rng) -> scalar``) and, to report scores, an
 evaluation (``evaluate(params, batches) -> {name: value}``), such as the two
-tasks of :mod:`lora_jax.training.tasks`. Methods differ only in their spec:
+objectives of :mod:`lora_jax.training.objectives`. Methods differ only in their spec:
 LoRA rules, ``lj.trainable(".*")`` for full fine-tuning,
 ``lj.trainable(".*bias")`` for BitFit, the head alone for head-only.
 
@@ -30,8 +30,8 @@ from lora_jax.initializers import init
 from lora_jax.merge import merge
 from lora_jax.spec import LoraSpec
 from lora_jax.training.checkpoints import Checkpoints
+from lora_jax.training.objectives import Batch, Evaluate
 from lora_jax.training.step import LossFn, TrainStep, train_step
-from lora_jax.training.tasks import Batch, Evaluate
 from lora_jax.typing import PathLike, PyTree
 
 Batches = Callable[[int], Iterable[Batch]]
@@ -131,7 +131,7 @@ def fit(
 
     Args:
       loss_fn: ``(params, batch, rng | None) -> scalar``, a function of a
-        plain param tree (e.g. ``lora_jax.training.tasks.classification(apply_fn).loss``).
+        plain param tree (e.g. ``lora_jax.training.objectives.classification(apply_fn).loss``).
       params: the frozen base tree.
       spec: which leaves train and how.
       config: optimizer, schedule, logging and checkpoint settings.

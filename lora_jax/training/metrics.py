@@ -72,7 +72,7 @@ METRICS: dict[str, Callable[..., float]] = {
 def compute_metrics(
     names: Sequence[str], preds: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None
 ) -> Mapping[str, float]:
-    """Every named metric (e.g. ``TaskSpec.metrics``) on the same predictions."""
+    """Every named metric (e.g. ``Task.metrics``) on the same predictions."""
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise KeyError(f"unknown metrics {unknown}; known: {sorted(METRICS)}")

@@ -193,7 +193,7 @@ class BertForSequenceClassification(nn.Module):
 
 
 def classifier_apply_fn(model: BertForSequenceClassification) -> Any:
-    """``(params, batch, rng) -> logits [B, num_labels]`` for :mod:`lora_jax.training.tasks`.
+    """``(params, batch, rng) -> logits [B, num_labels]`` for :mod:`lora_jax.training.objectives`.
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``token_type_ids`` ``[B, T]``; dropout is on
     when ``rng`` is a key and off when it is ``None``.

@@ -1,9 +1,9 @@
-"""Two provided tasks, each a loss and an evaluation for :func:`lora_jax.training.fit`.
+"""Two provided objectives, each a loss and an evaluation for :func:`lora_jax.training.fit`.
 
-A task is given the model as ``apply_fn(params, batch, rng | None) -> logits``:
+An objective is given the model as ``apply_fn(params, batch, rng | None) -> logits``:
 it reads the model's inputs from ``batch`` and runs with dropout when ``rng``
-is a key and without when it is ``None``. The task adds the batch keys its
-loss reads:
+is a key and without when it is ``None``. The objective adds the batch keys
+its loss reads:
 
 - :func:`classification`: ``labels [B]`` and ``weights [B]``; weighted
   cross-entropy; accuracy, F1 and MCC of the argmax predictions.
@@ -11,8 +11,8 @@ loss reads:
   cross-entropy over the tokens the mask marks (an answer, not its prompt or
   padding); perplexity.
 
-``Task.loss(params, batch, rng) -> scalar`` is what :func:`lora_jax.training.train_step`
-takes; ``Task.evaluate(params, batches) -> {name: value}`` scores a plain
+``Objective.loss(params, batch, rng) -> scalar`` is what :func:`lora_jax.training.train_step`
+takes; ``Objective.evaluate(params, batches) -> {name: value}`` scores a plain
 (merged) param tree on an iterable of batches.
 """
 
@@ -40,7 +40,7 @@ Evaluate = Callable[[PyTree, Iterable[Batch]], dict[str, float]]
 """``(params, batches) -> {metric: value}`` on a plain (merged) param tree."""
 
 
-class Task(NamedTuple):
+class Objective(NamedTuple):
     """A loss to train on and an evaluation to report."""
 
     loss: LossFn
@@ -56,7 +56,7 @@ def classification_loss(logits: jax.Array, labels: ArrayLike, weights: ArrayLike
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def classification(apply_fn: ApplyFn, metrics: Sequence[str] = ("accuracy",)) -> Task:
+def classification(apply_fn: ApplyFn, metrics: Sequence[str] = ("accuracy",)) -> Objective:
     """Build the classification task: weighted cross-entropy, metrics of the argmax predictions.
 
     Batch keys, besides the model inputs ``apply_fn`` reads:
@@ -70,7 +70,7 @@ def classification(apply_fn: ApplyFn, metrics: Sequence[str] = ("accuracy",)) ->
         (``accuracy``, ``f1``, ``matthews_corrcoef``), each weighted by ``weights``.
 
     Returns:
-      ``Task(loss, evaluate)``; ``evaluate`` returns ``{metric: value}``.
+      ``Objective(loss, evaluate)``; ``evaluate`` returns ``{metric: value}``.
 
     Raises:
       LoraError: a metric name that is not in ``METRICS``.
@@ -93,7 +93,7 @@ def classification(apply_fn: ApplyFn, metrics: Sequence[str] = ("accuracy",)) ->
             weights.append(np.asarray(batch["weights"]))
         return dict(compute_metrics(metrics, np.concatenate(preds), np.concatenate(labels), np.concatenate(weights)))
 
-    return Task(loss, evaluate)
+    return Objective(loss, evaluate)
 
 
 # Causal language modelling -------------------------------------------------------
@@ -131,7 +131,7 @@ def completion_mask(prompt_lengths: Sequence[int], lengths: Sequence[int], lengt
     return ((positions >= prompt) & (positions < end)).astype(np.float32)
 
 
-def causal_lm(apply_fn: ApplyFn) -> Task:
+def causal_lm(apply_fn: ApplyFn) -> Objective:
     """Build the causal language modelling task: next-token loss under a prompt mask, perplexity.
 
     Batch keys, besides any other model inputs ``apply_fn`` reads (e.g.
@@ -146,7 +146,7 @@ def causal_lm(apply_fn: ApplyFn) -> Task:
       apply_fn: ``(params, batch, rng | None) -> logits [B, T, V]``.
 
     Returns:
-      ``Task(loss, evaluate)``; ``loss`` is the mean cross-entropy over the
+      ``Objective(loss, evaluate)``; ``loss`` is the mean cross-entropy over the
       marked tokens of the batch, ``evaluate`` returns ``{"nll": mean over
       every marked token of all batches, "perplexity": exp(nll)}``.
     """
@@ -166,4 +166,4 @@ def causal_lm(apply_fn: ApplyFn) -> Task:
         nll = total / max(count, 1.0)
         return {"nll": nll, "perplexity": math.exp(nll)}
 
-    return Task(loss, evaluate)
+    return Objective(loss, evaluate)
