@@ -8,6 +8,7 @@ under ``jax.grad``, a kernel-sized gradient that is then projected onto A and B.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import jax
@@ -56,5 +57,11 @@ def combine(params: Any, lora: Any, spec: LoraSpec, *, dropout_rng: jax.Array | 
         raise LoraError(
             "combine materializes W0 + s*A@B and cannot apply LoRA dropout to the adapter input; "
             "use the factored path (lora_jax.factored) for dropout, or call combine without dropout_rng"
+        )
+    if spec.has_dropout:
+        warnings.warn(
+            "the spec sets LoRA dropout, which combine cannot apply (it materializes W0 + s*A@B); "
+            "train with the factored path (lora_jax.factored, or training.train_step(factored=True)) to use it",
+            stacklevel=2,
         )
     return add_updates(params, lora, spec, sign=1.0)

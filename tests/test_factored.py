@@ -307,3 +307,31 @@ def test_primitive_mapped_to_none_takes_the_materialized_fallback(setup):
 def test_handlers_must_be_functions_or_none():
     with pytest.raises(lj.LoraError, match="handler for `dot_general`"):
         lj.factored(lambda p, x: x, SPEC, handlers={"dot_general": "fast"})
+
+
+def test_factored_forwards_keyword_arguments():
+    """Array keywords are traced, flags reach the function as Python values."""
+
+    class Scaled(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, scale=None, deterministic=True):
+            h = nn.Dropout(0.5)(nn.Dense(4)(x), deterministic=deterministic)  # needs a Python bool
+            return h if scale is None else h * scale
+
+    model, x = Scaled(), jnp.ones((2, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    spec = lj.LoraSpec([lj.Rule("Dense_0/kernel", rank=2)])
+    lora = jax.tree_util.tree_map(lambda a: a + 0.1, lj.init(jax.random.key(1), params, spec))
+    forward = lj.factored(lambda p, x, **kw: model.apply({"params": p}, x, **kw), spec)
+    scale = jnp.arange(4.0)
+    got = jax.jit(lambda p, a, x, s: forward(p, a, x, scale=s, deterministic=True))(params, lora, x, scale)
+    want = model.apply({"params": lj.combine(params, lora, spec)}, x, scale=scale)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_combine_warns_that_it_cannot_apply_dropout():
+    params = {"w": jnp.ones((4, 3))}
+    spec = lj.LoraSpec([lj.Rule("w", rank=2, dropout=0.1)])
+    lora = lj.init(jax.random.key(0), params, spec)
+    with pytest.warns(UserWarning, match="factored path"):
+        lj.combine(params, lora, spec)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from jax.extend import core as jcore
 
 from lora_jax.adapters import bind
@@ -150,16 +151,18 @@ def factored(
         ``W0 + s * A @ B`` for that primitive, with a warning naming the kernel's path.
 
     Returns:
-      ``g(params, lora, *args, dropout_rng=None)`` equal to ``fn(combine(params, lora, spec), *args)`` (to
-      float rounding) when ``dropout_rng`` is None; with an RNG key, LoRA dropout is applied to each
-      adapter's input at its rule's rate (training).
+      ``g(params, lora, *args, dropout_rng=None, **kwargs)`` equal to
+      ``fn(combine(params, lora, spec), *args, **kwargs)`` (to float rounding) when ``dropout_rng`` is None;
+      with an RNG key, LoRA dropout is applied to each adapter's input at its rule's rate (training).
+      Keyword arguments whose values are arrays (or trees of arrays) are traced; others (``deterministic=True``)
+      reach ``fn`` as they are.
 
     Raises:
       LoraError: ``handlers`` holds something other than handlers or None.
     """
     table = handler_table(handlers)
 
-    def wrapped(params: PyTree, lora: PyTree, *args: Any, dropout_rng: jax.Array | None = None) -> Any:
+    def wrapped(params: PyTree, lora: PyTree, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any) -> Any:
         pairs = bind(params, lora, spec)
         flat_params, treedef = flatten(params)
         leaves = [leaf for _, leaf in flat_params]
@@ -168,15 +171,24 @@ def factored(
         for target, value in pairs:
             i = index[target.path]
             inputs[i] = variant_of(target).factored(target, leaves[i], value, dropout_rng)
+        # Array keyword arguments are traced like positional ones; the rest (flags such as
+        # deterministic=True, strings, None) stay Python values, as fn's own code expects.
+        traced = {k: v for k, v in kwargs.items() if _is_array(v)}
+        static = {k: v for k, v in kwargs.items() if k not in traced}
 
-        def flat_fn(param_leaves: list[Any], args: tuple[Any, ...]) -> Any:
-            return fn(jax.tree_util.tree_unflatten(treedef, param_leaves), *args)
+        def flat_fn(param_leaves: list[Any], args: tuple[Any, ...], traced: dict[str, Any]) -> Any:
+            return fn(jax.tree_util.tree_unflatten(treedef, param_leaves), *args, **traced, **static)
 
         abstract = [abstract_leaf(x) for x in leaves]
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(abstract, args)
-        arg_leaves = jax.tree_util.tree_leaves(args)
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(abstract, args, traced)
+        arg_leaves = jax.tree_util.tree_leaves((args, traced))
         interpreter = Interpreter(table, getattr(closed.jaxpr, "debug_info", None))
         outs = interpreter.run(closed.jaxpr, list(closed.consts), [*inputs, *arg_leaves])
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped
+
+
+def _is_array(value: Any) -> bool:
+    leaves = jax.tree_util.tree_leaves(value)
+    return bool(leaves) and all(isinstance(leaf, jax.Array | np.ndarray) for leaf in leaves)
