@@ -191,3 +191,23 @@ def test_single_target_names_select_one_projection():
     assert target_names("gpt2", "qv") == ("q", "v")
     with pytest.raises(ValueError, match="unknown targets"):
         target_names("bert", "gate")
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
+def test_generation_with_unmerged_adapters_equals_the_merged_model(name, scan):
+    import warnings
+
+    model, params = models.from_pretrained(FIXTURES / name, scan_layers=scan)
+    spec = models.lora_spec(model, "all-linear", rank=2)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.3, lora_jax.init(jax.random.key(0), params, spec))  # B != 0
+    ids = jnp.array([[5, 6, 7], [8, 9, 10]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the factored path must not fall back to materializing any kernel
+        unmerged = models.generate(model, params, ids, 5, lora=lora, spec=spec)
+    merged = models.generate(model, lora_jax.merge(params, lora, spec), ids, 5)
+    base = models.generate(model, params, ids, 5)
+    np.testing.assert_array_equal(unmerged, merged)
+    assert not np.array_equal(unmerged, base)  # the adapters change what is generated
+    with pytest.raises(ValueError, match="both lora and spec"):
+        models.generate(model, params, ids, 5, lora=lora)

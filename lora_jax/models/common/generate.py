@@ -7,16 +7,20 @@ token per step. Shapes depend only on the prompt length and ``max_new_tokens``.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax.factored import factored
 from lora_jax.models.bundled import ARCHITECTURES
 from lora_jax.models.common.config import ConfigError
 from lora_jax.models.common.decoder import DecoderOutput
 from lora_jax.models.common.layers import Cache, init_cache
 from lora_jax.models.registry import Registry
+from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 
 
@@ -45,11 +49,14 @@ def choose(logits: jax.Array, key: jax.Array | None, temperature: float, top_k: 
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "eos_token_id", "pad_token_id")
+    jax.jit,
+    static_argnames=("model", "spec", "max_new_tokens", "temperature", "top_k", "eos_token_id", "pad_token_id"),
 )
 def _generate(
     model: nn.Module,
     params: PyTree,
+    lora: PyTree | None,
+    spec: LoraSpec | None,
     input_ids: jax.Array,
     prompt_mask: jax.Array,
     cache: Cache,
@@ -62,13 +69,14 @@ def _generate(
 ) -> jax.Array:
     batch, prompt = input_ids.shape
     total = prompt + max_new_tokens
-    variables = {"params": params}
+    run = _forward(model, spec)
     # Left padding: positions count real tokens only, and padded slots stay hidden.
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
     prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
     lengths = jnp.sum(prompt_mask, axis=1)
-    out: DecoderOutput = model.apply(  # pyright: ignore[reportAssignmentType]  (apply returns the module's output)
-        variables,
+    out = run(
+        params,
+        lora,
         input_ids,
         slot_mask,
         cache=cache,
@@ -90,8 +98,8 @@ def _generate(
         tokens, cache, logits, done = state
         tokens, done = emit(step, logits, tokens, done)
         nxt = jax.lax.dynamic_slice(tokens, (0, prompt + step), (batch, 1))
-        out: DecoderOutput = model.apply(  # pyright: ignore[reportAssignmentType]
-            variables, nxt, slot_mask, cache=cache, cache_index=prompt + step, position_ids=(lengths + step)[:, None]
+        out = run(
+            params, lora, nxt, slot_mask, cache=cache, cache_index=prompt + step, position_ids=(lengths + step)[:, None]
         )
         return tokens, out.cache, out.logits[:, -1], done
 
@@ -101,12 +109,25 @@ def _generate(
     return tokens
 
 
+def _forward(model: nn.Module, spec: LoraSpec | None) -> Callable[..., DecoderOutput]:
+    """Return ``(params, lora, *inputs, **options) -> DecoderOutput``: plain, or factored with adapters."""
+
+    def plain(params: PyTree, *inputs: Any, **options: Any) -> DecoderOutput:
+        return model.apply({"params": params}, *inputs, **options)  # pyright: ignore[reportReturnType]
+
+    if spec is None:
+        return lambda params, lora, *inputs, **options: plain(params, *inputs, **options)
+    return factored(plain, spec)
+
+
 def generate(
     model: nn.Module,
     params: PyTree,
     input_ids: jax.Array,
     max_new_tokens: int,
     *,
+    lora: PyTree | None = None,
+    spec: LoraSpec | None = None,
     attention_mask: jax.Array | None = None,
     temperature: float = 0.0,
     key: jax.Array | None = None,
@@ -119,7 +140,7 @@ def generate(
 
     Args:
       model: a decoder (:class:`GPT2LMHeadModel`, :class:`LlamaForCausalLM` or another registered one).
-      params: its params (or ``lora_jax.combine(...)`` of them).
+      params: its params: the base with ``lora`` and ``spec``, or a merged tree alone.
       input_ids: ``[B, P]`` prompts; shorter ones padded on the left.
       max_new_tokens: ``N``; the cache holds ``P + N`` positions.
       attention_mask: ``[B, P]``, 0 over left padding (default all 1).
@@ -127,6 +148,8 @@ def generate(
         ``softmax(logits / temperature)``, optionally among the ``top_k`` best.
       key: the RNG key for sampling; step ``i`` uses ``fold_in(key, i)``.
       eos_token_id: after it, a row emits ``pad_token_id``.
+      lora, spec: adapters to run unmerged, through the factored path (``x W0 + s (x A) B``): no
+        ``W0 + A @ B`` is formed at any step. Both or neither.
       registry: the families; ``model``'s own gives the cache shape.
 
     Returns:
@@ -138,12 +161,16 @@ def generate(
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs an explicit RNG key")
+    if (lora is None) != (spec is None):
+        raise ValueError("give both lora and spec to generate with adapters, or neither")
     input_ids = jnp.asarray(input_ids, jnp.int32)
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     cache = cache_for(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, registry)
     return _generate(
         model,
         params,
+        lora,
+        spec,
         input_ids,
         mask,
         cache,
