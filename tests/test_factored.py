@@ -335,3 +335,36 @@ def test_combine_warns_that_it_cannot_apply_dropout():
     lora = lj.init(jax.random.key(0), params, spec)
     with pytest.warns(UserWarning, match="factored path"):
         lj.combine(params, lora, spec)
+
+
+def test_fused_attention_kernels_take_the_low_rank_path():
+    """Gemma-style qkv_einsum [3, N, D, H] and kv_einsum [2, K, D, H]: the stack axis is a free output axis."""
+    d, n, h, k = 16, 4, 8, 2
+    params = {
+        "qkv_einsum": {"w": jax.random.normal(jax.random.key(0), (3, n, d, h))},
+        "kv_einsum": {"w": jax.random.normal(jax.random.key(1), (2, k, d, h))},
+    }
+
+    def attend(p, x):
+        q, key, value = jnp.einsum("BTD,SNDH->SBTNH", x, p["qkv_einsum"]["w"])
+        k2, v2 = jnp.einsum("BSD,CKDH->CBSKH", x, p["kv_einsum"]["w"])
+        return q.sum(-1) + key.sum(-1) + value.sum(-1), k2 + v2
+
+    spec = lj.LoraSpec(
+        [
+            lj.Rule("qkv_einsum/w", rank=2, stack_axes=0, in_axes=2),
+            lj.Rule("kv_einsum/w", rank=2, stack_axes=0, in_axes=2),
+        ]
+    )
+    lora = jax.tree_util.tree_map(lambda a: a + 0.1, lj.init(jax.random.key(2), params, spec))
+    x = jax.random.normal(jax.random.key(3), (2, 5, d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to the materialized kernel
+        got = lj.factored(attend, spec)(params, lora, x)
+        grads = jax.grad(lambda a: lj.factored(attend, spec)(params, a, x)[0].sum())(lora)
+    want = attend(lj.combine(params, lora, spec), x)
+    want_grads = jax.grad(lambda a: attend(lj.combine(params, a, spec), x)[0].sum())(lora)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+    for g, w in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)

@@ -62,11 +62,13 @@ def dot_general(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> 
     w_free = [a for a in range(w.base.ndim) if a not in w_contract and a not in w_batch]
     x_free = [a for a in range(x.ndim) if a not in x_contract and a not in x_batch]
     contract_roles = {w.roles[a][0] for a in w_contract}
-    free_roles = {w.roles[a][0] for a in w_free}
-    # Low-rank only when the contraction is over all inputs (or all outputs) and the batch axes are the stack.
+    free_roles = {w.roles[a][0] for a in w_free} - {"s"}
+    # Low-rank when the contraction is over all inputs (or all outputs). A stack axis may be a batch axis
+    # (one layer of an nn.scan stack per step) or a free one (a fused kernel such as Gemma's qkv_einsum
+    # [3, N, D, H], whose stack axis comes out as an output axis).
     if len(contract_roles) != 1 or contract_roles == {"s"} or free_roles != {"i", "o"} - contract_roles:
         return None
-    if any(w.roles[a][0] != "s" for a in w_batch) or len(w_batch) != w.n_stack:
+    if any(w.roles[a][0] != "s" for a in w_batch):
         return None
 
     letters = iter(string.ascii_letters.replace("R", ""))
@@ -87,7 +89,8 @@ def dot_general(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> 
     first, first_sub, second, second_sub = (
         (w.a, a_sub, w.b, b_sub) if contract_roles == {"i"} else (w.b, b_sub, w.a, a_sub)
     )
-    hidden = batch + free_x + "R"
+    free_stack = "".join(w_letters[a] for a in w_free if w.roles[a][0] == "s")
+    hidden = batch + free_x + free_stack + "R"
     compute = first.dtype
     x_in = w.dropout_input(x, interp.next_use()).astype(compute)
     h = jnp.einsum(f"{x_sub},{first_sub}->{hidden}", x_in, first, precision=eqn.params.get("precision"))
