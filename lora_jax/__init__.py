@@ -14,7 +14,7 @@ extra is named when it is needed.
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lora_jax.adapters import adapter_count
+from lora_jax.adapters import trainable_count
 from lora_jax.combine import combine
 from lora_jax.describe import Description, describe
 from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError, LoraError, NonFiniteError, SpecError
@@ -76,7 +76,7 @@ __all__ = [
     "Rule",
     "SpecError",
     "Target",
-    "adapter_count",
+    "trainable_count",
     "adapter_only",
     "combine",
     "describe",

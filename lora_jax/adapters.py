@@ -95,6 +95,6 @@ def signature(params: Any, spec: LoraSpec) -> dict[str, dict]:
     return out
 
 
-def adapter_count(lora: Any) -> int:
-    """Count the scalars in an adapter tree."""
+def trainable_count(lora: Any) -> int:
+    """Count the scalars in an adapter tree: what ``describe(params, spec).trainable_size`` reports."""
     return sum(int(np.prod(abstract_leaf(x).shape)) for x in jax.tree_util.tree_leaves(lora))

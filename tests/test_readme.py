@@ -28,4 +28,4 @@ def test_readme_first_sample_runs(tmp_path, monkeypatch, minilm_dir):
         np.asarray(params["bert"]["encoder"]["layer_0"]["attention"]["query"]["kernel"]),
     )
     loaded = lj.load_adapter(tmp_path / "sst2.safetensors", params, spec)
-    assert lj.adapter_count(loaded) == lj.adapter_count(lora)
+    assert lj.trainable_count(loaded) == lj.trainable_count(lora)

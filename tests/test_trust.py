@@ -79,3 +79,12 @@ def test_merge_of_finite_adapters_is_unchanged_by_the_check():
     eager = lj.merge(params, lora, spec)
     jitted = jax.jit(lambda p, a: lj.merge(p, a, spec, check_finite=True))(params, lora)
     np.testing.assert_array_equal(eager["dense"]["kernel"], jitted["dense"]["kernel"])
+
+
+def test_trainable_count_and_describe_count_the_same():
+    params = {"dense": {"kernel": jnp.ones((8, 6)), "bias": jnp.zeros(6)}, "head": jnp.ones((6, 2))}
+    spec = lj.LoraSpec([lj.Rule("dense/kernel", rank=2), lj.trainable("head")])
+    lora = lj.init(jax.random.key(0), params, spec)
+    description = lj.describe(params, spec)
+    assert lj.trainable_count(lora) == description.trainable_size == 8 * 2 + 2 * 6 + 6 * 2
+    assert description.adapter_size == 8 * 2 + 2 * 6
