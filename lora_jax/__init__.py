@@ -21,7 +21,7 @@ from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError, LoraEr
 from lora_jax.factored import LowRankKernel, factored
 from lora_jax.initializers import init
 from lora_jax.merge import merge, unmerge
-from lora_jax.optim import adapter_only, trainable_labels
+from lora_jax.optim import adapter_only, lora_plus, trainable_labels
 from lora_jax.plan import KernelLayout, Target, plan
 from lora_jax.spec import LoraSpec, Rule, freeze, trainable
 
@@ -78,6 +78,7 @@ __all__ = [
     "Target",
     "trainable_count",
     "adapter_only",
+    "lora_plus",
     "combine",
     "describe",
     "factored",

@@ -8,6 +8,7 @@ holds no state, so frozen leaves get zero updates and no moments.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -45,3 +46,42 @@ def adapter_only(tx: optax.GradientTransformation, trainable_key: str = "lora") 
         return trainable_labels(tree, trainable_key)
 
     return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+
+
+def lora_plus_labels(lora: Any) -> Any:
+    """Label each leaf of an adapter tree ``"b"`` (a ``B`` factor) or ``"other"`` (``A``, fully trainable leaves)."""
+    from lora_jax.variants import A_KEY, B_KEY  # the adapter tree's keys
+
+    def label(node: Any) -> Any:
+        if isinstance(node, dict):
+            pair = set(node) == {A_KEY, B_KEY}
+            return {k: ("b" if pair and k == B_KEY else label(v)) for k, v in node.items()}
+        return jax.tree_util.tree_map(lambda _: "other", node)
+
+    return label(lora)
+
+
+def lora_plus(
+    optimizer: Callable[..., optax.GradientTransformation],
+    learning_rate: float | optax.Schedule,
+    *,
+    ratio: float = 16.0,
+    **kwargs: Any,
+) -> optax.GradientTransformation:
+    """Build LoRA+ (Hayou et al. 2024): ``optimizer`` with ``ratio`` times the learning rate for every ``B``.
+
+    Args:
+      optimizer: an optax optimizer factory taking the learning rate first, e.g. ``optax.adamw``.
+      learning_rate: the rate of ``A`` and of fully trainable leaves; a number or a schedule.
+      ratio: ``lr_B / lr_A`` (the paper's default is 16).
+      **kwargs: passed to ``optimizer`` (``weight_decay=...``).
+
+    Returns:
+      A transformation of an adapter tree; wrap it in :func:`adapter_only` for a combined tree.
+    """
+    if not ratio > 0:
+        raise ValueError(f"lora_plus ratio must be positive, got {ratio!r}")
+    fast = (lambda step: ratio * learning_rate(step)) if callable(learning_rate) else ratio * learning_rate
+    return optax.multi_transform(
+        {"other": optimizer(learning_rate, **kwargs), "b": optimizer(fast, **kwargs)}, lora_plus_labels
+    )

@@ -88,3 +88,26 @@ def test_trainable_count_and_describe_count_the_same():
     description = lj.describe(params, spec)
     assert lj.trainable_count(lora) == description.trainable_size == 8 * 2 + 2 * 6 + 6 * 2
     assert description.adapter_size == 8 * 2 + 2 * 6
+
+
+def test_lora_plus_gives_b_ratio_times_the_rate_of_a():
+    import optax
+
+    params = {"dense": {"kernel": jnp.ones((8, 6))}, "head": jnp.ones((6, 2))}
+    spec = lj.LoraSpec([lj.Rule("dense/kernel", rank=2), lj.trainable("head")])
+    lora = lj.init(jax.random.key(0), params, spec)
+    grads = jax.tree_util.tree_map(jnp.ones_like, lora)
+    for rate in (0.01, optax.constant_schedule(0.01)):
+        tx = lj.lora_plus(optax.sgd, rate, ratio=16.0)
+        updates, _ = tx.update(grads, tx.init(lora), lora)
+        np.testing.assert_allclose(updates["dense"]["kernel"]["a"], -0.01)
+        np.testing.assert_allclose(updates["dense"]["kernel"]["b"], -0.16)
+        np.testing.assert_allclose(updates["head"], -0.01)
+    # Inside adapter_only, on a combined tree: the base gets nothing.
+    combined_tx = lj.adapter_only(lj.lora_plus(optax.sgd, 0.01))
+    tree = {"base": params, "lora": lora}
+    updates, _ = combined_tx.update(jax.tree_util.tree_map(jnp.ones_like, tree), combined_tx.init(tree), tree)
+    np.testing.assert_allclose(updates["base"]["dense"]["kernel"], 0.0)
+    np.testing.assert_allclose(updates["lora"]["dense"]["kernel"]["b"], -0.16)
+    with pytest.raises(ValueError, match="ratio must be positive"):
+        lj.lora_plus(optax.sgd, 0.01, ratio=0.0)
