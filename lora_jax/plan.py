@@ -18,7 +18,7 @@ import numpy as np
 
 from lora_jax.errors import SpecError
 from lora_jax.paths import PathTuple, flatten, path_str
-from lora_jax.spec import Axes, LoraSpec, Rule
+from lora_jax.spec import ADAPTED_MODES, Axes, LoraSpec, Rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +216,7 @@ def plan(params: Any, spec: LoraSpec) -> tuple[Target, ...]:
         if not jnp.issubdtype(dtype, jnp.floating):
             raise SpecError(f"{rule.label} matched {name} of dtype {dtype}: only floating-point leaves can train")
         layout = None
-        if rule.mode == "lora":
+        if rule.mode in ADAPTED_MODES:
             if len(shape) < 2:
                 raise SpecError(f"{rule.label} matched {name} with shape {shape}: LoRA needs a kernel of 2+ axes")
             layout = kernel_layout(rule, name, shape)

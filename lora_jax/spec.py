@@ -15,7 +15,9 @@ import jax
 
 from lora_jax.paths import Predicate, check_pattern, matches
 
-Mode = Literal["lora", "train", "freeze"]
+Mode = Literal["lora", "dora", "train", "freeze"]
+ADAPTED_MODES = ("lora", "dora")
+"""Modes that add low-rank factors to a kernel (and so need its layout)."""
 Scaling = Literal["standard", "rslora"]
 Init = Literal["kaiming_uniform", "gaussian"]
 Axes = tuple[int, ...]
@@ -37,7 +39,8 @@ class Rule:
       pattern: a regular expression that must match the whole ``/``-joined
         path of a leaf (``re.fullmatch``), or a predicate
         ``(path, jax.ShapeDtypeStruct) -> bool``.
-      mode: ``"lora"`` adds a low-rank adapter; ``"train"`` makes the leaf fully
+      mode: ``"lora"`` adds a low-rank adapter; ``"dora"`` adds one with a
+        trainable magnitude per output column (DoRA, Liu et al. 2024); ``"train"`` makes the leaf fully
         trainable (a new head; PEFT's ``modules_to_save``); ``"freeze"`` keeps
         it frozen and stops later rules from matching it.
       rank: ``r``, the inner dimension of ``A [*in, r]`` and ``B [r, *out]``.
@@ -78,10 +81,10 @@ class Rule:
             object.__setattr__(self, field, _as_axes(getattr(self, field)))
         object.__setattr__(self, "dtype", str(jax.numpy.dtype(self.dtype)))
         label = self.label
-        if self.mode not in ("lora", "train", "freeze"):
-            raise ValueError(f"{label}: mode must be 'lora', 'train' or 'freeze', got {self.mode!r}")
+        if self.mode not in (*ADAPTED_MODES, "train", "freeze"):
+            raise ValueError(f"{label}: mode must be 'lora', 'dora', 'train' or 'freeze', got {self.mode!r}")
         check_pattern(self.pattern, label)
-        if self.mode != "lora":
+        if self.mode not in ADAPTED_MODES:
             return
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"{label}: rank must be a positive integer, got {self.rank!r}")
@@ -148,4 +151,4 @@ class LoraSpec:
 
     @property
     def has_dropout(self) -> bool:
-        return any(r.mode == "lora" and r.dropout > 0 for r in self.rules)
+        return any(r.mode in ADAPTED_MODES and r.dropout > 0 for r in self.rules)

@@ -7,10 +7,12 @@ what the factored path carries in the kernel's place, how they are
 partitioned, and what a saved file must agree on. A new kind of adapter (a
 magnitude vector, a quantized base) is one more :class:`Variant` here.
 
-Two variants exist:
+Three variants exist:
 
 - ``"lora"`` (:class:`LowRank`): ``A [*stack, *in, r]`` and ``B [*stack, r, *out]``
   under the kernel's path, ``W = W0 + s * A @ B``.
+- ``"dora"`` (:class:`Dora`): LoRA's factors and a magnitude ``m [*stack, *out]``,
+  ``W = m * (W0 + s * A @ B) / ||W0 + s * A @ B||``.
 - ``"train"`` (:class:`Full`): a trainable copy of the leaf at its own path,
   which replaces the base value (PEFT's ``modules_to_save``).
 """
@@ -26,11 +28,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from lora_jax.errors import LoraError
 from lora_jax.paths import PathTuple
 from lora_jax.plan import Target
 
 A_KEY = "a"
 B_KEY = "b"
+M_KEY = "m"
 
 
 class Variant(abc.ABC):
@@ -102,7 +106,7 @@ class LowRank(Variant):
             a = jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
         return {(*target.path, A_KEY): a, (*target.path, B_KEY): jnp.zeros(target.b_shape, dtype)}
 
-    def value(self, target: Target, leaves: Mapping[PathTuple, Any]) -> tuple[Any, Any]:
+    def value(self, target: Target, leaves: Mapping[PathTuple, Any]) -> tuple[Any, ...]:
         return leaves[(*target.path, A_KEY)], leaves[(*target.path, B_KEY)]
 
     def apply(self, target: Target, base: Any, value: Any, sign: float) -> jax.Array:
@@ -141,6 +145,91 @@ class LowRank(Variant):
         return axes, str(target.rule.rank), f"{target.rule.alpha:g}"
 
 
+class Dora(LowRank):
+    """DoRA (Liu et al. 2024): ``W = m * (W0 + s A @ B) / ||W0 + s A @ B||``, one norm per output column.
+
+    The magnitude ``m [*stack, *out]`` starts at ``||W0||``, so training starts at the base. The norm is
+    taken over the input axes and treated as a constant under differentiation (the paper's and PEFT's
+    choice), in ``combine``, ``merge`` and the factored path alike.
+    """
+
+    mode = "dora"
+
+    def leaves(self, target: Target) -> dict[PathTuple, jax.ShapeDtypeStruct]:
+        layout = target.layout
+        assert layout is not None
+        magnitude = jax.ShapeDtypeStruct((*layout.stack_shape, *layout.out_shape), jnp.dtype(target.rule.dtype))
+        return {**super().leaves(target), (*target.path, M_KEY): magnitude}
+
+    def init(self, key: jax.Array, target: Target, base: Any) -> dict[PathTuple, jax.Array]:
+        fresh = super().init(key, target, base)
+        norm = self._column_norm(target, jnp.asarray(base, jnp.float32))
+        return {**fresh, (*target.path, M_KEY): norm.astype(jnp.dtype(target.rule.dtype))}
+
+    def value(self, target: Target, leaves: Mapping[PathTuple, Any]) -> tuple[Any, Any, Any]:
+        return (*super().value(target, leaves), leaves[(*target.path, M_KEY)])
+
+    def apply(self, target: Target, base: Any, value: Any, sign: float) -> jax.Array:
+        if sign < 0:
+            raise LoraError(
+                f"{target.name}: a DoRA merge cannot be undone (the merged kernel no longer holds the "
+                "norm it was divided by); keep the base tree and merge again instead"
+            )
+        base = jnp.asarray(base)
+        a, b, m = value
+        assert target.layout is not None
+        weight = base.astype(jnp.float32) + target.rule.scale * target.layout.delta(a, b)
+        return (weight * self._laid_out(target, self._gain(target, weight, m))).astype(base.dtype)
+
+    def factored(self, target: Target, base: Any, value: Any, rng: jax.Array | None) -> Any:
+        from lora_jax.factored.kernel import low_rank_kernel  # the interpreter imports the adapters, which import this
+
+        a, b, m = value
+        assert target.layout is not None
+        # The norm needs W0 + s A @ B once per step (as in PEFT); the matmuls stay factored.
+        weight = jnp.asarray(base, jnp.float32) + target.rule.scale * target.layout.delta(a, b)
+        return low_rank_kernel(target, base, a, b, rng, self._gain(target, weight, m))
+
+    def partitions(self, target: Target, base: PartitionSpec) -> dict[PathTuple, PartitionSpec]:
+        layout = target.layout
+        assert layout is not None
+        entries = list(base)
+        magnitude = PartitionSpec(*(entries[a] for a in layout.stack), *(entries[a] for a in layout.outputs))
+        return {**super().partitions(target, base), (*target.path, M_KEY): magnitude}
+
+    def summary(self, target: Target) -> tuple[str, str, str]:
+        axes, rank, alpha = super().summary(target)
+        return axes, f"{rank} (DoRA)", alpha
+
+    @staticmethod
+    def _column_norm(target: Target, weight: jax.Array) -> jax.Array:
+        """Return ``||weight||`` over the input axes, ``[*stack, *out]`` in the layout's role order."""
+        layout = target.layout
+        assert layout is not None
+        ordered = jnp.transpose(weight, (*layout.stack, *layout.inputs, *layout.outputs))
+        n_stack, n_in = len(layout.stack), len(layout.inputs)
+        return jnp.sqrt(jnp.sum(ordered * ordered, axis=tuple(range(n_stack, n_stack + n_in))))
+
+    def _gain(self, target: Target, weight: jax.Array, m: jax.Array) -> jax.Array:
+        """Return ``m / ||weight||`` ``[*stack, *out]``, the norm held constant under differentiation."""
+        norm = jax.lax.stop_gradient(self._column_norm(target, weight))
+        return m.astype(jnp.float32) / norm
+
+    @staticmethod
+    def _laid_out(target: Target, gain: jax.Array) -> jax.Array:
+        """Broadcast ``gain [*stack, *out]`` against the kernel in its own axis order."""
+        layout = target.layout
+        assert layout is not None
+        ndim = len(target.shape)
+        shape = [1] * ndim
+        for axis in (*layout.stack, *layout.outputs):
+            shape[axis] = target.shape[axis]
+        # gain's axes are (stack..., outputs...) in role order; move them to the kernel's own order.
+        kernel_axes = (*layout.stack, *layout.outputs)
+        order = sorted(range(len(kernel_axes)), key=lambda i: kernel_axes[i])
+        return jnp.transpose(gain, order).reshape(shape)
+
+
 class Full(Variant):
     """A trainable copy of the whole leaf, which replaces the base value."""
 
@@ -174,7 +263,7 @@ class Full(Variant):
         return "-", "full", "-"
 
 
-VARIANTS: Mapping[str, Variant] = {variant.mode: variant for variant in (LowRank(), Full())}
+VARIANTS: Mapping[str, Variant] = {variant.mode: variant for variant in (LowRank(), Dora(), Full())}
 """Each trainable mode's variant; ``"freeze"`` has none, since it makes no target."""
 
 

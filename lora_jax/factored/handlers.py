@@ -70,6 +70,8 @@ def dot_general(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> 
         return None
     if any(w.roles[a][0] != "s" for a in w_batch):
         return None
+    if w.output_scale is not None and contract_roles != {"i"}:
+        return None  # a per-output-column scale on contracted axes has no cheaper form than the weight
 
     letters = iter(string.ascii_letters.replace("R", ""))
     x_letters = {a: next(letters) for a in range(x.ndim)}
@@ -96,7 +98,11 @@ def dot_general(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> 
     h = jnp.einsum(f"{x_sub},{first_sub}->{hidden}", x_in, first, precision=eqn.params.get("precision"))
     low = jnp.einsum(f"{hidden},{second_sub}->{out_sub}", h, second.astype(compute))
     base_out = interp.run_plain(eqn, [w.base, x] if w_side == 0 else [x, w.base])[0]
-    return [base_out + (w.scale * low).astype(base_out.dtype)]
+    out = base_out + (w.scale * low).astype(base_out.dtype)
+    if w.output_scale is not None:
+        g_sub = w.output_subscripts(w_letters)
+        out = jnp.einsum(f"{out_sub},{g_sub}->{out_sub}", out, w.output_scale.astype(out.dtype))
+    return [out]
 
 
 def conv_general_dilated(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
@@ -105,6 +111,8 @@ def conv_general_dilated(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[
     p = eqn.params
     if isinstance(x, LowRankKernel) or w.n_stack or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
         return None
+    if w.output_scale is not None:
+        return None  # DoRA on a conv kernel: the materialized weight
     dn = p["dimension_numbers"]
     out_dim, out_feature = dn.rhs_spec[0], dn.out_spec[1]
     if w.roles[out_dim][0] != "o" or sum(1 for r, _ in w.roles if r == "o") != 1:
@@ -133,6 +141,8 @@ def gather(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[
     w, indices = values
     if isinstance(indices, LowRankKernel) or w.base.ndim != 2 or w.roles != (("i", 0), ("o", 0)):
         return None
+    if w.output_scale is not None:
+        return None  # DoRA on an embedding: the materialized weight
     p = eqn.params
     dn = p["dimension_numbers"]
     if tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,) or len(dn.offset_dims) != 1:
@@ -205,14 +215,15 @@ def scan(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[An
         rng = None if x.rng is None else jax.random.split(x.rng, p["length"])
         inner_roles = tuple((r, k - (r == "s" and k > position)) for r, k in x.roles[1:])
         sliced[i] = (inner_roles, x)
-        xs[i] = (x.base, jnp.moveaxis(x.a, position, 0), jnp.moveaxis(x.b, position, 0), rng)
+        g = None if x.output_scale is None else jnp.moveaxis(x.output_scale, position, 0)
+        xs[i] = (x.base, jnp.moveaxis(x.a, position, 0), jnp.moveaxis(x.b, position, 0), rng, g)
     closed = p["jaxpr"]
 
     def body(carry: list[Any], xs_t: list[Any]) -> tuple[list[Any], list[Any]]:
         xs_t = list(xs_t)
         for i, (roles, x) in sliced.items():
-            base, a, b, rng = xs_t[i]
-            xs_t[i] = LowRankKernel(base, a, b, rng, roles, x.scale, x.dropout, x.name)
+            base, a, b, rng, g = xs_t[i]
+            xs_t[i] = LowRankKernel(base, a, b, rng, roles, x.scale, x.dropout, x.name, g)
         outs = interp.run(closed.jaxpr, list(closed.consts), [*consts, *carry, *xs_t])
         return outs[:n_carry], outs[n_carry:]
 

@@ -29,6 +29,8 @@ class LowRankKernel:
       scale: the rule's scaling ``s``.
       dropout: the rule's LoRA dropout rate.
       name: the kernel's path, for warnings.
+      output_scale: a factor per output column ``[*stack, *out]`` that multiplies the whole kernel
+        (DoRA's ``m / ||W0 + s A B||``), or None.
     """
 
     base: jax.Array
@@ -39,6 +41,7 @@ class LowRankKernel:
     scale: float = dataclasses.field(metadata=dict(static=True))
     dropout: float = dataclasses.field(metadata=dict(static=True))
     name: str = dataclasses.field(metadata=dict(static=True))
+    output_scale: jax.Array | None = None
 
     @property
     def n_stack(self) -> int:
@@ -55,13 +58,25 @@ class LowRankKernel:
         b_sub = stack + "R" + "".join(by_role[("o", k)] for k in range(n_out))
         return a_sub, b_sub
 
+    def output_subscripts(self, letters: dict[int, str]) -> str:
+        """Return the einsum subscripts of ``output_scale [*stack, *out]`` given a letter per current axis."""
+        by_role = {role: letters[axis] for axis, role in enumerate(self.roles)}
+        n_out = self.b.ndim - self.n_stack - 1
+        return "".join(by_role[("s", i)] for i in range(self.n_stack)) + "".join(
+            by_role[("o", k)] for k in range(n_out)
+        )
+
     def materialize(self) -> jax.Array:
-        """Return ``W0 + scale * A @ B`` in the current layout and dtype, accumulated in float32."""
+        """Return ``W0 + scale * A @ B`` (times ``output_scale``) in the current layout and dtype, in float32."""
         letters = {axis: string.ascii_lowercase[axis] for axis in range(self.base.ndim)}
         a_sub, b_sub = self.subscripts(letters)
         out = "".join(letters[axis] for axis in range(self.base.ndim))
         delta = jnp.einsum(f"{a_sub},{b_sub}->{out}", self.a.astype(jnp.float32), self.b.astype(jnp.float32))
-        return (self.base.astype(jnp.float32) + self.scale * delta).astype(self.base.dtype)
+        weight = self.base.astype(jnp.float32) + self.scale * delta
+        if self.output_scale is not None:
+            g_sub = self.output_subscripts(letters)
+            weight = jnp.einsum(f"{out},{g_sub}->{out}", weight, self.output_scale.astype(jnp.float32))
+        return weight.astype(self.base.dtype)
 
     def dropout_input(self, x: jax.Array, use: int) -> jax.Array:
         """Return ``x`` with LoRA dropout (inverted scaling) for the ``use``-th kernel use; ``x`` as is without RNG."""
@@ -72,7 +87,12 @@ class LowRankKernel:
 
 
 def low_rank_kernel(
-    target: Target, base: jax.Array, a: jax.Array, b: jax.Array, rng: jax.Array | None
+    target: Target,
+    base: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    rng: jax.Array | None,
+    output_scale: jax.Array | None = None,
 ) -> LowRankKernel:
     """Build the factored value of an adapted kernel.
 
@@ -82,6 +102,7 @@ def low_rank_kernel(
       a: ``A [*stack, *in, r]``.
       b: ``B [*stack, r, *out]``.
       rng: the step's dropout key, or None; it is folded with the kernel's path so each kernel draws its own mask.
+      output_scale: ``[*stack, *out]``, a factor per output column of the whole kernel, or None.
 
     Returns:
       The :class:`LowRankKernel` with its axis roles taken from the layout and scale and dropout from the rule.
@@ -95,4 +116,6 @@ def low_rank_kernel(
     if rng is not None:
         rng = jax.random.fold_in(rng, path_hash(target.name))
     rule = target.rule
-    return LowRankKernel(jnp.asarray(base), a, b, rng, tuple(roles), rule.scale, rule.dropout, target.name)
+    return LowRankKernel(
+        jnp.asarray(base), a, b, rng, tuple(roles), rule.scale, rule.dropout, target.name, output_scale
+    )
