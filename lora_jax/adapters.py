@@ -95,6 +95,48 @@ def signature(params: Any, spec: LoraSpec) -> dict[str, dict]:
     return out
 
 
+_LABELS = {"rank": "rank", "scale": "scale (alpha / r)", "mode": "mode", "shape": "shape"}
+_SHOWN_TARGETS = 3  # leaf names listed per "targets:" phrase
+
+
+def signature_differences(
+    saved: dict[str, dict], wanted: dict[str, dict], *, saved_in: str = "the checkpoint"
+) -> list[str]:
+    """Return what differs between two adapter signatures (:func:`signature`), one phrase per difference.
+
+    Adapter files and training checkpoints both compare with this, so a changed
+    rank, scale, mode, shape or set of targets reads the same wherever it is found.
+
+    Args:
+      saved: the signature a file or checkpoint was written with.
+      wanted: the signature of the current base and spec.
+      saved_in: how the phrases name where ``saved`` came from.
+
+    Returns:
+      Phrases such as ``"targets: ... only in the checkpoint (2 leaves)"`` or
+      ``"encoder/query/kernel/a: rank 4 in the checkpoint, 8 now"``; empty
+      when the signatures agree.
+    """
+    out = []
+    only_saved = sorted(set(saved) - set(wanted))
+    only_wanted = sorted(set(wanted) - set(saved))
+    if only_saved:
+        shown = ", ".join(only_saved[:_SHOWN_TARGETS])
+        out.append(f"targets: {shown} only in {saved_in} ({len(only_saved)} leaves)")
+    if only_wanted:
+        shown = ", ".join(only_wanted[:_SHOWN_TARGETS])
+        out.append(f"targets: {shown} only in this spec ({len(only_wanted)} leaves)")
+    for name in sorted(set(saved) & set(wanted)):
+        before_all, now_all = saved[name], wanted[name]
+        # Settings a variant adds beyond the four known ones are compared too, after them.
+        keys = [*_LABELS, *sorted((set(before_all) | set(now_all)) - set(_LABELS))]
+        for key in keys:
+            before, now = before_all.get(key), now_all.get(key)
+            if before != now:
+                out.append(f"{name}: {_LABELS.get(key, key)} {before} in {saved_in}, {now} now")
+    return out
+
+
 def trainable_count(lora: Any) -> int:
     """Count the scalars in an adapter tree: what ``describe(params, spec).trainable_size`` reports."""
     return sum(int(np.prod(abstract_leaf(x).shape)) for x in jax.tree_util.tree_leaves(lora))

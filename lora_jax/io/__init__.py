@@ -2,7 +2,7 @@
 
 | module | holds |
 |---|---|
-| :mod:`~lora_jax.io.atomic` | ``write_atomic``: a file is written whole or not at all, never over one unless asked |
+| :mod:`~lora_jax.io.atomic` | ``write_atomic``, ``write_directory_atomic``: all or nothing, never over a file unasked |
 | :mod:`~lora_jax.io.adapter` | ``save_adapter`` / ``load_adapter``: one safetensors file with its spec's signature |
 | :mod:`~lora_jax.io.peft` | ``to_peft`` / ``save_peft`` / ``load_peft``: Hugging Face PEFT's LoRA folder |
 """
@@ -14,7 +14,7 @@ require("safetensors", "io")  # before the modules below import it, so that a mi
 from lora_jax.errors import CheckpointCorruptError
 from lora_jax.io import adapter, atomic, peft
 from lora_jax.io.adapter import adapter_bytes, load_adapter, save_adapter
-from lora_jax.io.atomic import refuse_existing, write_atomic, write_bytes, write_text
+from lora_jax.io.atomic import refuse_existing, write_atomic, write_bytes, write_directory_atomic, write_text
 from lora_jax.io.peft import HfName, NameTable, load_peft, save_peft, to_peft
 
 __all__ = [
@@ -33,5 +33,6 @@ __all__ = [
     "to_peft",
     "write_atomic",
     "write_bytes",
+    "write_directory_atomic",
     "write_text",
 ]

@@ -17,7 +17,7 @@ from types import TracebackType
 import jax
 
 from lora_jax._extras import require
-from lora_jax.adapters import signature
+from lora_jax.adapters import signature, signature_differences
 from lora_jax.errors import AdapterMismatchError, LoraError
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PathLike, PyTree
@@ -25,34 +25,6 @@ from lora_jax.typing import PathLike, PyTree
 STATE = "state"
 SIGNATURE = "signature"
 _SHOWN = 3  # differences named in an error message
-
-
-def signature_differences(saved: dict[str, dict], wanted: dict[str, dict]) -> list[str]:
-    """Return what differs between two adapter signatures, one phrase per difference.
-
-    Args:
-      saved: the signature a checkpoint was written with.
-      wanted: the signature of the current base and spec.
-
-    Returns:
-      Phrases such as ``"targets: ... only in the checkpoint"`` or
-      ``"encoder/query/kernel/a: rank 4 in the checkpoint, 8 now"``; empty
-      when the signatures agree.
-    """
-    out = []
-    only_saved = sorted(set(saved) - set(wanted))
-    only_wanted = sorted(set(wanted) - set(saved))
-    if only_saved:
-        out.append(f"targets: {', '.join(only_saved[:_SHOWN])} only in the checkpoint ({len(only_saved)} leaves)")
-    if only_wanted:
-        out.append(f"targets: {', '.join(only_wanted[:_SHOWN])} only in this spec ({len(only_wanted)} leaves)")
-    labels = {"rank": "rank", "scale": "scale (alpha / r)", "mode": "mode", "shape": "shape"}
-    for name in sorted(set(saved) & set(wanted)):
-        for key, label in labels.items():
-            before, now = saved[name].get(key), wanted[name].get(key)
-            if before != now:
-                out.append(f"{name}: {label} {before} in the checkpoint, {now} now")
-    return out
 
 
 class Checkpoints:
