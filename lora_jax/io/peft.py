@@ -13,6 +13,13 @@ Which checkpoint name goes with which param path is the model's business: a
 to its PyTorch tensor name and an :class:`HfName` layout;
 :func:`lora_jax.models.hf_names` gives the table for the bundled models. Both
 files are written through :func:`lora_jax.io.atomic.write_atomic`.
+
+The config is read with PEFT's own rules (:mod:`lora_jax.io.peft_config`):
+per-module ranks and alphas from ``rank_pattern``/``alpha_pattern``, and
+``target_modules`` that must select the modules the spec adapts. Loading
+refuses, naming the file, whatever it cannot read or that does not fit: the
+spec's rank or scale for a module, a tensor's shape or dtype (checked before
+any reshape), a NaN or Inf.
 """
 
 from __future__ import annotations
@@ -273,7 +280,7 @@ def _tensor(tensors: dict[str, np.ndarray], file: Path, key: str, shape: tuple[i
             f"{file}: tensor {key} has shape {tuple(value.shape)}{hint}, but needs shape {shape}: {why}; "
             "was the adapter made for another model, or its config edited?"
         )
-    if not np.all(np.isfinite(value.astype(np.float32))):
+    if not np.all(np.isfinite(value)):
         raise NonFiniteError(f"{file}: tensor {key} holds NaN or Inf; the adapter diverged or the file is damaged")
     return value
 

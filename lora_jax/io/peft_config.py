@@ -248,7 +248,7 @@ def parse_config(data: Any, file: PathLike) -> PeftConfig:
                 f"{file}: {option}={data[option]!r} asks for {what}, which lora_jax does not compute; "
                 "train the adapter without it to use it here"
             )
-    if data.get("bias", "none") != "none":
+    if data.get("bias") not in ("none", None):
         raise AdapterMismatchError(
             f"{file}: bias={data['bias']!r} trains biases beside LoRA, which lora_jax does not load; "
             "only bias='none' adapters fit"
