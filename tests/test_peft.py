@@ -87,3 +87,24 @@ def test_mismatches_name_the_module(tmp_path):
     lora = lj.init(jax.random.key(0), gpt2_params, gpt2_spec)
     with pytest.raises(lj.LoraError, match="fused tensor"):
         peft.to_peft(gpt2_params, lora, gpt2_spec, models.hf_names(gpt2))
+
+
+def test_save_peft_writes_both_files_or_neither(tmp_path, monkeypatch):
+    """A failure while writing the config, after the new weights, leaves the previous folder as it was."""
+    import lora_jax.io.peft as peft_io
+
+    model, params = models.from_pretrained(FIXTURES / "models" / "tiny_bert_cls")
+    spec = models.lora_spec(model, "qv", rank=2)
+    names = models.hf_names(model)
+    lora = lj.init(jax.random.key(0), params, spec)
+    peft_io.save_peft(tmp_path, params, lora, spec, names)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    changed = jax.tree_util.tree_map(lambda x: x + 1.0, lora)
+
+    def broken_write_text(self, *args, **kwargs):  # the config is written after the weights
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", broken_write_text)
+    with pytest.raises(OSError, match="disk full"):
+        peft_io.save_peft(tmp_path, params, changed, spec, names, overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -13,6 +13,13 @@ Which checkpoint name goes with which param path is the model's business: a
 to its PyTorch tensor name and an :class:`HfName` layout;
 :func:`lora_jax.models.hf_names` gives the table for the bundled models. Both
 files are written through :func:`lora_jax.io.atomic.write_atomic`.
+
+The config is read with PEFT's own rules (:mod:`lora_jax.io.peft_config`):
+per-module ranks and alphas from ``rank_pattern``/``alpha_pattern``, and
+``target_modules`` that must select the modules the spec adapts. Loading
+refuses, naming the file, whatever it cannot read or that does not fit: the
+spec's rank or scale for a module, a tensor's shape or dtype (checked before
+any reshape), a NaN or Inf.
 """
 
 from __future__ import annotations
@@ -21,15 +28,17 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._extras import require
 from lora_jax.adapters import A_KEY, B_KEY, check_fits
-from lora_jax.errors import AdapterMismatchError, LoraError
-from lora_jax.io.atomic import refuse_existing, write_atomic, write_text
+from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError, LoraError, NonFiniteError
+from lora_jax.finite import check_finite
+from lora_jax.io.atomic import refuse_existing, write_directory_atomic
+from lora_jax.io.peft_config import FIX, make_config, read_config
 from lora_jax.paths import PathTuple, nested_set, path_str, unroll_path
 from lora_jax.plan import Target, plan
 from lora_jax.spec import LoraSpec
@@ -79,6 +88,20 @@ def _lookup(names: NameTable, path: PathTuple, layer: int | None) -> tuple[str, 
     return name, layout
 
 
+def module_names(names: NameTable, *, parents: bool = False, adaptable: bool = False) -> set[str]:
+    """Return the PyTorch module names of a model: each tensor's owner, and with ``parents`` its containers too.
+
+    With ``adaptable``, only the owners of a kernel or an embedding table: the modules PEFT can put LoRA on.
+    """
+    out = set()
+    for path, (name, _) in names.items():
+        if adaptable and path.rsplit("/", 1)[-1] not in ("kernel", "embedding"):
+            continue
+        parts = name.split(".")[:-1]
+        out.update(".".join(parts[:k]) for k in (range(1, len(parts) + 1) if parents else [len(parts)]))
+    return out
+
+
 def _to_kernel_order(x: np.ndarray, axes: tuple[int, ...], lead: int) -> np.ndarray:
     """Permute the group of axes after ``lead`` leading axes from rule order to kernel order."""
     order = np.argsort(axes)
@@ -89,34 +112,6 @@ def _from_kernel_order(x: np.ndarray, axes: tuple[int, ...], lead: int) -> np.nd
     """Permute the group of axes after ``lead`` leading axes from kernel order to rule order."""
     order = np.argsort(np.argsort(axes))
     return np.transpose(x, [*range(lead), *(lead + int(i) for i in order), *range(lead + len(axes), x.ndim)])
-
-
-def _pattern_values(targets: list[Target], names: NameTable) -> dict[str, Any]:
-    """Return the config's ``r``, ``lora_alpha``, scaling, dropout and per-module rank and alpha overrides."""
-    rules = [t.rule for t in targets if t.layout is not None]
-    if not rules:
-        raise LoraError("the spec adapts no kernel; PEFT needs at least one LoRA module")
-    if len({r.scaling for r in rules}) > 1:
-        raise LoraError("PEFT takes one scaling for all modules; the spec mixes standard and rsLoRA")
-    first = rules[0]
-    rank_pattern, alpha_pattern = {}, {}
-    for t in targets:
-        if t.layout is None:
-            continue
-        for layer in _layers(t):
-            module = _lookup(names, t.path, layer)[0].removesuffix(".weight")
-            if t.rule.rank != first.rank:
-                rank_pattern[module] = t.rule.rank
-            if t.rule.alpha != first.alpha:
-                alpha_pattern[module] = t.rule.alpha
-    return {
-        "r": first.rank,
-        "lora_alpha": first.alpha,
-        "use_rslora": first.scaling == "rslora",
-        "lora_dropout": first.dropout,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-    }
 
 
 def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> tuple[dict[str, np.ndarray], dict]:
@@ -139,8 +134,15 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
     """
     targets = list(plan(params, spec))
     leaves = check_fits(tuple(targets), lora)
+    check_finite(lora, "adapter leaf", "a PEFT adapter must hold finite numbers; train again from a finite state")
+    rules = [t.rule for t in targets if t.layout is not None]
+    if not rules:
+        raise LoraError("the spec adapts no kernel; PEFT needs at least one LoRA module")
+    if len({r.scaling for r in rules}) > 1:
+        raise LoraError("PEFT takes one scaling for all modules; the spec mixes standard and rsLoRA")
     tensors: dict[str, np.ndarray] = {}
-    lora_modules, saved_modules = set(), set()
+    adapted: dict[str, tuple[int, float]] = {}
+    saved: set[str] = set()
     for t in targets:
         for layer in _layers(t):
             name, layout = _lookup(names, t.path, layer)
@@ -151,7 +153,7 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
                 flat = layout.checkpoint_shape(value.shape)
                 value = value.reshape(flat[::-1] if layout.transpose else flat)
                 tensors[PREFIX + name] = np.ascontiguousarray(value.T if layout.transpose else value)
-                saved_modules.add(module.split(".")[-1])
+                saved.add(module)
                 continue
             a = np.asarray(jnp.asarray(leaves[(*t.path, A_KEY)], jnp.float32))
             b = np.asarray(jnp.asarray(leaves[(*t.path, B_KEY)], jnp.float32))
@@ -161,12 +163,13 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
             b = _to_kernel_order(b, t.layout.outputs, 1).reshape(-1, t.layout.out_size)
             tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
             tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
-            lora_modules.add(module.split(".")[-1])
+            adapted[module] = (t.rule.rank, t.rule.alpha)
+    settings = make_config(
+        adapted, saved, module_names(names, parents=True), rslora=rules[0].scaling == "rslora", dropout=rules[0].dropout
+    )
     config = {
         "peft_type": "LORA",
-        **_pattern_values(targets, names),
-        "target_modules": sorted(lora_modules),
-        "modules_to_save": sorted(saved_modules) or None,
+        **settings,
         "bias": "none",
         "fan_in_fan_out": any(not names[k][1].transpose for k in names if k.endswith("/kernel")),
         "init_lora_weights": True,
@@ -208,13 +211,88 @@ def save_peft(
     tensors, config = to_peft(params, lora, spec, names)
     config["base_model_name_or_path"] = base_model_name_or_path
     save_file = require("safetensors.numpy", "io").save_file
-    write_atomic(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp), overwrite=True)
-    write_text(directory / CONFIG, json.dumps(config, indent=2), overwrite=True)
-    return directory
+    text = json.dumps(config, indent=2)
+    # Both files or neither: a crash never leaves new weights beside an old config.
+    files = {WEIGHTS: lambda tmp: save_file(tensors, tmp), CONFIG: lambda tmp: Path(tmp).write_text(text)}
+    return write_directory_atomic(directory, files, overwrite=True)
+
+
+def _check_files(directory: Path) -> None:
+    """Refuse a folder without both files, pointing at a pickled ``adapter_model.bin`` if that is what it has."""
+    if not (directory / CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{directory / CONFIG}: missing (a PEFT adapter directory holds {WEIGHTS} and {CONFIG})"
+        )
+    if (directory / WEIGHTS).is_file():
+        return
+    pickled = directory / "adapter_model.bin"
+    if pickled.is_file():
+        raise AdapterMismatchError(
+            f"{pickled}: a PyTorch pickle, which lora_jax does not read (unpickling can run code); convert it to "
+            f"{WEIGHTS}: in Python with torch and safetensors, safetensors.torch.save_file(torch.load(path, "
+            "weights_only=True), 'adapter_model.safetensors'), or save the adapter with save_pretrained(..., "
+            "safe_serialization=True)"
+        )
+    raise FileNotFoundError(f"{directory / WEIGHTS}: missing (a PEFT adapter directory holds {WEIGHTS} and {CONFIG})")
+
+
+def read_tensors(path: PathLike) -> dict[str, np.ndarray]:
+    """Read the tensors of a PEFT ``adapter_model.safetensors``, PEFT's ``.default.`` adapter name dropped.
+
+    Raises:
+      CheckpointCorruptError: the file is not a readable safetensors file (truncated, damaged, another format,
+        a dtype NumPy lacks), or two tensors get the same name.
+    """
+    path = Path(path)
+    try:
+        loaded = require("safetensors.numpy", "io").load_file(str(path))
+    except Exception as err:  # the parser's errors (SafetensorError, OSError, TypeError, ...) all mean "unreadable"
+        raise CheckpointCorruptError(
+            f"{path}: not a readable safetensors file ({type(err).__name__}: {err}); it is truncated, damaged or "
+            f"not a PEFT adapter; {FIX}"
+        ) from None
+    tensors: dict[str, np.ndarray] = {}
+    for key, value in loaded.items():
+        name = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        if name in tensors:
+            raise CheckpointCorruptError(f"{path}: holds {name} twice (once as {key}); {FIX}")
+        tensors[name] = value
+    return tensors
+
+
+def _tensor(tensors: dict[str, np.ndarray], file: Path, key: str, shape: tuple[int, ...], why: str) -> np.ndarray:
+    """Return ``tensors[key]`` after checking that it is there, floating point, finite and of ``shape``.
+
+    Raises:
+      AdapterMismatchError: missing, not floating point, or another shape (named with the shape needed and ``why``).
+      NonFiniteError: it holds NaN or Inf.
+    """
+    if key not in tensors:
+        raise AdapterMismatchError(f"{file} has no tensor {key} ({why}); was the adapter made for another model?")
+    value = tensors[key]
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise AdapterMismatchError(
+            f"{file}: tensor {key} has dtype {value.dtype}; LoRA weights are floating point (float32, float16 or "
+            f"bfloat16), so the file is damaged or not a LoRA adapter; {FIX}"
+        )
+    if tuple(value.shape) != shape:
+        hint = " (the shape needed, transposed)" if tuple(value.shape) == shape[::-1] and value.ndim == 2 else ""
+        raise AdapterMismatchError(
+            f"{file}: tensor {key} has shape {tuple(value.shape)}{hint}, but needs shape {shape}: {why}; "
+            "was the adapter made for another model, or its config edited?"
+        )
+    if not np.all(np.isfinite(value)):
+        raise NonFiniteError(f"{file}: tensor {key} holds NaN or Inf; the adapter diverged or the file is damaged")
+    return value
 
 
 def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTable) -> dict:
     """Read a PEFT LoRA adapter folder into an adapter tree for ``params`` and ``spec``.
+
+    Each module gets the rank and alpha PEFT gives it (``r`` and ``lora_alpha``, or the first
+    ``rank_pattern``/``alpha_pattern`` key that matches the end of its name; see :mod:`lora_jax.io.peft_config`),
+    and ``spec`` must agree module by module. Every tensor is checked against the rank and the base kernel
+    before it is laid out.
 
     Args:
       directory: the folder holding ``adapter_model.safetensors`` and ``adapter_config.json``.
@@ -227,22 +305,21 @@ def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTa
 
     Raises:
       FileNotFoundError: either file is missing.
-      LoraError: the config is not a LoRA adapter; a path the name table lacks.
-      AdapterMismatchError: a rank or scale differs, or a tensor is missing or left over (names the module).
+      CheckpointCorruptError: a file that cannot be read: not JSON, a config without a positive integer ``r``
+        or a numeric ``lora_alpha``, a truncated or damaged safetensors file (names the file).
+      AdapterMismatchError: a file that does not fit: not LoRA or using an option lora_jax does not compute,
+        ``target_modules`` that select no module of the base or not one the spec adapts, a rank or scale that
+        differs from the spec's (names the module and both values), a tensor missing, left over, not floating
+        point or of the wrong shape (names the tensor, its shape and the shape needed), a pickled ``.bin``.
+      NonFiniteError: a tensor holds NaN or Inf.
+      LoraError: a path the name table lacks.
     """
     directory = Path(directory)
-    for file in (WEIGHTS, CONFIG):
-        if not (directory / file).is_file():
-            raise FileNotFoundError(
-                f"{directory / file}: missing (a PEFT adapter directory holds {WEIGHTS} and {CONFIG})"
-            )
-    config = json.loads((directory / CONFIG).read_text())
-    if config.get("peft_type") != "LORA":
-        raise LoraError(f"{directory / CONFIG}: peft_type {config.get('peft_type')!r} is not LORA")
-    tensors = require("safetensors.numpy", "io").load_file(str(directory / WEIGHTS))
-    tensors = {
-        k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v for k, v in tensors.items()
-    }
+    _check_files(directory)
+    config = read_config(directory / CONFIG)
+    file = directory / WEIGHTS
+    tensors = read_tensors(file)
+    config.check_targets(module_names(names, adaptable=True))
     lora: dict = {}
     used = set()
     for t in plan(params, spec):
@@ -251,32 +328,42 @@ def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTa
             parts = []
             for layer in layers:
                 name, layout = _lookup(names, t.path, layer)
+                shape = t.shape[1:] if layer is not None else t.shape
+                if not config.saves(name.rsplit(".", 1)[0]):
+                    raise AdapterMismatchError(
+                        f"{config.file}: modules_to_save {list(config.modules_to_save)} does not keep "
+                        f"{name.rsplit('.', 1)[0]}, which {t.rule.label} trains ({t.name}); PEFT would not load it"
+                    )
                 key = PREFIX + name
-                if key not in tensors:
-                    raise AdapterMismatchError(f"{directory / WEIGHTS} has no {key} for trainable {t.name}")
-                value = tensors[key].T if layout.transpose else tensors[key]
-                parts.append(value.reshape(t.shape[1:] if layer is not None else t.shape))
+                value = _tensor(tensors, file, key, layout.checkpoint_shape(shape), f"trainable {t.name} {shape}")
+                parts.append((value.T if layout.transpose else value).reshape(shape))
                 used.add(key)
             nested_set(lora, t.path, jnp.asarray(np.stack(parts) if layers != [None] else parts[0], t.dtype))
             continue
         a_parts, b_parts = [], []
         for layer in layers:
             module = _lookup(names, t.path, layer)[0].removesuffix(".weight")
-            rank = config.get("rank_pattern", {}).get(module, config["r"])
-            alpha = config.get("alpha_pattern", {}).get(module, config["lora_alpha"])
-            scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            if rank != t.rule.rank or not math.isclose(scale, t.rule.scale):
+            if not config.adapts(module):
                 raise AdapterMismatchError(
-                    f"{module}: the PEFT file has r={rank}, scale {scale:g}; {t.rule.label} has r={t.rule.rank}, "
-                    f"scale {t.rule.scale:g} ({t.name})"
+                    f"{config.file}: target_modules {config.targets_text} do not select {module}, which "
+                    f"{t.rule.label} adapts ({t.name}); PEFT would not load its LoRA weights"
+                )
+            rank, scale = config.rank_of(module)[0], config.scale_of(module)
+            if rank != t.rule.rank or not math.isclose(scale, t.rule.scale, rel_tol=1e-6):
+                raise AdapterMismatchError(
+                    f"{module}: the PEFT file has {config.describe(module)} ({config.file}); {t.rule.label} has "
+                    f"r={t.rule.rank}, alpha={t.rule.alpha:g}, scale {t.rule.scale:g} ({t.rule.scaling}) for "
+                    f"{t.name}; build the spec with the file's values"
                 )
             key_a, key_b = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
-            if key_a not in tensors or key_b not in tensors:
-                raise AdapterMismatchError(f"{directory / WEIGHTS} has no LoRA pair for {module} ({t.name})")
-            used.update((key_a, key_b))
             layout = t.layout
-            a = tensors[key_a].T.reshape(*(t.shape[i] for i in sorted(layout.inputs)), rank)
-            b = tensors[key_b].T.reshape(rank, *(t.shape[i] for i in sorted(layout.outputs)))
+            sizes = f"r={rank} from {CONFIG}'s {config.rank_of(module)[1]}, in={layout.in_size} and out="
+            sizes += f"{layout.out_size} from the base kernel {t.name} {t.shape}"
+            a = _tensor(tensors, file, key_a, (rank, layout.in_size), f"lora_A [r, in] ({sizes})")
+            b = _tensor(tensors, file, key_b, (layout.out_size, rank), f"lora_B [out, r] ({sizes})")
+            used.update((key_a, key_b))
+            a = a.T.reshape(*(t.shape[i] for i in sorted(layout.inputs)), rank)
+            b = b.T.reshape(rank, *(t.shape[i] for i in sorted(layout.outputs)))
             a_parts.append(_from_kernel_order(a, layout.inputs, 0))
             b_parts.append(_from_kernel_order(b, layout.outputs, 1))
         stack = (lambda xs: np.stack(xs)) if layers != [None] else (lambda xs: xs[0])
@@ -284,6 +371,9 @@ def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTa
         nested_set(lora, (*t.path, B_KEY), jnp.asarray(stack(b_parts), t.rule.dtype))
     extra = sorted(set(tensors) - used)
     if extra:
-        raise AdapterMismatchError(f"{directory / WEIGHTS} holds {extra[0]}, which the spec does not cover")
+        raise AdapterMismatchError(
+            f"{file} holds {extra[0]} ({len(extra)} tensors in all), which the spec does not cover; "
+            "add a rule for its module, or load the adapter onto the model it was made for"
+        )
     check_fits(plan(params, spec), lora)
     return lora
