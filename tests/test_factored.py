@@ -1,5 +1,6 @@
 """The factored path: same numbers as combine, no kernel-sized work, dropout only in training."""
 
+import sys
 import warnings
 
 import jax
@@ -368,3 +369,117 @@ def test_fused_attention_kernels_take_the_low_rank_path():
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
     for g, w in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
+def _stack_contracted():
+    """A [3, 4, 5] kernel whose stack axis the function contracts (it is really an input axis)."""
+    params = {"w": jax.random.normal(jax.random.key(0), (3, 4, 5))}
+    spec = lj.LoraSpec([lj.Rule("w", rank=2, stack_axes=0)])
+    lora = jax.tree_util.tree_map(lambda a: a + 0.1, lj.init(jax.random.key(1), params, spec))
+
+    def fn(p, x):  # x [B, 3, 4]
+        return jnp.einsum("bsi,sio->bo", x, p["w"])
+
+    return params, spec, lora, fn
+
+
+def _factored_warnings(record) -> list:
+    return [w for w in record if str(w.message).startswith("lora_jax.factored")]
+
+
+def test_fallback_warning_points_at_the_callers_line_once_per_function():
+    params, spec, lora, fn = _stack_contracted()
+    fast = jax.jit(lj.factored(fn, spec))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        line = sys._getframe().f_lineno + 1
+        out = fast(params, lora, jnp.ones((2, 3, 4)))
+        first = _factored_warnings(record)
+        fast(params, lora, jnp.ones((5, 3, 4)))  # a new shape: jit traces again, the warning is not repeated
+    assert len(first) == 1 and len(_factored_warnings(record)) == 1
+    assert first[0].filename == __file__ and first[0].lineno == line
+    np.testing.assert_allclose(out, fn(lj.combine(params, lora, spec), jnp.ones((2, 3, 4))), rtol=1e-5, atol=1e-5)
+    # Another factored function of the same fn says it again (the memory is the function's, not global).
+    with pytest.warns(UserWarning, match="stack axis 0"):
+        lj.factored(fn, spec)(params, lora, jnp.ones((2, 3, 4)))
+
+
+def test_fallback_warning_names_the_axis_and_the_fix():
+    params, spec, lora, fn = _stack_contracted()
+    with pytest.warns(UserWarning) as record:
+        lj.factored(fn, spec)(params, lora, jnp.ones((2, 3, 4)))
+    (message,) = [str(w.message) for w in _factored_warnings(record)]
+    assert message.startswith("lora_jax.factored: w: it meets `dot_general`: kernel axis 0 (stack axis 0 of the rule)")
+    assert "is contracted: a stack axis must be a batch or output axis of the contraction" in message
+    assert "give this axis in in_axes instead of stack_axes" in message
+
+
+@pytest.mark.parametrize(
+    ("rule", "subscripts", "expected"),
+    [
+        # [D, H, Dh] with only D as input, but the function contracts D and H: H is an output axis.
+        (
+            dict(in_axes=0),
+            "bdh,dho->bo",
+            r"contraction is over kernel axis 0 \(input axis 0 of the rule\), kernel axis 1 \(output axis 0",
+        ),
+        # [D, H, Dh] with D and H as inputs, but only D is contracted: H comes out.
+        (
+            dict(in_axes=(0, 1)),
+            "bd,dho->bho",
+            r"kernel axis 1 \(input axis 1 of the rule\) is not contracted.*out_axes",
+        ),
+        # [S, D, O] with S as an input, but the function maps over S (one matrix per index).
+        (
+            dict(in_axes=(0, 1)),
+            "sbd,sdo->sbo",
+            r"kernel axis 0 \(input axis 0 of the rule\) is a batch axis.*stack_axes",
+        ),
+    ],
+)
+def test_fallback_warning_for_each_dot_general_problem(rule, subscripts, expected):
+    params = {"w": jax.random.normal(jax.random.key(0), (3, 4, 5))}
+    spec = lj.LoraSpec([lj.Rule("w", rank=2, **rule)])
+    lora = jax.tree_util.tree_map(lambda a: a + 0.1, lj.init(jax.random.key(1), params, spec))
+    x_sub, w_sub = subscripts.split("->")[0].split(",")
+    sizes = {"b": 2, **dict(zip(w_sub, params["w"].shape))}
+    x = jax.random.normal(jax.random.key(2), tuple(sizes[c] for c in x_sub))
+
+    def fn(p, x):
+        return jnp.einsum(subscripts, x, p["w"])
+
+    with pytest.warns(UserWarning, match=expected):
+        out = lj.factored(fn, spec)(params, lora, x)
+    np.testing.assert_allclose(out, fn(lj.combine(params, lora, spec), x), rtol=1e-5, atol=1e-5)
+
+
+def test_rule_matching_a_leaf_that_is_no_matrix_warns_once_naming_it():
+    """A broad pattern catches DenseGeneral's bias [2, 4]: one warning for it, none for the kernel."""
+
+    class Qkv(nn.Module):
+        @nn.compact
+        def __call__(self, x):  # x [B, 6]
+            return nn.DenseGeneral((2, 4), name="qkv")(x)  # kernel [6, 2, 4], bias [2, 4]
+
+    model, x = Qkv(), jnp.ones((3, 6))
+    params = model.init(jax.random.key(0), x)["params"]
+    spec = lj.LoraSpec([lj.Rule(r"qkv/.*", rank=2, in_axes=0)])
+    lora = jax.tree_util.tree_map(lambda a: a + 0.1, lj.init(jax.random.key(1), params, spec))
+    fast = lj.factored(lambda p, x: model.apply({"params": p}, x), spec)
+    with pytest.warns(UserWarning) as record:
+        out = fast(params, lora, x)
+        fast(params, lora, jnp.ones((5, 6)))  # once per function, not per call
+    (message,) = [str(w.message) for w in _factored_warnings(record)]
+    assert message.startswith("lora_jax.factored: qkv/bias: rule 'qkv/.*' matches this leaf of shape [2, 4]")
+    assert "never an operand of dot_general, conv or gather here (it meets `reshape`" in message
+    assert "narrow the pattern" in message and "'.../kernel'" in message
+    np.testing.assert_allclose(out, model.apply({"params": lj.combine(params, lora, spec)}, x), rtol=1e-5, atol=1e-5)
+
+    # A kernel reshaped before its product is still a matrix: the warning is the reshape's fallback.
+    reshaped = {"w": jax.random.normal(jax.random.key(0), (6, 2, 2))}
+    spec = lj.LoraSpec([lj.Rule("w", rank=2, in_axes=0)])
+    lora = jax.tree_util.tree_map(lambda a: a + 0.1, lj.init(jax.random.key(1), reshaped, spec))
+    with pytest.warns(UserWarning) as record:
+        lj.factored(lambda p, x: x @ p["w"].reshape(6, 4), spec)(reshaped, lora, jnp.ones((3, 6)))
+    (message,) = [str(w.message) for w in _factored_warnings(record)]
+    assert message.startswith("lora_jax.factored: w: it meets `reshape`") and "never an operand" not in message

@@ -4,8 +4,10 @@ A handler is called for an equation at least one of whose inputs is a :class:`Lo
 ``handler(interpreter, eqn, values)``, where ``values`` holds the equation's inputs (arrays or kernels). It
 returns the equation's outputs, or None when it has no low-rank form for this equation: then the interpreter
 materializes every kernel input (``W0 + s * A @ B``, as ``combine``), warns with the kernel's path, and runs the
-equation as it stands. Handlers call back into the interpreter for the frozen branch (``run_plain``), for
-sub-jaxprs (``run``) and for the dropout key of each kernel use (``next_use``).
+equation as it stands. A handler that falls back says why with ``return interp.decline(kernel, "...")``: the
+warning then names the axis at fault and what to change in the rule. Handlers call back into the interpreter
+for the frozen branch (``run_plain``), for sub-jaxprs (``run``) and for the dropout key of each kernel use
+(``next_use``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import string
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
 
 Handler = Callable[["Interpreter", jcore.JaxprEqn, list[Any]], "list[Any] | None"]
 """``(interpreter, eqn, values) -> outputs``, or None for the materialized fallback."""
+
+MATRIX_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated", "gather"})
+"""The primitives that use a kernel as a matrix; a LoRA kernel that meets none of them is no matrix (a bias)."""
 
 
 # --- layout changes: tracked on the kernel -------------------------------------------------
@@ -48,10 +53,55 @@ def transpose(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> li
 # --- operations with a low-rank form -------------------------------------------------------
 
 
+def _dot_general_problem(
+    interp: Interpreter, w: LowRankKernel, contract: Sequence[int], batch: Sequence[int], free: list[int]
+) -> str | None:
+    """Return why ``w`` has no low-rank form in this ``dot_general`` and what to change, or None when it has.
+
+    It has one when the contraction is over all of the rule's input axes (or all its output axes), the other
+    role's axes come out free, and each stack axis is a batch axis (one layer of an ``nn.scan`` stack per step)
+    or a free one (a fused kernel such as Gemma's ``qkv_einsum [3, N, D, H]``, whose stack axis comes out as an
+    output axis).
+    """
+    for axis in batch:
+        if w.roles[axis][0] != "s":
+            return (
+                f"{interp.axis_name(w, axis)} is a batch axis of the contraction, so it indexes separate matrices: "
+                "give this axis in stack_axes"
+            )
+    roles = {w.roles[a][0] for a in contract} - {"s"}
+    for axis in contract:
+        if w.roles[axis][0] == "s":
+            instead = "out_axes" if roles == {"o"} else "in_axes"
+            return (
+                f"{interp.axis_name(w, axis)} is contracted: a stack axis must be a batch or output axis of the "
+                f"contraction; give this axis in {instead} instead of stack_axes"
+            )
+    if not roles:
+        return "no axis of the kernel is contracted (an outer product has no low-rank form)"
+    if len(roles) == 2:
+        names = ", ".join(interp.axis_name(w, a) for a in contract)
+        return (
+            f"the contraction is over {names}: it must cover all input axes or all output axes of the rule; "
+            "give the contracted axes in in_axes and the others in out_axes"
+        )
+    (role,) = roles
+    for axis in free:
+        if w.roles[axis][0] == role:
+            instead = "out_axes" if role == "i" else "in_axes"
+            return (
+                f"{interp.axis_name(w, axis)} is not contracted but comes out of the contraction: give this axis "
+                f"in {instead} (or in stack_axes if it indexes separate matrices)"
+            )
+    return None
+
+
 def dot_general(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
     """Compute ``x W0 + s * (dropout(x) A) B`` for Dense, DenseGeneral and Einsum kernels."""
     lhs, rhs = values
     if isinstance(lhs, LowRankKernel) and isinstance(rhs, LowRankKernel):
+        for kernel in (lhs, rhs):
+            interp.decline(kernel, "both operands are adapted kernels")
         return None
     w_side = 0 if isinstance(lhs, LowRankKernel) else 1
     w, x = (lhs, rhs) if w_side == 0 else (rhs, lhs)
@@ -61,17 +111,12 @@ def dot_general(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> 
     w_batch, x_batch = (lb, rb) if w_side == 0 else (rb, lb)
     w_free = [a for a in range(w.base.ndim) if a not in w_contract and a not in w_batch]
     x_free = [a for a in range(x.ndim) if a not in x_contract and a not in x_batch]
+    problem = _dot_general_problem(interp, w, w_contract, w_batch, w_free)
+    if problem is not None:
+        return interp.decline(w, problem)
     contract_roles = {w.roles[a][0] for a in w_contract}
-    free_roles = {w.roles[a][0] for a in w_free} - {"s"}
-    # Low-rank when the contraction is over all inputs (or all outputs). A stack axis may be a batch axis
-    # (one layer of an nn.scan stack per step) or a free one (a fused kernel such as Gemma's qkv_einsum
-    # [3, N, D, H], whose stack axis comes out as an output axis).
-    if len(contract_roles) != 1 or contract_roles == {"s"} or free_roles != {"i", "o"} - contract_roles:
-        return None
-    if any(w.roles[a][0] != "s" for a in w_batch):
-        return None
     if w.output_scale is not None and contract_roles != {"i"}:
-        return None  # a per-output-column scale on contracted axes has no cheaper form than the weight
+        return interp.decline(w, "a DoRA magnitude on the contracted (output) axes has no low-rank form here")
 
     letters = iter(string.ascii_letters.replace("R", ""))
     x_letters = {a: next(letters) for a in range(x.ndim)}
@@ -109,14 +154,22 @@ def conv_general_dilated(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[
     """Convolve with ``A`` laid out as a kernel of ``r`` output features, then apply ``B`` per position (Conv)."""
     x, w = values
     p = eqn.params
-    if isinstance(x, LowRankKernel) or w.n_stack or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        return None
+    if isinstance(x, LowRankKernel):
+        return interp.decline(x, "the kernel is the convolution's input, not its filter")
+    if w.n_stack:
+        return interp.decline(w, "a stacked convolution filter has no low-rank form here; drop stack_axes")
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return interp.decline(w, "a grouped (or depthwise) convolution has no low-rank form here")
     if w.output_scale is not None:
-        return None  # DoRA on a conv kernel: the materialized weight
+        return interp.decline(w, "a DoRA convolution filter has no low-rank form here")
     dn = p["dimension_numbers"]
     out_dim, out_feature = dn.rhs_spec[0], dn.out_spec[1]
     if w.roles[out_dim][0] != "o" or sum(1 for r, _ in w.roles if r == "o") != 1:
-        return None
+        return interp.decline(
+            w,
+            f"the convolution's output features are {interp.axis_name(w, out_dim)}: give that axis alone in "
+            "out_axes (the spatial and input-feature axes are inputs)",
+        )
     # A laid out as a conv kernel whose output-feature axis holds the rank.
     perm = [w.roles[axis][1] if axis != out_dim else w.a.ndim - 1 for axis in range(w.base.ndim)]
     a_kernel = jnp.transpose(w.a, perm)
@@ -139,16 +192,24 @@ def conv_general_dilated(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[
 def gather(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
     """Look up rows of ``A`` and apply ``B`` beside the rows of ``W0`` (Embed; no dropout on token ids)."""
     w, indices = values
-    if isinstance(indices, LowRankKernel) or w.base.ndim != 2 or w.roles != (("i", 0), ("o", 0)):
-        return None
+    if isinstance(indices, LowRankKernel):
+        return interp.decline(indices, "the kernel is used as gather indices")
+    if w.base.ndim != 2 or w.roles != (("i", 0), ("o", 0)):
+        return interp.decline(
+            w, "only a 2-dim [vocab, dim] table whose rows are the rule's inputs is looked up in low rank here"
+        )
     if w.output_scale is not None:
-        return None  # DoRA on an embedding: the materialized weight
+        return interp.decline(w, "a DoRA embedding table has no low-rank form here")
     p = eqn.params
     dn = p["dimension_numbers"]
-    if tuple(dn.collapsed_slice_dims) != (0,) or tuple(dn.start_index_map) != (0,) or len(dn.offset_dims) != 1:
-        return None
-    if tuple(p["slice_sizes"]) != (1, w.base.shape[1]):
-        return None
+    whole_rows = tuple(p["slice_sizes"]) == (1, w.base.shape[1])
+    if (
+        tuple(dn.collapsed_slice_dims) != (0,)
+        or tuple(dn.start_index_map) != (0,)
+        or len(dn.offset_dims) != 1
+        or not whole_rows
+    ):
+        return interp.decline(w, "only a lookup of whole rows has a low-rank form (indexing or slicing the kernel)")
     rank = w.a.shape[-1]
     rows = jax.lax.gather(
         w.a,
@@ -249,3 +310,6 @@ DEFAULT_HANDLERS: Mapping[str, Handler] = types.MappingProxyType(
     }
 )
 """The handler of every primitive with a low-rank form or a rewrite inside; read-only."""
+
+STRUCTURAL_PRIMITIVES = frozenset(DEFAULT_HANDLERS) - MATRIX_PRIMITIVES
+"""Primitives whose default handlers carry the kernel on (a cast, a transpose, a sub-jaxpr) rather than use it."""

@@ -4,11 +4,15 @@
 equation, carrying each adapted kernel as a :class:`LowRankKernel` instead of an array. Equations that touch no
 kernel run as they are; the others go to the handler of their primitive (``lora_jax.factored.handlers``). Where no
 handler exists, or the handler returns None, the kernel is materialized as ``W0 + s * A @ B`` (as ``combine``
-would give it) with a warning naming its path, so results stay right.
+would give it), so results stay right, and a warning says where and why: once per kernel and reason for each
+``factored`` function, pointing at the caller's line.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 import types
 import warnings
 from collections.abc import Callable, Mapping
@@ -20,25 +24,15 @@ from jax.extend import core as jcore
 
 from lora_jax.adapters import bind
 from lora_jax.errors import LoraError
-from lora_jax.factored.handlers import DEFAULT_HANDLERS, Handler
+from lora_jax.factored.handlers import DEFAULT_HANDLERS, MATRIX_PRIMITIVES, STRUCTURAL_PRIMITIVES, Handler
 from lora_jax.factored.kernel import LowRankKernel
 from lora_jax.paths import flatten
-from lora_jax.plan import abstract_leaf
+from lora_jax.plan import KernelLayout, Target, abstract_leaf
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 from lora_jax.variants import variant_of
 
-
-def _fallback(kernel: LowRankKernel, why: str) -> jax.Array:
-    warnings.warn(
-        f"lora_jax.factored: {kernel.name}: {why}; using the materialized W0 + s*A@B (as combine) there",
-        stacklevel=2,
-    )
-    return kernel.materialize()
-
-
-def _concrete(value: Any, why: str) -> Any:
-    return _fallback(value, why) if isinstance(value, LowRankKernel) else value
+_MATERIALIZED = "using the materialized W0 + s*A@B (as combine) there"
 
 
 def _value(env: dict[Any, Any], var: Any) -> Any:
@@ -47,49 +41,146 @@ def _value(env: dict[Any, Any], var: Any) -> Any:
     return env[var]
 
 
+def _has_matrix_primitive(eqn: jcore.JaxprEqn) -> bool:
+    """Return whether a sub-jaxpr of ``eqn`` (scan body, cond branch, call) holds a matrix primitive."""
+    for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else [param]:
+            inner = getattr(sub, "jaxpr", sub)
+            if isinstance(inner, jcore.Jaxpr) and any(
+                e.primitive.name in MATRIX_PRIMITIVES or _has_matrix_primitive(e) for e in inner.eqns
+            ):
+                return True
+    return False
+
+
 class Interpreter:
     """Evaluate jaxprs with some inputs in factored form, dispatching kernel-touching equations to handlers.
 
     One interpreter serves one call of a ``factored`` function, sub-jaxprs (scan bodies, cond branches, remat and
-    jit calls) included, so that its count of kernel uses gives each use its own dropout key.
+    jit calls) included, so that its count of kernel uses gives each use its own dropout key. It records what the
+    caller warns about: each kernel's materialized fallbacks (``fallbacks``: path to reasons) and the kernels that
+    were an operand of ``dot_general``, ``conv_general_dilated`` or ``gather`` (``matrix_uses``), directly or
+    through values computed from params alone, so a kernel reshaped or flipped before its product still counts.
     """
 
-    def __init__(self, handlers: Mapping[str, Handler], debug_info: Any = None) -> None:
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        debug_info: Any = None,
+        layouts: Mapping[str, KernelLayout] | None = None,
+    ) -> None:
         self.handlers = handlers
         self.debug_info = debug_info
+        self.layouts: Mapping[str, KernelLayout] = layouts or {}
         self.uses = 0
+        self.fallbacks: dict[str, list[str]] = {}
+        self.matrix_uses: set[str] = set()
+        self._declined: dict[str, str] = {}
+        # Values that depend on params only (no argument of fn), by id, with the kernels they come from; the
+        # value itself is kept so its id is not reused.
+        self._weights: dict[int, tuple[Any, frozenset[str]]] = {}
 
     def next_use(self) -> int:
         """Return the number of this kernel use (from 1), folded into the kernel's dropout key."""
         self.uses += 1
         return self.uses
 
+    def mark_weight(self, value: Any, kernels: frozenset[str] = frozenset()) -> None:
+        """Record that ``value`` is computed from params alone, from the adapted kernels named in ``kernels``."""
+        self._weights[id(value)] = (value, kernels)
+
+    def decline(self, kernel: LowRankKernel, why: str) -> None:
+        """Record why ``kernel`` has no low-rank form in the equation at hand, for its warning; return None.
+
+        A handler ends with ``return interp.decline(w, "...")`` where it must fall back, so the warning says
+        what to change instead of only naming the primitive.
+        """
+        self._declined[kernel.name] = why
+
+    def axis_name(self, kernel: LowRankKernel, axis: int) -> str:
+        """Name ``kernel``'s current ``axis`` as the user wrote it: ``"kernel axis 0 (stack axis 0 of the rule)"``."""
+        role, position = kernel.roles[axis]
+        group = {"s": "stack", "i": "input", "o": "output"}[role]
+        layout = self.layouts.get(kernel.name)
+        if layout is None:
+            return f"{group} axis {position} of the rule"
+        original = {"s": layout.stack, "i": layout.inputs, "o": layout.outputs}[role][position]
+        return f"kernel axis {original} ({group} axis {position} of the rule)"
+
+    def materialize(self, kernel: LowRankKernel, why: str) -> jax.Array:
+        """Return ``W0 + s * A @ B`` for ``kernel`` and record why, for the caller's warning."""
+        reasons = self.fallbacks.setdefault(kernel.name, [])
+        if why not in reasons:
+            reasons.append(why)
+        value = kernel.materialize()
+        self.mark_weight(value, frozenset({kernel.name}))
+        return value
+
+    def _concrete(self, value: Any, why: str) -> Any:
+        return self.materialize(value, why) if isinstance(value, LowRankKernel) else value
+
+    def _origin(self, value: Any) -> frozenset[str] | None:
+        """Return the kernels a params-only value comes from, or None when it depends on an argument of fn."""
+        if isinstance(value, LowRankKernel):
+            return frozenset({value.name})
+        entry = self._weights.get(id(value))
+        return None if entry is None else entry[1]
+
     def run(self, jaxpr: jcore.Jaxpr, consts: list[Any], args: list[Any]) -> list[Any]:
         """Evaluate ``jaxpr`` on ``consts`` and ``args`` (arrays or kernels); kernel outputs come back materialized."""
         env: dict[Any, Any] = {}
         for var, value in zip(jaxpr.constvars, consts):
             env[var] = value
+            self.mark_weight(value)
         for var, value in zip(jaxpr.invars, args):
             env[var] = value
         for eqn in jaxpr.eqns:
             values = [_value(env, v) for v in eqn.invars]
+            origins = [self._origin(x) for v, x in zip(eqn.invars, values) if not isinstance(v, jcore.Literal)]
+            self._note_matrix_use(eqn, values)
             if any(isinstance(v, LowRankKernel) for v in values):
                 outs = self.rewrite(eqn, values)
             else:
                 outs = self.run_plain(eqn, values)
+            if all(o is not None for o in origins):
+                derived = frozenset().union(*(o for o in origins if o is not None))
+                for out in outs:
+                    self.mark_weight(out, derived)
             for var, value in zip(eqn.outvars, outs):
                 env[var] = value
-        return [_concrete(_value(env, v), "it is an output") for v in jaxpr.outvars]
+        return [self._concrete(_value(env, v), "it is an output") for v in jaxpr.outvars]
+
+    def _note_matrix_use(self, eqn: jcore.JaxprEqn, values: list[Any]) -> None:
+        if eqn.primitive.name in MATRIX_PRIMITIVES:
+            for value in values:
+                self.matrix_uses |= self._origin(value) or frozenset()
+            return
+        # A materialized kernel entering a scan, cond or call whose body multiplies: its path inside is not
+        # followed, so count it as used (the warning is then the fallback's own, never a wrong "not a matrix").
+        materialized = [self._origin(v) for v in values if not isinstance(v, LowRankKernel)]
+        names = frozenset().union(*(o for o in materialized if o))
+        if names and _has_matrix_primitive(eqn):
+            self.matrix_uses |= names
 
     def rewrite(self, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any]:
         """Evaluate an equation with kernel inputs by its handler, or materialized when there is no low-rank form."""
         name = eqn.primitive.name
         handler = self.handlers.get(name)
+        self._declined = {}
         if handler is not None:
             outs = handler(self, eqn, values)
             if outs is not None:
+                if name not in STRUCTURAL_PRIMITIVES:  # a low-rank form: a matrix use, whatever the primitive
+                    self.matrix_uses.update(v.name for v in values if isinstance(v, LowRankKernel))
                 return outs
-        concrete = [_concrete(v, f"it meets `{name}`, which has no low-rank form here") for v in values]
+        declined, self._declined = self._declined, {}
+        concrete = []
+        for value in values:
+            if isinstance(value, LowRankKernel):
+                why = declined.get(value.name)
+                why = f"it meets `{name}`: {why}" if why else f"it meets `{name}`, which has no low-rank form here"
+                value = self.materialize(value, why)
+            concrete.append(value)
         return self.run_plain(eqn, concrete)
 
     def run_plain(self, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any]:
@@ -105,6 +196,78 @@ class Interpreter:
             info = info._replace(arg_names=None, result_paths=None)
         jaxpr = jcore.Jaxpr([], invars, eqn.outvars, [eqn], effects=eqn.effects, debug_info=info)  # pyright: ignore[reportArgumentType]  (None is accepted)
         return list(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(jaxpr, []))(*inputs))
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """Return the folders of lora_jax, jax, jaxlib and flax (found, not imported), each ending in a separator."""
+    dirs = []
+    for package in ("lora_jax", "jax", "jaxlib", "flax"):
+        found = importlib.util.find_spec(package)
+        for location in (found.submodule_search_locations or []) if found is not None else []:
+            dirs.append(os.path.join(os.path.realpath(location), ""))
+    return tuple(dirs)
+
+
+_LIBRARY_DIRS = _library_dirs()
+
+
+def _caller_frame() -> types.FrameType | None:
+    """Return the innermost frame outside lora_jax, jax and flax: the user's line that ran the function."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if not os.path.realpath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
+            return frame
+        frame = frame.f_back
+    return None
+
+
+def _warn_once(message: str, warned: set[str]) -> None:
+    """Warn ``message`` (a ``UserWarning``) at the caller's line unless ``warned`` holds it; add it there.
+
+    Args:
+      message: the warning, naming the kernel's path and the reason.
+      warned: the messages given so far by one ``factored`` function: re-tracing it (a new shape under
+        ``jax.jit``) repeats nothing.
+    """
+    if message in warned:
+        return
+    warned.add(message)
+    frame = _caller_frame()
+    if frame is None:
+        warnings.warn(message, UserWarning, stacklevel=2)
+        return
+    warnings.warn_explicit(
+        message,
+        UserWarning,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=frame.f_globals.get("__name__"),
+        module_globals=frame.f_globals,
+    )
+
+
+def _fallback_warnings(interpreter: Interpreter, targets: list[Target]) -> list[str]:
+    """Return the warnings of one call: each materialized fallback, or one line for a leaf that is no matrix.
+
+    A kernel that was never an operand of ``dot_general``, ``conv_general_dilated`` or ``gather`` (a bias or a
+    norm scale matched by a broad pattern) gets one warning saying so instead of one per primitive it met.
+    """
+    messages = []
+    for target in targets:
+        name = target.name
+        reasons = interpreter.fallbacks.get(name, [])
+        if not reasons:
+            continue
+        if name in interpreter.matrix_uses:
+            messages += [f"lora_jax.factored: {name}: {why}; {_MATERIALIZED}" for why in reasons]
+            continue
+        messages.append(
+            f"lora_jax.factored: {name}: {target.rule.label} matches this leaf of shape {list(target.shape)}, "
+            f"which is never an operand of dot_general, conv or gather here ({'; '.join(reasons)}): it is not "
+            "used as a matrix, so its adapter is only ever materialized as W0 + s*A@B; narrow the pattern to the "
+            "kernels it means (e.g. '.../kernel')"
+        )
+    return messages
 
 
 def handler_table(handlers: Mapping[str, Handler | None] | None = None) -> Mapping[str, Handler]:
@@ -135,7 +298,7 @@ def handler_table(handlers: Mapping[str, Handler | None] | None = None) -> Mappi
 
 def factored(
     fn: Callable[..., Any], spec: LoraSpec, *, handlers: Mapping[str, Handler | None] | None = None
-) -> Callable[..., Any]:
+) -> Factored:
     """Wrap ``fn(params, *args)`` to run with adapters in factored form: ``x W0 + s * dropout(x) A B``.
 
     ``W0`` only enters as a closed-over constant, so ``jax.grad`` with respect to ``lora`` computes no
@@ -148,10 +311,14 @@ def factored(
       handlers: optional ``{primitive name: handler}`` merged over ``DEFAULT_HANDLERS``. A handler is
         ``(interpreter, eqn, values) -> outputs | None`` (see ``lora_jax.factored.handlers``); it adds a
         primitive or replaces the default one. None, or a handler returning None, gives the materialized
-        ``W0 + s * A @ B`` for that primitive, with a warning naming the kernel's path.
+        ``W0 + s * A @ B`` for that primitive, with a warning naming the kernel's path, the primitive and, where
+        the handler said (``interp.decline``), what to change. Each warning is given once per kernel and
+        reason by this function and points at the caller's line. A kernel that is never an operand of
+        ``dot_general``, ``conv_general_dilated`` or ``gather`` (a bias or norm scale matched by a broad
+        pattern) gets one warning that it is not used as a matrix.
 
     Returns:
-      ``g(params, lora, *args, dropout_rng=None, **kwargs)`` equal to
+      A :class:`Factored` callable ``g(params, lora, *args, dropout_rng=None, **kwargs)`` equal to
       ``fn(combine(params, lora, spec), *args, **kwargs)`` (to float rounding) when ``dropout_rng`` is None;
       with an RNG key, LoRA dropout is applied to each adapter's input at its rule's rate (training).
       Keyword arguments whose values are arrays (or trees of arrays) are traced; others (``deterministic=True``)
@@ -160,10 +327,29 @@ def factored(
     Raises:
       LoraError: ``handlers`` holds something other than handlers or None.
     """
-    table = handler_table(handlers)
+    return Factored(fn, spec, handler_table(handlers))
 
-    def wrapped(params: PyTree, lora: PyTree, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any) -> Any:
-        pairs = bind(params, lora, spec)
+
+class Factored:
+    """``fn`` run with adapters in factored form; see :func:`factored`.
+
+    Attributes:
+      warned: the fallback warnings this function has given, so each kernel and reason warns once, not once per
+        trace (``jax.jit`` traces again for each new input shape).
+    """
+
+    def __init__(self, fn: Callable[..., Any], spec: LoraSpec, handlers: Mapping[str, Handler]) -> None:
+        self.fn = fn
+        self.spec = spec
+        self.handlers = handlers
+        self.warned: set[str] = set()
+
+    def __call__(
+        self, params: PyTree, lora: PyTree, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any
+    ) -> Any:
+        """Return ``fn(params with adapters, *args, **kwargs)``; see :func:`factored`."""
+        fn = self.fn
+        pairs = bind(params, lora, self.spec)
         flat_params, treedef = flatten(params)
         leaves = [leaf for _, leaf in flat_params]
         index = {path: i for i, (path, _) in enumerate(flat_params)}
@@ -182,11 +368,16 @@ def factored(
         abstract = [abstract_leaf(x) for x in leaves]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(abstract, args, traced)
         arg_leaves = jax.tree_util.tree_leaves((args, traced))
-        interpreter = Interpreter(table, getattr(closed.jaxpr, "debug_info", None))
+        adapted = [target for target, _ in pairs if target.layout is not None]
+        layouts = {target.name: target.layout for target in adapted if target.layout is not None}
+        interpreter = Interpreter(self.handlers, getattr(closed.jaxpr, "debug_info", None), layouts)
+        for value in inputs:
+            if not isinstance(value, LowRankKernel):
+                interpreter.mark_weight(value)
         outs = interpreter.run(closed.jaxpr, list(closed.consts), [*inputs, *arg_leaves])
+        for message in _fallback_warnings(interpreter, adapted):
+            _warn_once(message, self.warned)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
-
-    return wrapped
 
 
 def _is_array(value: Any) -> bool:
