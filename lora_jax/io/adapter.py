@@ -13,6 +13,7 @@ previous file intact, and an existing file is only replaced when asked.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError
 from lora_jax.io.atomic import refuse_existing, write_atomic
 from lora_jax.paths import flatten, nested_set, path_str
 from lora_jax.plan import plan
-from lora_jax.spec import LoraSpec
+from lora_jax.spec import SPEC_METADATA_KEY, LoraSpec
 from lora_jax.typing import PathLike, PyTree
 
 FORMAT = "lora_jax.adapter/1"
@@ -35,7 +36,9 @@ def save_adapter(path: PathLike, params: PyTree, lora: PyTree, spec: LoraSpec, *
     """Write the adapter tree ``lora`` to ``path`` (a ``.safetensors`` file), checked against ``params`` and ``spec``.
 
     Tensors are stored as float32; each leaf's own dtype and the signature of
-    ``params`` and ``spec`` go into the file's metadata.
+    ``params`` and ``spec`` go into the file's metadata, and so does the spec
+    (``LoraSpec.to_dict``), so that :func:`load_adapter` needs none; a spec with
+    a predicate rule cannot be stored, and a warning says the file needs it at load.
 
     Args:
       path: the file to write.
@@ -58,29 +61,41 @@ def save_adapter(path: PathLike, params: PyTree, lora: PyTree, spec: LoraSpec, *
     tensors = {path_str(p): np.asarray(jnp.asarray(x, jnp.float32)) for p, x in leaves.items()}
     dtypes = {path_str(p): str(jnp.asarray(x).dtype) for p, x in leaves.items()}
     metadata = {"format": FORMAT, "signature": json.dumps(signature(params, spec)), "dtypes": json.dumps(dtypes)}
+    # The rules too, so that the file loads without the spec (LoraSpec.from_file); predicates cannot be stored.
+    if spec.storable:
+        metadata[SPEC_METADATA_KEY] = json.dumps(spec.to_dict())
+    else:
+        warnings.warn(
+            f"{path}: the spec has a predicate rule, which cannot be stored; load the file with its spec, "
+            "load_adapter(path, params, spec)",
+            stacklevel=2,
+        )
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
 
 
-def load_adapter(path: PathLike, params: PyTree, spec: LoraSpec) -> dict:
+def load_adapter(path: PathLike, params: PyTree, spec: LoraSpec | None = None) -> dict:
     """Read an adapter file written by :func:`save_adapter` for this base tree and spec.
 
     Args:
       path: the ``.safetensors`` file.
       params: the base tree (arrays or ``ShapeDtypeStruct``).
       spec: the spec to read the adapter under; it must give every leaf the shape, mode, rank and scale it was
-        saved with.
+        saved with. None reads the spec stored in the file (:meth:`LoraSpec.from_file`).
 
     Returns:
       The adapter tree, each leaf in the dtype it was saved from.
 
     Raises:
       FileNotFoundError: no file at ``path``.
-      CheckpointCorruptError: the file is not a readable lora_jax adapter.
+      CheckpointCorruptError: the file is not a readable lora_jax adapter, or ``spec`` is None and it
+        stores no spec.
       AdapterMismatchError: it was saved for another spec or base (names the leaf).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no adapter checkpoint there")
+    if spec is None:
+        spec = LoraSpec.from_file(path)
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata() or {}
