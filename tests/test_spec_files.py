@@ -145,6 +145,10 @@ def test_spec_from_peft_reads_the_peft_fixture():
     # A dict works as well as the folder, and the spec stores.
     config = json.loads((PEFT_DIR / "adapter_config.json").read_text())
     assert lj.LoraSpec.from_peft(config, names) == spec
+    # Written back, the config names the same modules, as precisely as PEFT's own did.
+    _, written = peft.to_peft(params, lora, spec, names)
+    assert written["target_modules"] == sorted(config["target_modules"])
+    assert lj.LoraSpec.from_peft(written, names) == spec
     assert lj.LoraSpec.from_dict(spec.to_dict()) == spec
 
 

@@ -30,6 +30,7 @@ from lora_jax._extras import require
 from lora_jax.adapters import A_KEY, B_KEY, check_fits
 from lora_jax.errors import AdapterMismatchError, LoraError
 from lora_jax.io.atomic import refuse_existing, write_atomic, write_text
+from lora_jax.io.peft_spec import target_modules
 from lora_jax.paths import PathTuple, nested_set, path_str, unroll_path
 from lora_jax.plan import Target, plan
 from lora_jax.spec import LoraSpec
@@ -161,11 +162,12 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
             b = _to_kernel_order(b, t.layout.outputs, 1).reshape(-1, t.layout.out_size)
             tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
             tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
-            lora_modules.add(module.split(".")[-1])
+            lora_modules.add(module)
     config = {
         "peft_type": "LORA",
         **_pattern_values(targets, names),
-        "target_modules": sorted(lora_modules),
+        # the shortest name suffixes that pick these modules and no others
+        "target_modules": target_modules(lora_modules, (name.rsplit(".", 1)[0] for name, _ in names.values())),
         "modules_to_save": sorted(saved_modules) or None,
         "bias": "none",
         "fan_in_fan_out": any(not names[k][1].transpose for k in names if k.endswith("/kernel")),

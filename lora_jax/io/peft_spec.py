@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,23 @@ def is_target(config: Mapping[str, Any], module: str) -> bool:
     if is_saved(config, module):
         return False
     return _listed(config.get("target_modules") or [], module)
+
+
+def target_modules(adapted: Iterable[str], modules: Iterable[str]) -> list[str]:
+    """Return the shortest name suffixes that choose exactly the ``adapted`` modules among ``modules`` in PEFT.
+
+    ``attention.output.dense`` rather than ``dense`` when the MLP's ``intermediate.dense`` stays frozen.
+    """
+    adapted, modules = set(adapted), set(modules) | set(adapted)
+    chosen = set()
+    for module in adapted:
+        parts = module.split(".")
+        for start in range(len(parts) - 1, -1, -1):
+            suffix = ".".join(parts[start:])
+            if all(other in adapted for other in modules if _listed([suffix], other)):
+                chosen.add(suffix)
+                break
+    return sorted(chosen)
 
 
 def pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:

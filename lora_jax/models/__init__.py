@@ -41,7 +41,7 @@ from lora_jax.models.common.stacking import stack_layers, unstack_layers
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.models.partitioning import partition_rules, tensor_parallel_rules
-from lora_jax.models.presets import HEAD_PATTERN, lora_spec
+from lora_jax.models.presets import HEAD_PATTERN, METHODS, lora_spec, method_spec
 from lora_jax.models.registry import Architecture, Build, KVCache, Linear, Registry
 from lora_jax.models.text import (
     embed_texts,
@@ -54,6 +54,7 @@ from lora_jax.models.text import (
 __all__ = [
     "ARCHITECTURES",
     "HEAD_PATTERN",
+    "METHODS",
     "Architecture",
     "BertConfig",
     "BertForSequenceClassification",
@@ -87,6 +88,7 @@ __all__ = [
     "load_params",
     "load_tokenizer",
     "lora_spec",
+    "method_spec",
     "partition_rules",
     "save_pretrained",
     "mean_pool",
