@@ -90,14 +90,11 @@ def _pair_task(directory):
     return directory
 
 
-def _tiny_encoder(directory):
-    """tiny_bert_cls's encoder as a BertModel checkpoint (no head) with a small WordPiece tokenizer.json."""
+def _tiny_tokenizer(directory):
+    """Write a small WordPiece ``tokenizer.json`` (under 96 tokens, the tiny models' vocabulary) into ``directory``."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers import models as token_models
 
-    with pytest.warns(UserWarning, match="ignored 2 unused checkpoint tensors"):  # the classifier
-        model, params = models.from_pretrained(FIXTURES / "tiny_bert_cls", architecture="BertModel")
-    models.save_pretrained(directory, model, params)
     words = ["the", "film", "was", "and", "plot", *(w for ws in WORDS.values() for w in ws)]
     vocab = {
         token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words, *"abcdefghijklmnopqrstuvwxyz"])
@@ -107,6 +104,14 @@ def _tiny_encoder(directory):
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.save(str(directory / "tokenizer.json"))
     return directory
+
+
+def _tiny_encoder(directory):
+    """tiny_bert_cls's encoder as a BertModel checkpoint (no head) with a small WordPiece tokenizer.json."""
+    with pytest.warns(UserWarning, match="ignored 2 unused checkpoint tensors"):  # the classifier
+        model, params = models.from_pretrained(FIXTURES / "tiny_bert_cls", architecture="BertModel")
+    models.save_pretrained(directory, model, params)
+    return _tiny_tokenizer(directory)
 
 
 def test_help_for_every_verb(capsys):
@@ -161,6 +166,9 @@ def test_train_resumes_and_refuses_other_arguments(tmp_path):
     run = tmp_path / "run"
     args = ["train", model_dir, task, "--text-columns", "sentence1,sentence2", "--steps", "6", "--batch-size", "4"]
     args += ["--max-length", "16", "--checkpoint-every", "3", "--no-progress", "--out", run]
+    # An attempt that fails before its first checkpoint leaves nothing to resume: the corrected one is not refused.
+    assert "--max-length 64 exceeds the model's 32" in refused(*args, "--max-length", "64")
+    assert (run / "run.json").is_file()
     out = lora_jax_cli(*args).stdout
     assert "matthews_corrcoef" in out
     unbroken = _tensors_and_metadata(run / "adapter.safetensors")
@@ -254,6 +262,13 @@ def test_generate(tmp_path):
     ).stdout
     assert out.strip() == expected(lj.merge(params, lora, spec))
     assert "tokenizer.json not found" in refused("generate", model_dir, "--prompt", "hello")
+    with_tokenizer = tmp_path / "with_tokenizer"
+    shutil.copytree(model_dir, with_tokenizer)
+    _tiny_tokenizer(with_tokenizer)
+    ids, text = lora_jax_cli(
+        "generate", with_tokenizer, "--prompt", "the film", "--max-new-tokens", "3"
+    ).stdout.splitlines()
+    assert ids.startswith("4,5,") and len(ids.split(",")) == 5 and text.startswith("the film")
 
 
 def test_bad_input_is_one_line_with_exit_2(tmp_path, minilm_dir):
@@ -266,6 +281,9 @@ def test_bad_input_is_one_line_with_exit_2(tmp_path, minilm_dir):
     assert f"{task / 'train.tsv'}:1: no column 'text'" in message
     message = refused("train", minilm_dir, tmp_path / "no_data", "--out", tmp_path / "r")
     assert "no_data" in message
+    assert "tiny_gpt2/tokenizer.json not found" in refused(
+        "train", FIXTURES / "tiny_gpt2", task, "--out", tmp_path / "r"
+    )
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "config.json").write_text("{}")
     message = refused("merge", FIXTURES / "tiny_gpt2", tmp_path / "a.safetensors", "--out", tmp_path / "out")

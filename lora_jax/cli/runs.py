@@ -7,7 +7,8 @@
 
 ``run.json`` is written before training starts, so a directory with checkpoints always says which
 arguments made them. An invocation with the same arguments on the same data resumes; one with other
-arguments, or on changed data, is refused with what differs, unless ``--overwrite`` starts afresh.
+arguments, or on changed data, is refused with what differs, unless ``--overwrite`` starts afresh; an
+attempt that stopped before its first checkpoint (a wrong path, say) leaves nothing to protect and is replaced.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def open_run(run_dir: Path, arguments: dict[str, Any], data: dict[str, str], ove
       overwrite: start afresh: remove an earlier run's files first.
 
     Returns:
-      The earlier run's ``run.json`` when this one continues it, else ``{}``.
+      The earlier run's ``run.json`` when this one continues it (it has checkpoints), else ``{}``.
 
     Raises:
       FileExistsError: ``run_dir`` is a file, or a directory with files but no ``run.json``.
@@ -79,6 +80,10 @@ def open_run(run_dir: Path, arguments: dict[str, Any], data: dict[str, str], ove
         clear(run_dir)
         return {}
     record = run_record(run_dir / ADAPTER_FILE)
+    checkpoints = run_dir / CHECKPOINTS
+    if record and not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        clear(run_dir)  # an attempt that stopped before its first checkpoint: nothing to resume or to lose
+        return {}
     if not record:
         if run_dir.is_dir() and any(run_dir.iterdir()):
             raise FileExistsError(

@@ -100,6 +100,9 @@ def _check(args: argparse.Namespace, text_columns: list[str]) -> None:
     for name in ("model_dir", "data_dir"):
         if not Path(getattr(args, name)).is_dir():
             raise FileNotFoundError(f"{getattr(args, name)}: no such directory ({name.upper()})")
+    for name in ("config.json", "tokenizer.json"):
+        if not (Path(args.model_dir) / name).is_file():
+            raise FileNotFoundError(f"{Path(args.model_dir) / name} not found: MODEL_DIR needs it to train")
 
 
 def train(args: argparse.Namespace) -> int:
