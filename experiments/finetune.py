@@ -56,16 +56,7 @@ class RunConfig:
 
 
 def method_spec(model: Any, config: RunConfig) -> lj.LoraSpec:
-    head = lj.trainable(models.HEAD_PATTERN, name="classifier")
-    if config.method == "lora":
-        return models.lora_spec(model, config.targets, rank=config.rank, alpha=config.alpha, head=True)
-    if config.method == "full":
-        return lj.LoraSpec([lj.trainable(".*", name="everything")])
-    if config.method == "bitfit":
-        return lj.LoraSpec([head, lj.trainable(r".*/bias", name="biases")])
-    if config.method == "head":
-        return lj.LoraSpec([head])
-    raise ValueError(f"unknown method {config.method!r}; use one of {METHODS}")
+    return models.method_spec(model, config.method, config.targets, rank=config.rank, alpha=config.alpha)
 
 
 def load_model(num_labels: int, seed: int, pooling: str | None = None) -> tuple[Any, Any, Any]:
@@ -97,7 +88,7 @@ def load_task(config: RunConfig, tokenizer: Any) -> tuple[Any, data.Encoded, dat
 
 
 def buckets_for(max_length: int) -> tuple[int, ...]:
-    return tuple(b for b in (32, 64, 128) if b < max_length) + (max_length,)
+    return data.buckets_up_to(max_length)
 
 
 def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:

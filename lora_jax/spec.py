@@ -8,12 +8,17 @@ hashable, so a spec can be a static argument of ``jax.jit``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
 
+from lora_jax.errors import CheckpointCorruptError, SpecError
 from lora_jax.paths import Predicate, check_pattern, matches
+from lora_jax.typing import PathLike
 
 Mode = Literal["lora", "dora", "train", "freeze"]
 ADAPTED_MODES = ("lora", "dora")
@@ -21,6 +26,11 @@ ADAPTED_MODES = ("lora", "dora")
 Scaling = Literal["standard", "rslora"]
 Init = Literal["kaiming_uniform", "gaussian"]
 Axes = tuple[int, ...]
+
+SPEC_VERSION = 1
+"""The version of :meth:`LoraSpec.to_dict`'s layout; :meth:`LoraSpec.from_dict` reads this one only."""
+SPEC_METADATA_KEY = "spec"
+"""The adapter file's metadata entry that holds the spec as JSON."""
 
 
 def _as_axes(value: int | Axes | None) -> Axes | None:
@@ -152,3 +162,154 @@ class LoraSpec:
     @property
     def has_dropout(self) -> bool:
         return any(r.mode in ADAPTED_MODES and r.dropout > 0 for r in self.rules)
+
+    @property
+    def storable(self) -> bool:
+        """Whether :meth:`to_dict` can store this spec: no rule has a predicate pattern."""
+        return all(isinstance(rule.pattern, str) for rule in self.rules)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the spec as JSON-safe data: ``{"version": 1, "rules": [{field: value}, ...]}``.
+
+        Every :class:`Rule` field is stored; axes become lists. :meth:`from_dict` reads it back.
+
+        Raises:
+          SpecError: a rule has a predicate pattern, which cannot be stored (names the rule).
+        """
+        return {"version": SPEC_VERSION, "rules": [_rule_to_dict(rule, index) for index, rule in enumerate(self.rules)]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoraSpec:
+        """Build a spec from :meth:`to_dict`'s data, checking every key and type.
+
+        A rule may leave out fields (they take :class:`Rule`'s defaults); ``pattern`` is required.
+
+        Raises:
+          SpecError: not a mapping, another version, an unknown key, a missing pattern, a value of the
+            wrong type or one :class:`Rule` refuses (names the field and the rule's index).
+        """
+        if not isinstance(data, Mapping):
+            raise SpecError(f"a stored spec is a mapping with 'version' and 'rules', got {type(data).__name__}")
+        unknown = sorted(set(data) - {"version", "rules"})
+        if unknown:
+            raise SpecError(f"stored spec: unknown key {unknown[0]!r}; expected 'version' and 'rules'")
+        if data.get("version") != SPEC_VERSION:
+            raise SpecError(
+                f"stored spec: version {data.get('version')!r} is not {SPEC_VERSION}; "
+                "it was written by another lora_jax, pass the spec in code instead"
+            )
+        rules = data.get("rules")
+        if not isinstance(rules, list) or not rules:
+            raise SpecError(f"stored spec: 'rules' must be a non-empty list, got {rules!r}")
+        return cls([_rule_from_dict(rule, index) for index, rule in enumerate(rules)])
+
+    @classmethod
+    def from_file(cls, path: PathLike) -> LoraSpec:
+        """Return the spec stored in an adapter file written by :func:`lora_jax.save_adapter`.
+
+        Only the file's header is read.
+
+        Raises:
+          FileNotFoundError: no file at ``path``.
+          CheckpointCorruptError: the file is not readable, stores no spec (it was saved from a spec with a
+            predicate rule) or a damaged one (names the file).
+        """
+        from lora_jax._extras import require
+
+        safetensors = require("safetensors", "io")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no adapter file there")
+        try:
+            with safetensors.safe_open(str(path), framework="numpy") as handle:
+                metadata = handle.metadata() or {}
+        except (safetensors.SafetensorError, OSError, ValueError) as err:
+            raise CheckpointCorruptError(f"{path}: not a readable safetensors file ({err})") from None
+        if SPEC_METADATA_KEY not in metadata:
+            raise CheckpointCorruptError(
+                f"{path} stores no spec (it was saved from a spec with a predicate rule, or not by lora_jax); "
+                "pass the spec it was made with: load_adapter(path, params, spec)"
+            )
+        try:
+            return cls.from_dict(json.loads(metadata[SPEC_METADATA_KEY]))
+        except (json.JSONDecodeError, SpecError) as err:
+            raise CheckpointCorruptError(f"{path}: damaged spec in the metadata ({err})") from None
+
+    @classmethod
+    def from_peft(cls, config_or_dir: Mapping[str, Any] | PathLike, names: Mapping[str, Any]) -> LoraSpec:
+        """Build the spec of a Hugging Face PEFT LoRA adapter, one rule per adapted or saved module.
+
+        Args:
+          config_or_dir: the ``adapter_config.json`` contents, or the PEFT folder holding it.
+          names: the model's name table (:func:`lora_jax.models.hf_names`), which says which param path
+            each PyTorch module name is.
+
+        Returns:
+          The spec :func:`lora_jax.io.load_peft` reads the folder under: ``target_modules`` with ``r``,
+          ``lora_alpha``, ``use_rslora``, ``lora_dropout`` and the ``rank_pattern`` / ``alpha_pattern``
+          overrides as LoRA rules, ``modules_to_save`` as fully trainable ones.
+
+        Raises:
+          FileNotFoundError: a folder without ``adapter_config.json``.
+          LoraError: a config that is not LoRA, a setting lora_jax cannot express, or a target that
+            matches no module of the name table (see :mod:`lora_jax.io.peft_spec`).
+        """
+        from lora_jax.io.peft_spec import spec_from_peft
+
+        return spec_from_peft(config_or_dir, names)
+
+
+_AXES_FIELDS = ("in_axes", "out_axes", "stack_axes")
+
+
+def _rule_to_dict(rule: Rule, index: int) -> dict[str, Any]:
+    """Return one rule's fields as JSON-safe data (axes as lists)."""
+    if not isinstance(rule.pattern, str):
+        raise SpecError(
+            f"{rule.label} (rule {index}) has a predicate pattern, which cannot be stored; "
+            "pass the spec when loading instead (load_adapter(path, params, spec))"
+        )
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(Rule):
+        value = getattr(rule, field.name)
+        out[field.name] = list(value) if field.name in _AXES_FIELDS and value is not None else value
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# field -> (check, what it must be)
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "pattern": (lambda v: isinstance(v, str), "a regex string"),
+    "mode": (lambda v: isinstance(v, str), "a string"),
+    "rank": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "alpha": (_is_number, "a number"),
+    "scaling": (lambda v: isinstance(v, str), "a string"),
+    "init": (lambda v: isinstance(v, str), "a string"),
+    "init_std": (lambda v: v is None or _is_number(v), "a number or null"),
+    "dropout": (_is_number, "a number"),
+    "dtype": (lambda v: isinstance(v, str), "a dtype name"),
+    "in_axes": (lambda v: v is None or (isinstance(v, list) and all(type(a) is int for a in v)), "a list of integers"),
+    "name": (lambda v: v is None or isinstance(v, str), "a string or null"),
+}
+_FIELD_TYPES["out_axes"] = _FIELD_TYPES["stack_axes"] = _FIELD_TYPES["in_axes"]
+
+
+def _rule_from_dict(data: Any, index: int) -> Rule:
+    """Build rule ``index`` of a stored spec, naming the index and field of anything wrong."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"stored spec, rule {index}: expected a mapping of fields, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_FIELD_TYPES))
+    if unknown:
+        raise SpecError(f"stored spec, rule {index}: unknown field {unknown[0]!r}; fields are {sorted(_FIELD_TYPES)}")
+    if "pattern" not in data:
+        raise SpecError(f"stored spec, rule {index}: no 'pattern'")
+    for field, value in data.items():
+        check, wanted = _FIELD_TYPES[field]
+        if not check(value):
+            raise SpecError(f"stored spec, rule {index}: field {field!r} must be {wanted}, got {value!r}")
+    try:
+        return Rule(**data)
+    except (ValueError, TypeError) as err:  # Rule's own checks (SpecError is a ValueError)
+        raise SpecError(f"stored spec, rule {index}: {err}") from None

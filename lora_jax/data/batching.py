@@ -29,6 +29,11 @@ def bucket_length(length: int, buckets: Sequence[int]) -> int:
     )
 
 
+def buckets_up_to(max_length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[int, ...]:
+    """Return the buckets below ``max_length`` and ``max_length`` itself: the lengths of texts tokenized to it."""
+    return (*sorted(b for b in buckets if b < max_length), max_length)
+
+
 def pad_batch(encoded: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequence[int]) -> Batch:
     """Pads the examples ``rows`` into one batch of ``batch_size`` rows; filler rows have weight 0."""
     length = bucket_length(max((len(encoded.input_ids[i]) for i in rows), default=1), buckets)

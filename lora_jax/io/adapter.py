@@ -44,7 +44,7 @@ from lora_jax.finite import check_finite
 from lora_jax.io.atomic import refuse_existing, write_atomic
 from lora_jax.paths import flatten, nested_set, path_str
 from lora_jax.plan import plan
-from lora_jax.spec import LoraSpec
+from lora_jax.spec import SPEC_METADATA_KEY, LoraSpec
 from lora_jax.typing import PathLike, PyTree
 
 FORMAT = "lora_jax.adapter/2"
@@ -74,7 +74,10 @@ def save_adapter(path: PathLike, params: PyTree, lora: PyTree, spec: LoraSpec, *
     """Write the adapter tree ``lora`` to ``path`` (a ``.safetensors`` file), checked against ``params`` and ``spec``.
 
     Tensors are stored as float32; each leaf's own dtype, the signature of
-    ``params`` and ``spec``, and checksums go into the file's metadata.
+    ``params`` and ``spec``, and checksums go into the file's metadata, and so
+    does the spec (``LoraSpec.to_dict``), so that :func:`load_adapter` needs
+    none; a spec with a predicate rule cannot be stored, and a warning says the
+    file needs it at load.
 
     Args:
       path: the file to write.
@@ -112,17 +115,26 @@ def save_adapter(path: PathLike, params: PyTree, lora: PyTree, spec: LoraSpec, *
         "tensors": {name: _tensor_digest(name, array, dtypes[name]) for name, array in tensors.items()},
     }
     metadata = {"format": FORMAT, "signature": signature_json, "dtypes": dtypes_json, "sha256": json.dumps(checksums)}
+    # The rules too, so that the file loads without the spec (LoraSpec.from_file); predicates cannot be stored.
+    if spec.storable:
+        metadata[SPEC_METADATA_KEY] = json.dumps(spec.to_dict())
+    else:
+        warnings.warn(
+            f"{path}: the spec has a predicate rule, which cannot be stored; load the file with its spec, "
+            "load_adapter(path, params, spec)",
+            stacklevel=2,
+        )
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
 
 
-def load_adapter(path: PathLike, params: PyTree, spec: LoraSpec) -> dict:
+def load_adapter(path: PathLike, params: PyTree, spec: LoraSpec | None = None) -> dict:
     """Read an adapter file written by :func:`save_adapter` for this base tree and spec.
 
     Args:
       path: the ``.safetensors`` file.
       params: the base tree (arrays or ``ShapeDtypeStruct``).
       spec: the spec to read the adapter under; it must give every leaf the shape, mode, rank and scale it was
-        saved with.
+        saved with. None reads the spec stored in the file (:meth:`LoraSpec.from_file`).
 
     Returns:
       The adapter tree, each leaf in the dtype it was saved from.
@@ -131,6 +143,7 @@ def load_adapter(path: PathLike, params: PyTree, spec: LoraSpec) -> dict:
       FileNotFoundError: no file at ``path``.
       CheckpointCorruptError: the file is not a readable lora_jax adapter, or does not match its checksums
         (names the file, and the tensor or metadata entry).
+      CheckpointCorruptError: also when ``spec`` is None and the file stores no spec.
       AdapterMismatchError: it was saved for another spec or base (names the file and what differs).
 
     Warns:
@@ -144,6 +157,8 @@ def load_adapter(path: PathLike, params: PyTree, spec: LoraSpec) -> dict:
         )
     if not path.exists():
         raise FileNotFoundError(f"{path}: no adapter file there")
+    if spec is None:
+        spec = LoraSpec.from_file(path)
     metadata, tensors = _read(path)
     format_ = metadata.get("format")
     if format_ not in (FORMAT, FORMAT_1):

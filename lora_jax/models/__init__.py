@@ -4,6 +4,7 @@
     spec = lora_jax.models.lora_spec(model, "qv", rank=8)
     lora = lora_jax.init(key, params, spec)
     out = model.apply({"params": lora_jax.combine(params, lora, spec)}, input_ids, attention_mask)
+    lora_jax.models.save_pretrained(out_dir, model, lora_jax.merge(params, lora, spec), source=path)
 
 Models: :class:`BertModel`, :class:`BertForSequenceClassification`,
 :class:`GPT2LMHeadModel`, :class:`LlamaForCausalLM`; each takes
@@ -32,6 +33,7 @@ from lora_jax.models.bundled import ARCHITECTURES
 from lora_jax.models.common.config import ConfigError
 from lora_jax.models.common.convert import CheckpointError
 from lora_jax.models.common.decoder import CausalLM, DecoderBlock, DecoderOutput
+from lora_jax.models.common.export import checkpoint_tensors, save_pretrained
 from lora_jax.models.common.generate import cache_for, generate
 from lora_jax.models.common.layers import init_cache
 from lora_jax.models.common.loading import build_model, checkpoint_files, from_pretrained, hf_names, load_params
@@ -39,7 +41,7 @@ from lora_jax.models.common.stacking import stack_layers, unstack_layers
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.models.partitioning import partition_rules, tensor_parallel_rules
-from lora_jax.models.presets import HEAD_PATTERN, lora_spec
+from lora_jax.models.presets import HEAD_PATTERN, METHODS, lora_spec, method_spec
 from lora_jax.models.registry import Architecture, Build, KVCache, Linear, Registry
 from lora_jax.models.text import (
     embed_texts,
@@ -52,6 +54,7 @@ from lora_jax.models.text import (
 __all__ = [
     "ARCHITECTURES",
     "HEAD_PATTERN",
+    "METHODS",
     "Architecture",
     "BertConfig",
     "BertForSequenceClassification",
@@ -72,6 +75,7 @@ __all__ = [
     "Registry",
     "build_model",
     "cache_for",
+    "checkpoint_tensors",
     "classifier_apply_fn",
     "checkpoint_files",
     "embed_texts",
@@ -84,7 +88,9 @@ __all__ = [
     "load_params",
     "load_tokenizer",
     "lora_spec",
+    "method_spec",
     "partition_rules",
+    "save_pretrained",
     "mean_pool",
     "sentence_embeddings",
     "sentence_pooling",

@@ -21,6 +21,8 @@ from lora_jax.paths import STACKED, UNROLLED_PATTERN
 from lora_jax.spec import LoraSpec, Rule, trainable
 
 PRESETS = {"qv": ("q", "v"), "qk": ("q", "k"), "qkv": ("q", "k", "v"), "qkvo": ("q", "k", "v", "o")}
+METHODS = ("lora", "full", "bitfit", "head")
+"""Fine-tuning methods of :func:`method_spec`."""
 
 
 def head_pattern(head: str) -> str:
@@ -113,3 +115,38 @@ def lora_spec(
             raise SpecError(f"head=True needs a classification model with a task head; {arch.model_type} has none")
         rules.append(trainable(head_pattern(arch.head), name=arch.head))
     return LoraSpec(rules)
+
+
+def method_spec(
+    model_or_config: Any,
+    method: str = "lora",
+    targets: str | Iterable[str] = "qv",
+    rank: int = 8,
+    alpha: float = 8.0,
+    registry: Registry = ARCHITECTURES,
+) -> LoraSpec:
+    """Build the spec of a fine-tuning method for a model with a task head; the head always trains.
+
+    Args:
+      model_or_config: a registered module or config whose family has a task head (BERT's classifier).
+      method: ``"lora"`` (:func:`lora_spec` on ``targets`` with ``head=True``), ``"full"`` (every leaf
+        trainable), ``"bitfit"`` (the biases and the head) or ``"head"`` (the head alone).
+      targets, rank, alpha: the LoRA rules (``"lora"`` only).
+      registry: the families.
+
+    Raises:
+      SpecError: an unknown method or targets, or a family without a task head.
+    """
+    if method == "lora":
+        return lora_spec(model_or_config, targets, rank=rank, alpha=alpha, head=True, registry=registry)
+    if method == "full":
+        return LoraSpec([trainable(".*", name="everything")])
+    arch = registry.of(model_or_config)
+    if arch.head is None:
+        raise SpecError(f"method {method!r} trains a task head; {arch.model_type} has none")
+    head = trainable(head_pattern(arch.head), name=arch.head)
+    if method == "bitfit":
+        return LoraSpec([head, trainable(r".*/bias", name="biases")])
+    if method == "head":
+        return LoraSpec([head])
+    raise SpecError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")

@@ -48,6 +48,16 @@ def f1(preds: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None, po
     return float(2 * tp / denom) if denom > 0 else 0.0
 
 
+def macro_f1(preds: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None) -> float:
+    """Mean over classes of each class's F1 against the rest; the classes are those in ``labels`` or ``preds``."""
+    preds, labels, weights = _prepare(preds, labels, weights)
+    present = weights > 0
+    classes = np.union1d(labels[present], preds[present])
+    if classes.size == 0:
+        return 0.0
+    return float(np.mean([f1(preds, labels, weights, positive=int(c)) for c in classes]))
+
+
 def matthews_corrcoef(preds: ArrayLike, labels: ArrayLike, weights: ArrayLike | None = None) -> float:
     """Matthews correlation coefficient (multiclass form; the usual binary one for two classes).
 
@@ -65,6 +75,7 @@ def matthews_corrcoef(preds: ArrayLike, labels: ArrayLike, weights: ArrayLike | 
 METRICS: dict[str, Callable[..., float]] = {
     "accuracy": accuracy,
     "f1": f1,
+    "macro_f1": macro_f1,
     "matthews_corrcoef": matthews_corrcoef,
 }
 

@@ -76,6 +76,34 @@ class Tensor:
             array = array.T
         return np.ascontiguousarray(array).reshape(target)
 
+    def to_checkpoint(self, array: np.ndarray) -> np.ndarray:
+        """Return the checkpoint tensor of param ``array`` (for a part, its piece): the inverse of :meth:`convert`.
+
+        Pieces of a fused tensor are joined by :func:`join_parts`.
+        """
+        array = np.asarray(array)
+        value = array.reshape(self._flat_shape(tuple(array.shape)))
+        return np.ascontiguousarray(value.T if self.transpose else value)
+
+
+def join_parts(name: str, tensors: tuple[Tensor, ...], pieces: list[np.ndarray]) -> np.ndarray:
+    """Return checkpoint tensor ``name`` from the pieces of its ``tensors`` (:meth:`Tensor.to_checkpoint`).
+
+    One whole tensor comes back as it is; the parts of a fused one are joined along the last axis in part order.
+
+    Raises:
+      CheckpointError: parts missing or repeated, or a whole tensor among parts.
+    """
+    if len(tensors) == 1 and tensors[0].part is None:
+        return pieces[0]
+    parts = [t.part for t in tensors]
+    whole = [p for p in parts if p is not None]
+    complete = sorted(p[0] for p in whole) == list(range(len(parts))) and {p[1] for p in whole} == {len(parts)}
+    if len(whole) != len(parts) or not complete:
+        raise CheckpointError(f"checkpoint tensor {name!r}: its key map parts {parts} do not make one whole tensor")
+    ordered = [piece for _, piece in sorted(zip(whole, pieces, strict=True), key=lambda pair: pair[0][0])]
+    return np.ascontiguousarray(np.concatenate(ordered, axis=-1))
+
 
 KeyMap = dict[str, tuple[Tensor, ...]]
 """Checkpoint tensor name -> the tensors it fills (empty: a known tensor the module does not use)."""

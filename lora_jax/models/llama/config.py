@@ -13,6 +13,7 @@ class LlamaConfig:
     """Llama decoder (Hugging Face ``LlamaForCausalLM``)."""
 
     model_type: ClassVar[str] = "llama"
+    HF_RENAMES: ClassVar[dict[str, str]] = {"head_dim_override": "head_dim"}  # for to_hf
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
