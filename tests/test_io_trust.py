@@ -30,6 +30,7 @@ from lora_jax import adapters, io, training
 from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError, NonFiniteError
 from lora_jax.io import adapter, atomic
 from lora_jax.paths import flatten, path_str
+from lora_jax.spec import SPEC_METADATA_KEY
 
 PARAMS = {"enc": {"q": {"kernel": jnp.ones((16, 8))}, "v": {"kernel": jnp.ones((16, 2, 4))}}, "head": jnp.ones((8, 2))}
 SPEC = lj.LoraSpec([lj.Rule("enc/q/kernel", rank=4), lj.Rule("enc/v/kernel", rank=2, in_axes=0), lj.trainable("head")])
@@ -70,7 +71,9 @@ def _reseal(metadata, tensors):
         dtypes = {}
     dtypes = dtypes if isinstance(dtypes, dict) else {}
     checksums = {
-        "metadata": adapter._metadata_digest(metadata["format"], metadata["signature"], metadata["dtypes"]),
+        "metadata": adapter._metadata_digest(
+            metadata["format"], metadata["signature"], metadata["dtypes"], metadata.get(SPEC_METADATA_KEY)
+        ),
         "tensors": {
             name: adapter._tensor_digest(name, array, str(dtypes.get(name))) for name, array in tensors.items()
         },

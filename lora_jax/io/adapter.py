@@ -65,9 +65,10 @@ def _tensor_digest(name: str, array: np.ndarray, dtype: str) -> str:
     return digest.hexdigest()
 
 
-def _metadata_digest(format_: str, signature_json: str, dtypes_json: str) -> str:
+def _metadata_digest(format_: str, signature_json: str, dtypes_json: str, spec_json: str | None) -> str:
     """Return the sha256 of the metadata entries the tensors' meaning depends on, as they are stored."""
-    return hashlib.sha256(json.dumps([format_, signature_json, dtypes_json]).encode()).hexdigest()
+    entries = [format_, signature_json, dtypes_json] + ([] if spec_json is None else [spec_json])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
 
 
 def save_adapter(path: PathLike, params: PyTree, lora: PyTree, spec: LoraSpec, *, overwrite: bool = False) -> Path:
@@ -110,20 +111,21 @@ def save_adapter(path: PathLike, params: PyTree, lora: PyTree, spec: LoraSpec, *
     )
     dtypes = {path_str(p): str(jnp.asarray(x).dtype) for p, x in leaves.items()}
     signature_json, dtypes_json = json.dumps(signature(params, spec)), json.dumps(dtypes)
-    checksums = {
-        "metadata": _metadata_digest(FORMAT, signature_json, dtypes_json),
-        "tensors": {name: _tensor_digest(name, array, dtypes[name]) for name, array in tensors.items()},
-    }
-    metadata = {"format": FORMAT, "signature": signature_json, "dtypes": dtypes_json, "sha256": json.dumps(checksums)}
     # The rules too, so that the file loads without the spec (LoraSpec.from_file); predicates cannot be stored.
-    if spec.storable:
-        metadata[SPEC_METADATA_KEY] = json.dumps(spec.to_dict())
-    else:
+    spec_json = json.dumps(spec.to_dict()) if spec.storable else None
+    if spec_json is None:
         warnings.warn(
             f"{path}: the spec has a predicate rule, which cannot be stored; load the file with its spec, "
             "load_adapter(path, params, spec)",
             stacklevel=2,
         )
+    checksums = {
+        "metadata": _metadata_digest(FORMAT, signature_json, dtypes_json, spec_json),
+        "tensors": {name: _tensor_digest(name, array, dtypes[name]) for name, array in tensors.items()},
+    }
+    metadata = {"format": FORMAT, "signature": signature_json, "dtypes": dtypes_json, "sha256": json.dumps(checksums)}
+    if spec_json is not None:
+        metadata[SPEC_METADATA_KEY] = spec_json
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
 
 
@@ -250,7 +252,8 @@ def _verify(
     listed = checksums.get("tensors")
     if not isinstance(listed, dict):
         raise CheckpointCorruptError(f"{path}: metadata entry 'sha256' has no map of tensor checksums")
-    if checksums.get("metadata") != _metadata_digest(format_, metadata["signature"], metadata["dtypes"]):
+    stored = _metadata_digest(format_, metadata["signature"], metadata["dtypes"], metadata.get(SPEC_METADATA_KEY))
+    if checksums.get("metadata") != stored:
         raise CheckpointCorruptError(
             f"{path}: the metadata (format, signature, dtypes) does not match its checksum; the file is damaged"
         )
