@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 import lora_jax.models as models
-from experiments import assets
+from experiments import assets, report
 from lora_jax.io.atomic import write_text
 
 PAIRS = [
@@ -52,15 +52,24 @@ def table(pairs: list[tuple[str, str, str]], scores: list[float]) -> str:
     return "\n".join(lines)
 
 
-def main(out: Path = DEFAULT_OUT) -> list[float]:
+def main(out: Path = DEFAULT_OUT, overwrite: bool = False) -> list[float]:
+    """Score the pairs and write the table to ``out``.
+
+    ``DEFAULT_OUT`` is this experiment's own results table and is rewritten; another existing
+    file is replaced only with ``overwrite``.
+    """
     scores = similarities(PAIRS)
     text = "# all-MiniLM-L6-v2 sentence similarities (lora_jax.models, float32)\n\n" + table(PAIRS, scores) + "\n"
     print(text)
-    write_text(out, text, overwrite=True)
+    write_text(out, text, overwrite=overwrite or Path(out).resolve() == DEFAULT_OUT)
     return scores
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    main(parser.parse_args().out)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    args = parser.parse_args()
+    if args.out.resolve() != DEFAULT_OUT:
+        report.refuse_existing(parser, [args.out], args.overwrite)
+    main(args.out, args.overwrite)

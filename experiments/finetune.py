@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 import lora_jax as lj
-from experiments import assets
+from experiments import assets, report
 from lora_jax import data, models, training
 from lora_jax.io.atomic import write_text
 
@@ -174,10 +174,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m experiments.finetune --config JSON --out DIR``: one run, in its own process.
+    """``python -m experiments.finetune --config JSON --out DIR [--overwrite]``: one run, in its own process.
 
-    Writes ``DIR/summary.json`` and, for methods with adapters or trainable
-    leaves, ``DIR/adapter.safetensors``.
+    Writes ``DIR/summary.json`` and, for LoRA, ``DIR/adapter.safetensors``; an existing one is replaced
+    only with ``--overwrite`` (checked before training).
     """
     import argparse
     import json
@@ -185,20 +185,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="one fine-tuning run")
     parser.add_argument("--config", required=True, help="RunConfig fields as JSON")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace DIR's adapter.safetensors and summary.json")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     config = RunConfig(**json.loads(args.config))
+    adapter, summary = args.out / "adapter.safetensors", args.out / "summary.json"
+    report.refuse_existing(parser, [adapter, summary] if config.method == "lora" else [summary], args.overwrite)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(config, progress=args.progress)
     if config.method == "lora":
-        lj.save_adapter(
-            args.out / "adapter.safetensors",
-            result["params"],
-            result["state"]["lora"],
-            result["spec"],
-            overwrite=True,
-        )
-    write_text(args.out / "summary.json", json.dumps(summarize(result), indent=1), overwrite=True)
+        lj.save_adapter(adapter, result["params"], result["state"]["lora"], result["spec"], overwrite=args.overwrite)
+    write_text(summary, json.dumps(summarize(result), indent=1), overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

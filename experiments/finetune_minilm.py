@@ -9,6 +9,11 @@ saves the adapter, merges it into the base and checks that merged and
 unmerged predictions agree. Data come from --data-dir (GLUE's layout, default
 ``experiments.assets.glue_dir()``: $LORA_JAX_GLUE_DIR or ../shared/data/glue) or, when no
 local copy exists, from TFDS's download.
+
+Everything goes to the run directory (--out, default runs/minilm-<task>-<time>, which git ignores):
+checkpoints (a rerun into it resumes), adapter.safetensors and the results table and plot, so a
+run modifies no tracked file. --results-dir experiments/results refreshes the published table. An
+existing adapter or table in the run directory is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="run directory (default runs/minilm-<task>-<time>)")
-    parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
+    parser.add_argument(
+        "--results-dir", type=Path, default=None, help=f"where the table and plot go (default: --out; {report.RESULTS})"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace the run directory's adapter and table")
     args = parser.parse_args(argv)
 
     steps = 400
@@ -57,6 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / f"minilm-{args.task}-{stamp}"
+    name = "finetune_minilm_smoke" if args.smoke else "finetune_minilm"
+    results_dir = args.results_dir or out
+    # The results tables of an explicit --results-dir are this experiment's to rewrite; the run directory's are not.
+    tables = [out / f"{name}.md", out / f"{name}.png"] if results_dir == out else []
+    report.refuse_existing(parser, [out / "adapter.safetensors", *tables], args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
     result = finetune.run(config, checkpoint_dir=out / "checkpoints")
@@ -65,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(lj.describe(params, spec))
     print(f"dev {result['metric']}: {result['score']:.4f} after {steps} steps ({result['seconds']:.0f} s)")
 
-    adapter_path = lj.save_adapter(out / "adapter.safetensors", params, lora, spec)
+    adapter_path = lj.save_adapter(out / "adapter.safetensors", params, lora, spec, overwrite=args.overwrite)
     model_bytes = (assets.minilm_path() / "model.safetensors").stat().st_size
     adapter_size = adapter_path.stat().st_size
     print(
@@ -88,7 +101,6 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"merged vs unmerged: {agree}/{total} predictions agree, max |logit diff| {gap:.2e}")
 
     losses = [r["loss"] for r in result["records"] if r["split"] == "train"]
-    name = "finetune_minilm_smoke" if args.smoke else "finetune_minilm"
     rows = [
         ["task / method", f"{args.task} / LoRA qv r={args.rank} + head"],
         ["steps x batch", f"{steps} x {config.batch_size} (max length {config.max_length})"],
@@ -101,10 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         ["merged vs unmerged predictions", f"{agree}/{total} agree, max logit diff {gap:.1e}"],
         ["wall time (with compilation)", f"{result['seconds']:.0f} s"],
     ]
-    report.write_markdown(
-        args.results_dir / f"{name}.md", "MiniLM LoRA fine-tune", report.markdown_table(["", ""], rows)
-    )
-    report.plot_lines(args.results_dir / f"{name}.png", {"train loss": losses}, "log window (20 steps)", "loss", name)
+    report.write_markdown(results_dir / f"{name}.md", "MiniLM LoRA fine-tune", report.markdown_table(["", ""], rows))
+    report.plot_lines(results_dir / f"{name}.png", {"train loss": losses}, "log window (20 steps)", "loss", name)
     return {
         "score": result["score"],
         "agree": agree,

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 import lora_jax
+from experiments import report
 from lora_jax import distributed as dist
 from lora_jax.training import train_step
 
@@ -102,7 +103,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=pathlib.Path, help="process 0 writes the adapters here (.npz)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
+    out = None
+    if args.out is not None:  # np.savez adds .npz to a name without it
+        out = args.out if args.out.suffix == ".npz" else args.out.with_name(args.out.name + ".npz")
+        report.refuse_existing(parser, [out], args.overwrite)
 
     if args.num_processes is None or args.num_processes > 1:
         # CPU processes reduce through gloo; TPU and GPU ignore this setting.
@@ -116,8 +122,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run(args.steps)
     if jax.process_index() == 0:
         print(json.dumps({"processes": jax.process_count(), "devices": jax.device_count(), "losses": result["losses"]}))
-        if args.out is not None:
-            np.savez(args.out, losses=np.array(result["losses"]), **result["lora"])
+        if out is not None:
+            np.savez(out, losses=np.array(result["losses"]), **result["lora"])
     if jax.process_count() > 1:
         jax.distributed.shutdown()
     return result

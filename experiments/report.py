@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,16 @@ import numpy as np
 from lora_jax.io.atomic import write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def refuse_existing(parser: argparse.ArgumentParser, paths: Iterable[Path], overwrite: bool) -> None:
+    """Exit with a usage error naming the first of ``paths`` that exists, unless ``overwrite`` (``--overwrite``).
+
+    Called before any work, so that a run never ends by failing to save, nor replaces a user's file unasked.
+    """
+    for path in paths:
+        if path.exists() and not overwrite:
+            parser.error(f"{path} exists; pass --overwrite to replace it, or choose another output")
 
 
 def environment() -> str:

@@ -43,6 +43,7 @@ def run_cached(config: RunConfig, cache: Path = DEFAULT_CACHE) -> dict[str, Any]
             json.dumps(dataclasses.asdict(config)),
             "--out",
             str(out.resolve()),  # the run's process starts in the repository root
+            "--overwrite",  # a run directory without summary.json is this cache's own, left by an interrupted run
         ]
         # Runs of one grid share shapes: a persistent compilation cache spares most of each run's compile time.
         env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache.resolve() / "jax-compilation-cache")}

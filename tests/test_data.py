@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from lora_jax.data import (
@@ -21,6 +24,7 @@ from lora_jax.data import (
     num_batches,
     parse_tsv,
     prepare,
+    read_tsv,
     tokenize,
 )
 from lora_jax.data.encoding import truncated_lengths
@@ -333,3 +337,95 @@ def test_download_path_reads_official_glue_layout(tmp_path: Path, monkeypatch: p
     assert urls == [TASKS["cola"].url]
     assert train.texts == (("Our friends won't buy this.", "They drank the pub."),)
     assert train.labels.tolist() == [1, 0]
+
+
+# --- damaged and malformed files: each names path:line and the fix ------------------------------
+
+
+def _tsv(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+DATA_DAMAGE = {
+    # name: (file bytes, line named, what the message says)
+    "header and no rows": (b"text\tlabel\n", 2, "no data rows after the header"),
+    "header and no rows, no newline": (b"text\tlabel", 2, "no data rows after the header"),
+    "byte not UTF-8": (b"text\tlabel\ngood\t1\ncaf\xe9\t0\n", 3, r"byte 0xe9 at byte 4 of the line is not UTF-8"),
+    "byte not UTF-8 in the header": (b"t\xffxt\tlabel\ngood\t1\n", 1, "byte 0xff at byte 2"),
+    "too many fields": (b"text\tlabel\ngood\t1\nbad\t0\textra\n", 3, "expected 2 tab-separated fields, found 3"),
+    "blank line": (b"text\tlabel\ngood\t1\n\nfine\t0\n", 3, "expected 2 tab-separated fields, found 1"),
+    "label outside the classes": (b"text\tlabel\ngood\t1\nbad\t-1\n", 3, r"label '-1' .*not an integer in \[0, 2\)"),
+    "duplicate column": (b"text\tlabel\ttext\ngood\t1\tx\n", 1, "column 'text' appears 2 times"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DATA_DAMAGE))
+def test_bad_data_file_names_path_and_line(tmp_path, kind):
+    data, line, message = DATA_DAMAGE[kind]
+    path = _tsv(tmp_path / "train.tsv", data)
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}:{line}: .*{message}") as err:
+        read_tsv(path, ["text"], "label")
+    assert (err.value.path, err.value.line) == (str(path), line)
+
+
+COLUMNS = {"text_columns": ["text"], "label_column": "label"}
+
+
+@pytest.mark.parametrize("kind", ["header and no rows", "byte not UTF-8"])
+def test_bad_data_file_through_tfds_names_path_and_line(tmp_path, kind):
+    data, line, message = DATA_DAMAGE[kind]
+    _tsv(tmp_path / "task" / "dev.tsv", b"text\tlabel\nfine\t0\n")
+    path = _tsv(tmp_path / "task" / "train.tsv", data)
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}:{line}: .*{message}"):
+        load_split(
+            "bad",
+            "train",
+            data_dir=tmp_path / "task",
+            tfds_dir=tmp_path / "tfds",
+            text_columns=["text"],
+            label_column="label",
+        )
+
+
+_FIELD = st.text(st.characters(blacklist_categories=("Cs",)), max_size=6)  # tabs and line ends included
+_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\t\n\r"), max_size=8)
+_LABEL = st.sampled_from(["0", "1", "2", "-1", "text", "label", "", " 1", "1.0"])
+_ROW = st.one_of(
+    st.tuples(_TEXT, _LABEL).map(list),  # well formed but for the label
+    st.lists(st.one_of(_FIELD, _LABEL), max_size=4),
+)
+
+
+def _tsv_text(rows: list[list[str]]) -> bytes:
+    return "\n".join("\t".join(row) for row in [["text", "label"], *rows]).encode("utf-8", "surrogatepass")
+
+
+def _tsv_text(rows: list[list[str]]) -> bytes:
+    return "\n".join("\t".join(row) for row in [["text", "label"], *rows]).encode("utf-8", "surrogatepass")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    raw=st.one_of(
+        st.binary(max_size=80),
+        st.lists(_ROW, max_size=5).map(_tsv_text),
+    ),
+    newline=st.sampled_from([b"\n", b"\r\n"]),
+    bom=st.booleans(),
+)
+def test_any_bytes_are_rows_or_a_data_file_error(tmp_path, raw, newline, bom):
+    data = (b"\xef\xbb\xbf" if bom else b"") + raw.replace(b"\n", newline)
+    path = _tsv(tmp_path / "any.tsv", data)
+    for read in (
+        lambda: read_tsv(path, ["text"], "label"),
+        lambda: parse_tsv(data.decode("utf-8", "replace"), path, ["text"], "label", num_classes=3),
+    ):
+        try:
+            rows = read()
+        except DataFileError as err:
+            assert re.match(rf"^{re.escape(str(path))}:[1-9][0-9]*: ", str(err)), str(err)
+            continue
+        assert len(rows) >= 1 and len(rows.texts[0]) == len(rows.labels) == len(rows.lines)
+        assert all(0 <= label < 3 for label in rows.labels)

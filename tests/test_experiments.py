@@ -44,15 +44,74 @@ def test_quickstart_smoke(tmp_path):
     assert (tmp_path / "quickstart_smoke.png").stat().st_size > 1000
 
 
-def test_finetune_minilm_smoke(tmp_path):
-    result = load("finetune_minilm").main(["--smoke", "--out", str(tmp_path / "run"), "--results-dir", str(tmp_path)])
+def _tracked_results() -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((ROOT / "experiments" / "results").iterdir())}
+
+
+def test_finetune_minilm_smoke(tmp_path, capsys):
+    minilm, run = load("finetune_minilm"), tmp_path / "run"
+    tracked = _tracked_results()
+    result = minilm.main(["--smoke", "--out", str(run)])
     assert result["agree"] == result["total"] == 64
     assert result["gap"] < 1e-4
     assert 0.0 <= result["score"] <= 1.0
     # qv r=8 on six layers plus the head: a few hundred kilobytes on disk.
     assert 73_728 * 4 < result["adapter_bytes"] < 400_000
-    assert (tmp_path / "run" / "adapter.safetensors").is_file()
-    assert "dev accuracy" in (tmp_path / "finetune_minilm_smoke.md").read_text()
+    assert (run / "adapter.safetensors").is_file()
+    # By default everything goes to the run directory: no tracked file is modified.
+    assert "dev accuracy" in (run / "finetune_minilm_smoke.md").read_text()
+    assert (run / "finetune_minilm_smoke.png").is_file()
+    assert _tracked_results() == tracked
+    # A second run into it refuses, before training, to replace what the first saved.
+    saved = (run / "adapter.safetensors").read_bytes()
+    with pytest.raises(SystemExit) as exit_:
+        minilm.main(["--smoke", "--out", str(run)])
+    assert exit_.value.code == 2
+    assert f"{run / 'adapter.safetensors'} exists; pass --overwrite" in capsys.readouterr().err
+    assert (run / "adapter.safetensors").read_bytes() == saved
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "saved"),
+    [
+        ("finetune", ["--config", '{"method": "lora"}'], "adapter.safetensors"),
+        ("finetune", ["--config", '{"method": "lora"}'], "summary.json"),
+        ("finetune", ["--config", '{"method": "head"}'], "summary.json"),
+        ("finetune_minilm", ["--smoke"], "adapter.safetensors"),
+        ("finetune_minilm", ["--smoke"], "finetune_minilm_smoke.md"),
+        ("finetune_minilm", [], "finetune_minilm.png"),
+    ],
+)
+def test_experiment_never_replaces_a_saved_file_unasked(tmp_path, capsys, name, args, saved):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / saved).write_bytes(b"a user's file")
+    with pytest.raises(SystemExit) as exit_:
+        load(name).main([*args, "--out", str(out)])  # refused before any work
+    assert exit_.value.code == 2
+    assert f"{out / saved} exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert (out / saved).read_bytes() == b"a user's file"
+
+
+def test_multiprocess_train_never_replaces_a_saved_file_unasked(tmp_path, capsys):
+    (tmp_path / "lora.npz").write_bytes(b"a user's file")
+    for out in ("lora.npz", "lora"):  # np.savez adds .npz
+        with pytest.raises(SystemExit):
+            load("multiprocess_train").main(["--num-processes", "1", "--out", str(tmp_path / out)])
+        assert f"{tmp_path / 'lora.npz'} exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "lora.npz").read_bytes() == b"a user's file"
+
+
+def test_embeddings_never_replaces_a_saved_file_unasked(tmp_path):
+    (tmp_path / "table.md").write_text("a user's file")
+    done = subprocess.run(
+        [sys.executable, "-m", "experiments.embeddings", "--out", str(tmp_path / "table.md")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2 and f"{tmp_path / 'table.md'} exists; pass --overwrite" in done.stderr
+    assert (tmp_path / "table.md").read_text() == "a user's file"
 
 
 def test_glue_rank_sweep_and_subspace_smoke(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import jax
@@ -72,8 +73,10 @@ def test_missing_shard_is_named(tmp_path):
     shutil.copy(FIXTURES / "tiny_gpt2" / "config.json", tmp_path)
     index = {"weight_map": {"transformer.wte.weight": "model-00001-of-00001.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(FileNotFoundError, match="model-00001-of-00001.safetensors"):
+    # The index is what is wrong: it lists a shard the directory lacks.
+    with pytest.raises(models.CheckpointError, match="model-00001-of-00001.safetensors.*index.json") as err:
         models.from_pretrained(tmp_path)
+    assert str(tmp_path) in str(err.value) and "download the missing shard" in str(err.value)
 
 
 def test_unknown_architecture_is_named(tmp_path):
@@ -173,3 +176,131 @@ def test_sentence_pooling_reads_the_checkpoint(tmp_path):
 
 def test_minilm_pools_by_mean():
     assert models.sentence_pooling(assets.minilm_path()) == "mean"
+
+
+# --- damaged and malformed files: each names the file and the fix ------------------------------
+
+
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _shard(path: Path) -> None:
+    """Split model.safetensors into two shards with an index."""
+    tensors = read_tensors(path / "model.safetensors")
+    (path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        save_file({n: tensors[n] for n in part}, path / file)
+    index = {"weight_map": {n: f for f, part in shards.items() for n in part}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _int_tensor(path: Path) -> None:
+    tensors = read_tensors(path / "model.safetensors")
+    tensors["transformer.wpe.weight"] = tensors["transformer.wpe.weight"].astype(np.int32)
+    save_file(tensors, path / "model.safetensors")
+
+
+MODEL_DAMAGE = {
+    # name: (how to damage the copied model, error, file named, what the message says)
+    "truncated weights": (
+        lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:-100]),
+        models.CheckpointError,
+        "model.safetensors",
+        "not a readable safetensors file .*download it again",
+    ),
+    "empty weights": (
+        lambda p: (p / "model.safetensors").write_bytes(b""),
+        models.CheckpointError,
+        "model.safetensors",
+        "not a readable safetensors file",
+    ),
+    "git lfs pointer": (
+        lambda p: (p / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\n"),
+        models.CheckpointError,
+        "model.safetensors",
+        "git lfs pull",
+    ),
+    "integer weight": (
+        _int_tensor,
+        models.CheckpointError,
+        "model.safetensors",
+        "'transformer.wpe.weight' has dtype int32",
+    ),
+    "config not JSON": (
+        lambda p: (p / "config.json").write_text('{"model_type": "gpt2",'),
+        models.ConfigError,
+        "config.json",
+        "is not valid JSON",
+    ),
+    "config not UTF-8": (
+        lambda p: (p / "config.json").write_bytes(b'{"model_type": "gpt\xff2"}'),
+        models.ConfigError,
+        "config.json",
+        "is not valid JSON",
+    ),
+    "config a list": (
+        lambda p: (p / "config.json").write_text("[1, 2]"),
+        models.ConfigError,
+        "config.json",
+        "holds a JSON list, not an object",
+    ),
+    "config field of another type": (
+        lambda p: _edit_config(p, n_embd="32"),
+        models.ConfigError,
+        "config.json",
+        "field 'n_embd' is '32', not int",
+    ),
+    "config flag a number": (
+        lambda p: _edit_config(p, layer_norm_epsilon=True),
+        models.ConfigError,
+        "config.json",
+        "field 'layer_norm_epsilon' is True, not float",
+    ),
+    "architectures not a list": (
+        lambda p: _edit_config(p, architectures="GPT2LMHeadModel"),
+        models.ConfigError,
+        "config.json",
+        "'architectures' is 'GPT2LMHeadModel', not a list",
+    ),
+    "model_type a list": (
+        lambda p: _edit_config(p, architectures=[], model_type=["gpt2"]),
+        models.ConfigError,
+        "config.json",
+        "'model_type' is \\['gpt2'\\]",
+    ),
+    "index not JSON": (
+        lambda p: (_shard(p), (p / "model.safetensors.index.json").write_text("{")),
+        models.CheckpointError,
+        "model.safetensors.index.json",
+        "is not valid JSON",
+    ),
+    "index without weight map": (
+        lambda p: (_shard(p), (p / "model.safetensors.index.json").write_text('{"weight_map": {"a": 3}}')),
+        models.CheckpointError,
+        "model.safetensors.index.json",
+        "has no 'weight_map' object",
+    ),
+    "truncated shard": (
+        lambda p: (_shard(p), (p / "model-00002-of-00002.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{")),
+        models.CheckpointError,
+        "model-00002-of-00002.safetensors",
+        "not a readable safetensors file",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MODEL_DAMAGE))
+def test_bad_model_file_is_named(tmp_path, kind):
+    damage, error, file, message = MODEL_DAMAGE[kind]
+    path = copy_model("tiny_gpt2", tmp_path / "m")
+    damage(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(error, match=message) as err:
+            models.from_pretrained(path)
+    assert str(path / file) in str(err.value)

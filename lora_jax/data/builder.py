@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from lora_jax.data.tasks import TASKS, Task
 from lora_jax.data.tsv import read_tsv
+from lora_jax.errors import LoraError
 
 FILE_FORMAT = "array_record"
 SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv"}
@@ -156,7 +157,7 @@ def prepare(
     tfds_dir = None if tfds_dir is None else os.fspath(Path(tfds_dir).expanduser())
     if data_dir is None:
         if TASKS.get(task.name) != task:
-            raise ValueError(f"task {task.name!r} is not a registered GLUE task; give data_dir with its TSV files")
+            raise LoraError(f"task {task.name!r} is not a registered GLUE task; give data_dir with its TSV files")
         builder = TsvClassification(config=task.name, data_dir=tfds_dir, file_format=FILE_FORMAT)
         builder.download_and_prepare()
         return builder

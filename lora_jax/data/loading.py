@@ -40,7 +40,7 @@ def task_for(
     if text_columns is None and label_column is None:
         return get_task(task)
     if text_columns is None or label_column is None:
-        raise ValueError("a custom task needs both text_columns and label_column")
+        raise LoraError("a custom task needs both text_columns and label_column")
     name = task.name if isinstance(task, Task) else task
     return custom_task(name, text_columns, label_column, num_classes, label_names)
 
@@ -72,12 +72,14 @@ def load_split(
         download: Fetch a registered task's official GLUE files instead of reading local ones.
 
     Raises:
-        LoraError: neither ``data_dir`` nor ``download`` is given, or both are.
+        LoraError: neither ``data_dir`` nor ``download`` is given, or both are; an unknown split.
         FileNotFoundError: ``data_dir`` (or a file the task needs in it) does not exist.
+        DataFileError: ``path:line`` of a file that cannot be read as the task says: no data rows,
+            a byte that is not UTF-8, a row with another number of fields, a label outside the classes.
     """
     spec = task_for(task, text_columns, label_column, num_classes, label_names)
     if split not in SPLIT_ALIASES:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_ALIASES)}")
+        raise LoraError(f"unknown split {split!r}; expected one of {sorted(SPLIT_ALIASES)}")
     if download:
         if data_dir is not None:
             raise LoraError("give either data_dir or download=True, not both")

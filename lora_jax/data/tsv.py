@@ -30,10 +30,14 @@ class Rows:
         return len(self.labels)
 
 
-def _column_index(header: Sequence[str], name: str, path: str | os.PathLike) -> int:
-    if name not in header:
-        raise DataFileError(path, 1, f"no column {name!r} in header {list(header)!r}")
-    return list(header).index(name)
+def _column_index(header: Sequence[str], name: str, path: str | os.PathLike, line: int) -> int:
+    columns = list(header)
+    if name not in columns:
+        raise DataFileError(path, line, f"no column {name!r} in header {columns!r}; name the task's columns there")
+    if columns.count(name) > 1:
+        times = columns.count(name)
+        raise DataFileError(path, line, f"column {name!r} appears {times} times in the header; rename all but one")
+    return columns.index(name)
 
 
 def _parse_label(field: str, num_classes: int, label_names: Sequence[str] | None) -> int | None:
@@ -55,11 +59,15 @@ def parse_tsv(
     label_names: Sequence[str] | None = None,
     header: Sequence[str] | None = None,
 ) -> Rows:
-    """Parses the text of a TSV file; ``path`` only names the file in errors.
+    """Parse the text of a TSV file; ``path`` only names the file in errors.
 
     The first line is the header unless ``header`` gives the column names of a headerless file.
     Every data line must have exactly as many tab-separated fields as the header, and a label
-    that is an integer in ``[0, num_classes)`` (or one of ``label_names``).
+    that is an integer in ``[0, num_classes)`` (or one of ``label_names``). A file must hold at
+    least one data row.
+
+    Raises:
+      DataFileError: naming ``path:line`` and what to fix.
     """
     lines = content.split("\n")
     if lines and lines[-1] == "":
@@ -71,8 +79,12 @@ def parse_tsv(
             raise DataFileError(path, 1, "empty file; expected a header row")
         header = lines[0].split("\t")
         first_data_line = 2
-    text_idx = [_column_index(header, name, path) for name in text_columns]
-    label_idx = _column_index(header, label_column, path)
+    # A header given by the caller stands in for line 1.
+    text_idx = [_column_index(header, name, path, 1) for name in text_columns]
+    label_idx = _column_index(header, label_column, path, 1)
+    if len(lines) < first_data_line:
+        after = "after the header " if first_data_line == 2 else ""
+        raise DataFileError(path, len(lines) + 1, f"no data rows {after}(the file ends here); add rows")
     texts: list[list[str]] = [[] for _ in text_columns]
     labels: list[int] = []
     numbers: list[int] = []
@@ -103,9 +115,29 @@ def read_tsv(
     label_names: Sequence[str] | None = None,
     header: Sequence[str] | None = None,
 ) -> Rows:
-    """Reads and parses one TSV file (UTF-8); a missing file raises ``FileNotFoundError`` naming it."""
+    """Read and parse one TSV file (UTF-8, with or without a byte-order mark).
+
+    Raises:
+      FileNotFoundError: no such file, naming it.
+      DataFileError: naming ``path:line``: a byte that is not UTF-8, or what :func:`parse_tsv` refuses.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{os.fspath(path)}: no such data file")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        content = f.read()
-    return parse_tsv(content, path, text_columns, label_column, num_classes, label_names, header)
+    with open(path, "rb") as f:
+        data = f.read()
+    return parse_tsv(_decode(data, path), path, text_columns, label_column, num_classes, label_names, header)
+
+
+def _decode(data: bytes, path: str | os.PathLike) -> str:
+    """Return ``data`` as UTF-8 text; a byte that is not UTF-8 raises DataFileError with its line and column."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataFileError(
+            path,
+            line,
+            f"byte 0x{data[err.start]:02x} at byte {column} of the line is not UTF-8 ({err.reason}); "
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+        ) from None

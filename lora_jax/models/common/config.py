@@ -28,7 +28,30 @@ def to_hf(config: Any) -> dict[str, Any]:
     return {"model_type": type(config).model_type, **values}
 
 
+# The JSON values each field annotation accepts (annotations are strings under `from __future__ import annotations`).
+_ACCEPTS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    kinds = [_ACCEPTS.get(part.strip()) for part in annotation.split("|") if part.strip() != "None"]
+    if any(kind is None for kind in kinds):
+        return True  # an annotation this check does not know: left to the config class
+    if isinstance(value, bool) and all(kind != (bool,) for kind in kinds):
+        return False  # JSON true/false is a Python int subclass; it is no size or rate
+    return any(isinstance(value, kind) for kind in kinds if kind is not None)
+
+
 def pick_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """Return the entries of ``values`` that name fields of dataclass ``cls``, None values left out."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in values.items() if k in names and v is not None}
+    """Return the entries of ``values`` that name fields of dataclass ``cls``, None values left out.
+
+    Raises:
+      ConfigError: a value whose JSON type does not fit its field (a string where a number is
+        needed, a number for a flag), naming the field, the value and the type.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    picked = {k: v for k, v in values.items() if k in fields and v is not None}
+    for name, value in picked.items():
+        annotation = fields[name].type
+        if isinstance(annotation, str) and not _fits(value, annotation):
+            raise ConfigError(f"field {name!r} is {value!r}, not {annotation}: correct it in config.json")
+    return picked

@@ -10,6 +10,7 @@ its last layer arrives.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import warnings
@@ -21,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from lora_jax.models.bundled import ARCHITECTURES
 from lora_jax.models.common.config import ConfigError
@@ -39,19 +40,41 @@ def read_config(path: PathLike) -> dict[str, Any]:
 
     Raises:
       FileNotFoundError: the directory has no ``config.json``.
+      ConfigError: ``config.json`` is not UTF-8 JSON, or not a JSON object; naming the file.
     """
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: a model directory needs config.json")
-    return json.loads(file.read_text())
+    fix = "restore config.json from the model's source"
+    values = _read_json(file, ConfigError, fix)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{file} holds a JSON {type(values).__name__}, not an object of config fields; {fix}")
+    listed = values.get("architectures", [])
+    if not isinstance(listed, list) or not all(isinstance(name, str) for name in listed):
+        raise ConfigError(f"{file}: 'architectures' is {listed!r}, not a list of class names; {fix}")
+    if not isinstance(values.get("model_type", ""), str):
+        raise ConfigError(f"{file}: 'model_type' is {values['model_type']!r}, not a name such as 'bert'; {fix}")
+    return values
+
+
+def _read_json(file: Path, error: type[Exception], fix: str) -> Any:
+    """Return the JSON value in ``file``; a file that is not UTF-8 JSON raises ``error`` naming it and ``fix``."""
+    try:
+        return json.loads(file.read_bytes())
+    except ValueError as err:  # json.JSONDecodeError and UnicodeDecodeError
+        raise error(f"{file} is not valid JSON ({type(err).__name__}: {err}); {fix}") from None
+
+
+_REDOWNLOAD = "the file is damaged or incomplete; download it again"
 
 
 def checkpoint_files(path: PathLike) -> list[Path]:
     """Return ``model.safetensors``, or the shards named by ``model.safetensors.index.json``.
 
     Raises:
-      FileNotFoundError: neither file, or a listed shard, is there.
-      CheckpointError: the index has no ``weight_map``.
+      FileNotFoundError: neither file is there.
+      CheckpointError: the index is not JSON, has no ``weight_map`` of tensor names to file
+        names, or lists a shard that is not there.
     """
     path = Path(path)
     if (path / SINGLE_FILE).is_file():
@@ -61,30 +84,49 @@ def checkpoint_files(path: PathLike) -> list[Path]:
         others = sorted(p.name for p in path.glob("*.bin")) if path.is_dir() else []
         hint = f" (found {others}; only safetensors are read)" if others else ""
         raise FileNotFoundError(f"{path / SINGLE_FILE} not found, and no sharded {INDEX_FILE} either{hint}")
-    weight_map = json.loads(index.read_text()).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index} has no 'weight_map'")
+    content = _read_json(index, CheckpointError, _REDOWNLOAD)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(name, str) and isinstance(file, str) for name, file in weight_map.items()
+    ):
+        raise CheckpointError(f"{index} has no 'weight_map' object of tensor names to shard file names; {_REDOWNLOAD}")
     files = [path / name for name in dict.fromkeys(weight_map.values())]
     for file in files:
         if not file.is_file():
-            raise FileNotFoundError(f"shard {file} listed in {index} not found")
+            raise CheckpointError(f"shard {file} listed in {index} not found; download the missing shard")
     return files
 
 
+@contextlib.contextmanager
+def _opened(file: Path) -> Iterator[Any]:
+    """Open a safetensors file with numpy; a file safetensors cannot read raises CheckpointError naming it."""
+    try:
+        with safe_open(file, framework="numpy") as f:
+            yield f
+    except SafetensorError as err:
+        head = file.read_bytes()[:100] if file.is_file() else b""
+        lfs = " (it is a Git LFS pointer: run `git lfs pull`)" if head.startswith(b"version https://git-lfs") else ""
+        raise CheckpointError(f"{file} is not a readable safetensors file ({err}){lfs}; {_REDOWNLOAD}") from None
+
+
 def checkpoint_names(files: list[Path]) -> list[str]:
-    """Return the tensor names across files, reading headers only."""
+    """Return the tensor names across files, reading headers only.
+
+    Raises:
+      CheckpointError: a file is not a readable safetensors file.
+    """
     names = []
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with _opened(file) as f:
             names.extend(f.keys())
     return names
 
 
-def _tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+def _tensors(files: list[Path]) -> Iterator[tuple[Path, str, np.ndarray]]:
     for file in files:
-        with safe_open(file, framework="numpy") as f:
+        with _opened(file) as f:
             for name in list(f.keys()):
-                yield name, f.get_tensor(name)
+                yield file, name, f.get_tensor(name)
 
 
 def _check_options(registry: Registry, build: Build, options: Mapping[str, Any]) -> None:
@@ -204,8 +246,9 @@ def load_params(
       The param tree, in ``model``'s layer layout and ``param_dtype``.
 
     Raises:
-      FileNotFoundError: no ``model.safetensors`` / index / shard.
-      CheckpointError: a tensor's shape does not fit, or required tensors are missing.
+      FileNotFoundError: no ``model.safetensors`` or index.
+      CheckpointError: a damaged file, a shard the index lists but the directory lacks, a tensor
+        of another shape or of an integer dtype where a float is needed, or required tensors missing.
     """
     files = checkpoint_files(path)
     arch = registry.of(model)
@@ -215,12 +258,18 @@ def load_params(
     assembly = _Assembly(targets, scan, np.dtype(model.param_dtype))
     spelling = _Spelling(mapping, arch.prefix)
     unexpected = []
-    for raw_name, array in _tensors(files):
+    for file, raw_name, array in _tensors(files):
         name = spelling.match(raw_name)
         if name is None:
             if not arch.is_ignored(raw_name):
                 unexpected.append(raw_name)
             continue
+        if jnp.issubdtype(model.param_dtype, jnp.inexact) and not jnp.issubdtype(array.dtype, jnp.inexact):
+            wanted = np.dtype(model.param_dtype)
+            raise CheckpointError(
+                f"{file}: tensor {raw_name!r} has dtype {array.dtype}, but its params are {wanted}: "
+                "a weight must be floating point; the file is damaged or holds another model's weights"
+            )
         for tensor in mapping[name]:
             assembly.put(raw_name, array, tensor)
         del array
@@ -311,20 +360,34 @@ def from_pretrained(
 
     Raises:
       FileNotFoundError: no ``config.json`` or weights.
-      ConfigError: an unknown architecture, an unsupported config, or an option the architecture does not take.
-      CheckpointError: tensors that do not fit the module.
+      ConfigError: naming ``config.json``: not a JSON object, an unknown architecture, an unsupported
+        config, a field of the wrong type, or an option the architecture does not take.
+      CheckpointError: naming the file: damaged weights or index, tensors that do not fit the module.
     """
     values = read_config(path)
-    name = registry.choose(values, architecture)
-    build = registry[name].build(name)
     files = checkpoint_files(path)
     options = {option: value for option, value in options.items() if value is not None}
+    with _naming(Path(path) / "config.json", architecture is None):
+        name = registry.choose(values, architecture)
+    build = registry[name].build(name)
     if build.detect is not None:
         options = {**build.detect(checkpoint_names(files)), **options}
-    model = build_model(
-        name, values, scan_layers=scan_layers, dtype=dtype, param_dtype=param_dtype, registry=registry, **options
-    )
+    with _naming(Path(path) / "config.json"):
+        model = build_model(
+            name, values, scan_layers=scan_layers, dtype=dtype, param_dtype=param_dtype, registry=registry, **options
+        )
     return model, load_params(path, model, key=key, registry=registry)
+
+
+@contextlib.contextmanager
+def _naming(file: Path, applies: bool = True) -> Iterator[None]:
+    """Put ``file`` before the message of a :class:`ConfigError` raised inside (when ``applies``)."""
+    try:
+        yield
+    except ConfigError as err:
+        if not applies or str(err).startswith(str(file)):
+            raise
+        raise ConfigError(f"{file}: {err}") from None
 
 
 def hf_names(model: nn.Module, registry: Registry = ARCHITECTURES) -> dict[str, tuple[str, Tensor]]:
