@@ -217,7 +217,6 @@ def generate(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    import lora_jax as lj
     from lora_jax import models
 
     if args.max_new_tokens < 1:
@@ -228,9 +227,9 @@ def generate(args: argparse.Namespace) -> int:
     tokenizer = models.load_tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
     if args.prompt is not None and tokenizer is None:
         raise FileNotFoundError(f"{model_dir / 'tokenizer.json'} not found: --prompt needs it; give --prompt-ids")
+    lora, spec = None, None  # with an adapter: generated unmerged, through the factored path
     if args.adapter is not None:
         model, params, lora, spec = adapter_on(model_dir, args.adapter, args.architecture, None)
-        params = lj.merge(params, lora, spec)
     else:
         model, params = load_model(model_dir, **model_options(None, args.architecture, None))
     ids = _prompt_ids(args.prompt_ids) if args.prompt is None else tokenizer.encode(args.prompt).ids  # pyright: ignore[reportOptionalMemberAccess]
@@ -240,6 +239,8 @@ def generate(args: argparse.Namespace) -> int:
         params,
         jnp.asarray([ids], jnp.int32),
         args.max_new_tokens,
+        lora=lora,
+        spec=spec,
         temperature=args.temperature,
         key=jax.random.key(args.seed) if args.temperature > 0 else None,
         top_k=args.top_k,
