@@ -10,11 +10,12 @@
 """
 
 from lora_jax.factored.handlers import DEFAULT_HANDLERS, Handler
-from lora_jax.factored.interpret import Interpreter, factored, handler_table
+from lora_jax.factored.interpret import Factored, Interpreter, factored, handler_table
 from lora_jax.factored.kernel import LowRankKernel, low_rank_kernel
 
 __all__ = [
     "DEFAULT_HANDLERS",
+    "Factored",
     "Handler",
     "Interpreter",
     "LowRankKernel",
