@@ -114,6 +114,7 @@ def test_embeddings_never_replaces_a_saved_file_unasked(tmp_path):
     assert (tmp_path / "table.md").read_text() == "a user's file"
 
 
+@pytest.mark.slow  # about a minute; CI runs it with the slow tests
 def test_glue_rank_sweep_and_subspace_smoke(tmp_path):
     cache, results = tmp_path / "cache", tmp_path / "results"
     glue = load("glue").main(["--smoke", "--cache", str(cache), "--results-dir", str(results)])

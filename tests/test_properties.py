@@ -46,7 +46,7 @@ def numpy_reference(w, a, b, stack, inputs, outputs, scale):
     return np.transpose(moved, np.argsort(stack + inputs + outputs))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(kernels(), st.integers(0, 2**31 - 1))
 def test_combine_merge_match_reference_and_unmerge_inverts(kernel, seed):
     shape, stack, inputs, outputs, rank, scaling, alpha = kernel

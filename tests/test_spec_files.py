@@ -174,9 +174,9 @@ def test_spec_from_peft_patterns_and_refusals(tmp_path):
         ({**base, "peft_type": "IA3"}, "peft_type 'IA3' is not LORA"),
         ({**base, "use_dora": True}, "DoRA"),
         ({**base, "target_modules": "all-linear"}, "all-linear"),
-        ({**base, "target_modules": ["nothing_like_this"]}, "match no module"),
+        ({**base, "target_modules": ["nothing_like_this"]}, "select no module of the base model"),
         ({**base, "target_modules": ["LayerNorm"]}, "not a linear kernel"),
-        ({**base, "r": "4"}, "r must be an integer"),
+        ({**base, "r": "4"}, "r must be a positive integer"),
     ]:
         with pytest.raises(lj.LoraError, match=message):
             lj.LoraSpec.from_peft(bad, names)
@@ -186,5 +186,5 @@ def test_spec_from_peft_patterns_and_refusals(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         lj.LoraSpec.from_peft(tmp_path, names)
     (tmp_path / "adapter_config.json").write_text("{oops")
-    with pytest.raises(lj.LoraError, match="adapter_config.json: not JSON"):
+    with pytest.raises(lj.LoraError, match="adapter_config.json: is not JSON"):
         lj.LoraSpec.from_peft(tmp_path, names)

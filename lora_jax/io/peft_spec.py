@@ -26,7 +26,10 @@ def peft_config(config_or_dir: Mapping[str, Any] | PathLike) -> PeftConfig:
     if isinstance(config_or_dir, Mapping):
         return parse_config(dict(config_or_dir), "adapter config")
     path = Path(config_or_dir)
-    return read_config(path / CONFIG if path.is_dir() else path)
+    file = path / CONFIG if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing (a PEFT adapter folder holds {CONFIG})")
+    return read_config(file)
 
 
 def spec_from_peft(config_or_dir: Mapping[str, Any] | PathLike, names: Mapping[str, Any]) -> LoraSpec:
