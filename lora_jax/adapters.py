@@ -20,7 +20,7 @@ from lora_jax.errors import AdapterMismatchError
 from lora_jax.paths import PathTuple, flatten, path_str
 from lora_jax.plan import Target, abstract_leaf, plan
 from lora_jax.spec import LoraSpec
-from lora_jax.variants import A_KEY, B_KEY, variant_of  # noqa: F401  (A_KEY, B_KEY: re-exported)
+from lora_jax.variants import variant_of
 
 
 def expected_leaves(targets: tuple[Target, ...]) -> dict[PathTuple, tuple[tuple[int, ...], Target]]:

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import optax
 
+from lora_jax.variants import A_KEY, B_KEY
+
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 
@@ -50,7 +52,6 @@ def adapter_only(tx: optax.GradientTransformation, trainable_key: str = "lora") 
 
 def lora_plus_labels(lora: Any) -> Any:
     """Label each leaf of an adapter tree ``"b"`` (a ``B`` factor) or ``"other"`` (``A``, fully trainable leaves)."""
-    from lora_jax.variants import A_KEY, B_KEY  # the adapter tree's keys
 
     def label(node: Any) -> Any:
         if isinstance(node, dict):

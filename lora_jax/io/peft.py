@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._extras import require
-from lora_jax.adapters import A_KEY, B_KEY, check_fits
+from lora_jax.adapters import check_fits
 from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError, LoraError, NonFiniteError
 from lora_jax.finite import check_finite
 from lora_jax.io.atomic import refuse_existing, write_directory_atomic
@@ -43,6 +43,7 @@ from lora_jax.paths import PathTuple, nested_set, path_str, unroll_path
 from lora_jax.plan import Target, plan
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PathLike, PyTree
+from lora_jax.variants import A_KEY, B_KEY
 
 PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
