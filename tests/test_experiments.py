@@ -157,6 +157,29 @@ def test_bench_train_smoke(tmp_path):
     assert "XLA flags chosen" in (tmp_path / "bench_train_smoke.md").read_text()
 
 
+def test_profile_step_smoke(tmp_path):
+    profile = load("profile_step")
+    out = profile.main(["--smoke", "--results-dir", str(tmp_path)])
+    # The trace saw the step's ops, and most of their time is attributed to a named part of the model.
+    assert out["op_ms"] > 0 and out["by_kind"]
+    named = sum(ms for part, ms in out["by_part"].items() if part != "other")
+    assert named > 0.5 * out["op_ms"]
+    assert {"MLP", "attention projections", "attention core"} <= set(out["by_part"])
+    text = (tmp_path / "profile_minilm_lora-factored_current_smoke.md").read_text()
+    assert "By model part" in text and "By XLA op kind" in text
+
+
+def test_profile_parts_and_kinds():
+    profile = load("profile_step")
+    assert profile.kind_of("copy_bitcast_fusion.12") == "copy_bitcast_fusion"
+    assert profile.kind_of("ynn_fusion") == "ynn_fusion"
+    name = "jit(advance)/transpose(jvp(BertForSequenceClassification))/bert/encoder/layer_0/attention/query/dot_general"
+    assert profile.part_of(name) == "attention projections"
+    assert profile.part_of("jit(advance)/jvp()/bert/encoder/layer_0/attention_norm/mul") == "norms"
+    assert profile.part_of("jit(advance)/optimizer/add") == "optimizer"
+    assert profile.part_of("jit(advance)/bert/encoder/layer_3/attention/Dropout_0/mul") == "attention core"
+
+
 def test_bench_latency_smoke(tmp_path):
     bench = load("bench_latency")
     out = bench.main(["--smoke", "--results-dir", str(tmp_path)])

@@ -10,6 +10,7 @@ would give it), so results stay right, and a warning says where and why: once pe
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -164,6 +165,12 @@ class Interpreter:
 
     def rewrite(self, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any]:
         """Evaluate an equation with kernel inputs by its handler, or materialized when there is no low-rank form."""
+        scope = str(eqn.source_info.name_stack)
+        # Under the equation's own name scope, so profiles attribute the low-rank branch to its layer.
+        with jax.named_scope(scope) if scope else contextlib.nullcontext():
+            return self._rewrite(eqn, values)
+
+    def _rewrite(self, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any]:
         name = eqn.primitive.name
         handler = self.handlers.get(name)
         self._declined = {}

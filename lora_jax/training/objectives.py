@@ -52,8 +52,9 @@ class Objective(NamedTuple):
 
 def classification_loss(logits: jax.Array, labels: ArrayLike, weights: ArrayLike) -> jax.Array:
     """Return the weighted mean cross-entropy of ``logits [B, C]`` for ``labels [B]`` with ``weights [B]``."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    with jax.named_scope("loss"):
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+        return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def classification(apply_fn: ApplyFn, metrics: Sequence[str] = ("accuracy",)) -> Objective:
@@ -107,10 +108,11 @@ def next_token_nll(logits: jax.Array, input_ids: ArrayLike, loss_mask: ArrayLike
     marks token ``t + 1``. The first token of a row is never predicted, so its
     mask entry is ignored.
     """
-    targets = jnp.asarray(input_ids)[:, 1:]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
-    mask = jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32)
-    return jnp.sum(losses * mask), jnp.sum(mask)
+    with jax.named_scope("loss"):
+        targets = jnp.asarray(input_ids)[:, 1:]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)
+        mask = jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32)
+        return jnp.sum(losses * mask), jnp.sum(mask)
 
 
 def causal_lm_loss(logits: jax.Array, input_ids: ArrayLike, loss_mask: ArrayLike) -> jax.Array:

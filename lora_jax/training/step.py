@@ -27,6 +27,7 @@ import optax
 
 from lora_jax.combine import combine
 from lora_jax.factored import factored as factored_apply
+from lora_jax.prng import unrolled
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 
@@ -86,6 +87,8 @@ class TrainStep:
           The updated adapters and optimizer state, and the loss before the update.
         """
         axis = self.axis_name
+        if rng is not None:
+            rng = unrolled(rng)  # the same masks, drawn in one fused pass on CPU
         if rng is not None and axis is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))  # each device its own dropout masks
         trainable = _to_varying(lora, axis) if self.mark_varying and axis is not None else lora
@@ -93,8 +96,9 @@ class TrainStep:
         if axis is not None:
             grads = jax.lax.pmean(grads, axis)
             loss = jax.lax.pmean(loss, axis)
-        updates, opt_state = self.tx.update(grads, opt_state, lora)
-        return optax.apply_updates(lora, updates), opt_state, loss
+        with jax.named_scope("optimizer"):
+            updates, opt_state = self.tx.update(grads, opt_state, lora)
+            return optax.apply_updates(lora, updates), opt_state, loss
 
 
 def train_step(
