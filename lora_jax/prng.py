@@ -17,11 +17,14 @@ interchangeable with default keys'.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import define_prng_impl
+
+from lora_jax.errors import LoraError
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _PARITY = np.uint32(0x1BD11BDA)
@@ -59,7 +62,7 @@ def _counters(shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
     """Return the counters JAX's partitionable Threefry uses for ``shape``: the flat index, high word first."""
     size = math.prod(shape)
     if size >= 2**32:
-        raise ValueError(f"THREEFRY_UNROLLED draws at most 2**32 - 1 values at once; asked for shape {shape}")
+        raise LoraError(f"THREEFRY_UNROLLED draws at most 2**32 - 1 values at once; asked for shape {shape}")
     low = jax.lax.iota(jnp.uint32, size).reshape(shape)
     return jnp.zeros(shape, jnp.uint32), low
 
@@ -77,7 +80,7 @@ def _split(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.stack([bits0, bits1], axis=-1)
 
 
-def _fold_in(key: jax.Array, data: jax.Array) -> jax.Array:
+def _fold_in(key: jax.Array, data: Any) -> jax.Array:
     out0, out1 = threefry2x32(key, jnp.zeros((1,), jnp.uint32), jnp.asarray(data, jnp.uint32).reshape(1))
     return jnp.concatenate([out0, out1])
 
