@@ -127,13 +127,16 @@ def profile(job: dict) -> dict:
         events = trace_events(Path(directory), "jit_advance")
     by_kind: dict[str, float] = collections.defaultdict(float)
     by_part: dict[str, float] = collections.defaultdict(float)
+    by_pair: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.Counter()
     for event in events:
         op = event["args"]["hlo_op"]
         ms = float(event["dur"]) / 1000 / traced
-        by_kind[kind_of(op)] += ms
-        counts[kind_of(op)] += 1
-        by_part[part_of(names.get(op, ""))] += ms
+        kind, part = kind_of(op), part_of(names.get(op, ""))
+        by_kind[kind] += ms
+        counts[kind] += 1
+        by_part[part] += ms
+        by_pair[f"{part} | `{kind}`"] += ms
     return {
         **job,
         "step_ms": 1000 * float(np.median(times)),
@@ -141,6 +144,7 @@ def profile(job: dict) -> dict:
         "by_kind": dict(by_kind),
         "counts": {k: v // traced for k, v in counts.items()},
         "by_part": dict(by_part),
+        "by_pair": dict(by_pair),
     }
 
 
@@ -149,6 +153,7 @@ def tables(result: dict, top: int) -> str:
     total = result["op_ms"]
     parts = sorted(result["by_part"].items(), key=lambda kv: -kv[1])
     kinds = sorted(result["by_kind"].items(), key=lambda kv: -kv[1])[:top]
+    pairs = sorted(result["by_pair"].items(), key=lambda kv: -kv[1])[:top]
     text = (
         f"Step median {result['step_ms']:.0f} ms over {result['repeats']} steps; the trace of "
         f"{result['traced']} steps attributes {total:.0f} ms per step to XLA ops (ops on the two cores can overlap, "
@@ -160,6 +165,11 @@ def tables(result: dict, top: int) -> str:
         + report.markdown_table(
             ["op kind", "ops per step", "ms per step", "share"],
             [[f"`{k}`", str(result["counts"][k]), f"{ms:.1f}", f"{ms / total:.0%}"] for k, ms in kinds],
+        )
+        + f"\n\n## By model part and op kind (top {top})\n\n"
+        + report.markdown_table(
+            ["part", "op kind", "ms per step", "share"],
+            [[*pair.split(" | "), f"{ms:.1f}", f"{ms / total:.0%}"] for pair, ms in pairs],
         )
     )
     return text
