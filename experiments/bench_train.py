@@ -43,8 +43,11 @@ def tree_bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape"))
 
 
-def workload(name: str, length: int, smoke: bool):
-    """(apply_fn, params, batch, lora spec, loss_fn) for a named workload; ``loss_fn(params, batch, rng)``."""
+def workload(name: str, length: int, smoke: bool, remat: str | None = None):
+    """(apply_fn, params, batch, lora spec, loss_fn) for a named workload; ``loss_fn(params, batch, rng)``.
+
+    ``remat`` names the blocks' rematerialization policy (``lora_jax.models.REMAT_POLICIES``), None for none.
+    """
     import jax
 
     from lora_jax import models, training
@@ -61,6 +64,7 @@ def workload(name: str, length: int, smoke: bool):
             model, params = models.from_pretrained(
                 assets.minilm_path(), architecture="BertForSequenceClassification", num_labels=2, key=jax.random.key(0)
             )
+        model = model.clone(remat=remat)
         batch_size = 32
         vocab = model.config.vocab_size
         batch = {
@@ -77,7 +81,7 @@ def workload(name: str, length: int, smoke: bool):
         loss = training.classification(apply_fn).loss
     else:
         config = models.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512) if smoke else models.GPT2Config()
-        model = models.GPT2LMHeadModel(config)
+        model = models.GPT2LMHeadModel(config, remat=remat)
         params = model.init(jax.random.key(0), np.ones((1, 8), np.int32))["params"]
         batch_size = 8
         batch = {

@@ -103,7 +103,13 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
 
     def train_batches(epoch: int):
         return data.batches(
-            train_enc, config.batch_size, seed=config.seed, epoch=epoch, buckets=buckets, limit=config.train_limit
+            train_enc,
+            config.batch_size,
+            seed=config.seed,
+            epoch=epoch,
+            buckets=buckets,
+            limit=config.train_limit,
+            group=data.TRAIN_GROUP,
         )
 
     def eval_batches():

@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", choices=bench_train.METHODS, default="lora-factored")
     parser.add_argument("--label", default="current", help="names the result file (e.g. before / after)")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--traced", type=int, default=None, help="steps under the profiler (default 3)")
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         "method": args.method,
         "smoke": args.smoke,
         "repeats": args.repeats or (2 if args.smoke else 10),
-        "traced": 1 if args.smoke else 3,
+        "traced": args.traced or (1 if args.smoke else 3),
     }
     name = f"profile_{args.workload}_{args.method}_{args.label}" + ("_smoke" if args.smoke else "")
     path = args.results_dir / f"{name}.md"

@@ -429,3 +429,42 @@ def test_any_bytes_are_rows_or_a_data_file_error(tmp_path, raw, newline, bom):
             continue
         assert len(rows) >= 1 and len(rows.texts[0]) == len(rows.labels) == len(rows.lines)
         assert all(0 <= label < 3 for label in rows.labels)
+
+
+def test_grouping_by_length_pads_less_and_keeps_the_epoch(rte_encoded: Encoded) -> None:
+    def epoch(group: int, seed: int = 3, epoch: int = 0) -> list[dict]:
+        return list(batches(rte_encoded, 32, seed=seed, epoch=epoch, group=group))
+
+    plain, grouped = epoch(0), epoch(10)
+
+    # The same examples (by their tokens and labels), the same number of batches, fewer padding tokens.
+    def rows(bs):
+        return sorted(
+            (tuple(b["input_ids"][i][b["attention_mask"][i] == 1]), int(b["labels"][i])) for b in bs for i in range(32)
+        )
+
+    assert len(plain) == len(grouped) and rows(plain) == rows(grouped)
+    padded = {name: sum(b["input_ids"].size for b in bs) for name, bs in (("plain", plain), ("grouped", grouped))}
+    assert padded["grouped"] < 0.8 * padded["plain"]
+
+    # Within a batch, lengths are neighbours: the spread is small next to the ungrouped batches'.
+    def spread(bs):
+        return np.mean([np.ptp(b["attention_mask"].sum(1)) for b in bs])
+
+    assert spread(grouped) < 0.5 * spread(plain)
+    # Seeded: the same seed and epoch give the same batches; another epoch another order.
+    again = epoch(10)
+    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(grouped, again))
+    other = epoch(10, epoch=1)
+    assert not all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(grouped, other))
+    # Batch order inside a pool is shuffled, not longest-last.
+    lengths = [b["input_ids"].shape[1] for b in grouped[:10]]
+    assert lengths != sorted(lengths)
+
+
+def test_grouping_is_refused_when_negative_and_ignored_in_evaluation(rte_encoded: Encoded) -> None:
+    with pytest.raises(ValueError, match="group must be 0"):
+        next(batches(rte_encoded, 32, seed=0, group=-1))
+    plain = list(batches(rte_encoded, 32, seed=None, drop_remainder=False))
+    grouped = list(batches(rte_encoded, 32, seed=None, drop_remainder=False, group=10))
+    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(plain, grouped))

@@ -40,7 +40,8 @@ def test_read_split_headerless_named_labels(tmp_path):
     assert dev.split == "validation" and list(dev.labels) == [1]
     with pytest.raises(FileNotFoundError, match="nowhere"):
         data.read_split(task, "train", tmp_path / "nowhere", header)
-    assert data.buckets_up_to(48) == (32, 48) and data.buckets_up_to(128) == (32, 64, 128)
+    assert data.buckets_up_to(40) == (8, 16, 24, 32, 40)
+    assert data.buckets_up_to(128) == (8, 16, 24, 32, 48, 64, 96, 128)
 
 
 def test_macro_f1():

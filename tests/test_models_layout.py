@@ -211,3 +211,41 @@ def test_generation_with_unmerged_adapters_equals_the_merged_model(name, scan):
     assert not np.array_equal(unmerged, base)  # the adapters change what is generated
     with pytest.raises(ValueError, match="both lora and spec"):
         models.generate(model, params, ids, 5, lora=lora)
+
+
+@pytest.mark.parametrize(
+    "name,scan,policy",
+    [
+        ("tiny_bert_cls", False, "nothing_saveable"),
+        ("tiny_gpt2", True, "dots_saveable"),
+        ("tiny_llama", False, "dots_with_no_batch_dims_saveable"),
+    ],
+)
+def test_remat_policies_change_memory_not_numbers(name, scan, policy):
+    model, params = load(name, scan_layers=scan)
+    spec = models.lora_spec(model, "all-linear", rank=4, alpha=8.0)
+    lora = lora_jax.init(jax.random.key(0), params, spec)
+    lora = jax.tree.map(lambda x: x + 0.05, lora)
+    ids = np.array([[5, 6, 7, 8, 9, 3]], np.int32)
+
+    def grad_fn(model, factored):
+        def outputs(params, ids):
+            out = model.apply({"params": params}, ids)
+            return jnp.mean(jnp.square(out.logits if hasattr(out, "logits") else out))
+
+        forward = (
+            lora_jax.factored(outputs, spec)
+            if factored
+            else (lambda params, lora, ids: outputs(lora_jax.combine(params, lora, spec), ids))
+        )
+        return jax.jit(jax.value_and_grad(lambda lora: forward(params, lora, ids)))
+
+    for factored in (False, True):
+        value, grads = grad_fn(model, factored)(lora)
+        remat_value, remat_grads = grad_fn(model.clone(remat=policy), factored)(lora)
+        np.testing.assert_allclose(remat_value, value, rtol=1e-5)
+        flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+        remat_flat = np.concatenate([np.ravel(g) for g in jax.tree.leaves(remat_grads)])
+        np.testing.assert_allclose(remat_flat, flat, rtol=1e-4, atol=1e-5 * float(np.abs(flat).max()))
+    with pytest.raises(models.ConfigError, match="remat='dots'.*nothing_saveable"):
+        model.clone(remat="dots").apply({"params": params}, ids)

@@ -158,7 +158,9 @@ def train(args: argparse.Namespace) -> int:
     buckets = data.buckets_up_to(args.max_length)
 
     def train_batches(epoch: int) -> Any:
-        return data.batches(encoded["train"], batch_size, seed=args.seed, epoch=epoch, buckets=buckets)
+        return data.batches(
+            encoded["train"], batch_size, seed=args.seed, epoch=epoch, buckets=buckets, group=data.TRAIN_GROUP
+        )
 
     def eval_batches() -> Any:
         return data.batches(encoded["validation"], batch_size, seed=None, buckets=buckets, drop_remainder=False)

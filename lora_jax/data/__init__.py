@@ -5,7 +5,16 @@ from lora_jax._extras import require
 for _module in ("tensorflow_datasets", "array_record", "tokenizers"):
     require(_module, "data")  # before the modules below import them, so that a missing one names its extra
 
-from lora_jax.data.batching import DEFAULT_BUCKETS, Batch, batches, bucket_length, buckets_up_to, num_batches, order
+from lora_jax.data.batching import (
+    DEFAULT_BUCKETS,
+    TRAIN_GROUP,
+    Batch,
+    batches,
+    bucket_length,
+    buckets_up_to,
+    num_batches,
+    order,
+)
 from lora_jax.data.builder import TsvClassification, TsvConfig, prepare
 from lora_jax.data.encoding import Encoded, tokenize
 from lora_jax.data.loading import Examples, load_split, task_for
@@ -15,6 +24,7 @@ from lora_jax.data.tsv import DataFileError, parse_tsv, read_tsv
 
 __all__ = [
     "DEFAULT_BUCKETS",
+    "TRAIN_GROUP",
     "TASKS",
     "Batch",
     "DataFileError",

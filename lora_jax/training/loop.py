@@ -30,6 +30,7 @@ from lora_jax.errors import LoraError, NonFiniteError
 from lora_jax.finite import nonfinite_paths
 from lora_jax.initializers import init
 from lora_jax.merge import merge
+from lora_jax.prng import unrolled
 from lora_jax.spec import LoraSpec
 from lora_jax.training.checkpoints import Checkpoints
 from lora_jax.training.objectives import Batch, Evaluate
@@ -104,7 +105,7 @@ def state_step(step: TrainStep) -> Callable[[dict, PyTree, Batch], tuple[dict, j
     """
 
     def advance(state: dict, params: PyTree, batch: Batch) -> tuple[dict, jax.Array]:
-        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        rng, step_rng = jax.random.split(unrolled(jax.random.wrap_key_data(state["rng"])))
         lora, opt_state, loss = step(params, state["lora"], state["opt_state"], batch, step_rng)
         new_state = {"lora": lora, "opt_state": opt_state, "step": state["step"] + 1, "rng": jax.random.key_data(rng)}
         return new_state, loss

@@ -110,6 +110,7 @@ class BertModel(nn.Module):
     scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str | None = None  # a policy of lora_jax.models.REMAT_POLICIES: recompute blocks in the backward pass
 
     @nn.compact
     def __call__(
@@ -140,7 +141,10 @@ class BertModel(nn.Module):
         x = BertEmbeddings(cfg, deterministic, **kw, name="embeddings")(input_ids, token_type_ids, position_ids)
         mask = attention_mask.astype(bool)[:, None, None, :]
         layers = cfg.num_hidden_layers
-        x, _ = BlockStack(BertLayer, cfg, layers, self.scan_layers, deterministic, **kw, name="encoder")(x, mask)
+        encoder = BlockStack(
+            BertLayer, cfg, layers, self.scan_layers, deterministic, **kw, remat=self.remat, name="encoder"
+        )
+        x, _ = encoder(x, mask)
         pooled = None
         if self.add_pooler:
             pooled = jnp.tanh(nn.Dense(cfg.hidden_size, **kw, name="pooler")(x[:, 0]))
@@ -160,6 +164,7 @@ class BertForSequenceClassification(nn.Module):
     scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str | None = None  # a policy of lora_jax.models.REMAT_POLICIES: recompute blocks in the backward pass
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -179,7 +184,7 @@ class BertForSequenceClassification(nn.Module):
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         cls = self.pooling == "cls"
-        bert = BertModel(cfg, cls, self.scan_layers, **kw, name="bert")
+        bert = BertModel(cfg, cls, self.scan_layers, **kw, remat=self.remat, name="bert")
         out = bert(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
         if cls:
             pooled = out.pooled

@@ -109,6 +109,7 @@ class CausalLM(nn.Module):
     scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str | None = None  # a policy of lora_jax.models.REMAT_POLICIES: recompute blocks in the backward pass
 
     block: ClassVar[type[DecoderBlock]]
 
@@ -150,7 +151,9 @@ class CausalLM(nn.Module):
         positions, mask = positions_and_mask(input_ids.shape[1], cache, cache_index, attention_mask, position_ids)
         x, tokens = self.embed(input_ids, positions, deterministic)
         layers = cfg.num_hidden_layers
-        decoder = BlockStack(self.block, cfg, layers, self.scan_layers, deterministic, **kw, name="decoder")
+        decoder = BlockStack(
+            self.block, cfg, layers, self.scan_layers, deterministic, **kw, remat=self.remat, name="decoder"
+        )
         x, cache = decoder(x, mask, positions, cache, cache_index)
         x = self.block.norm(cfg, **kw, name="final_norm")(x)
         return DecoderOutput(self.head(x, tokens).astype(jnp.float32), cache)

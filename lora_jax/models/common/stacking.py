@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lora_jax.models.common.config import ConfigError
 from lora_jax.models.common.layers import Cache, Dtype
 from lora_jax.paths import STACKED, layer_index, unrolled_key
 from lora_jax.typing import PyTree
@@ -22,6 +23,8 @@ class BlockStack(nn.Module):
     ``block(config, deterministic=, dtype=, param_dtype=)`` must map
     ``(hidden, cache, mask, positions, cache_index) -> (hidden, cache)``.
     Scanned params carry a leading layer axis; both layouts compute the same.
+    ``remat`` names a ``jax.checkpoint_policies`` policy: each block is rematerialized under it, keeping
+    only what the policy saves between the forward and backward passes (see :data:`REMAT_POLICIES`).
     """
 
     block: type[nn.Module]
@@ -31,6 +34,7 @@ class BlockStack(nn.Module):
     deterministic: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    remat: str | None = None
 
     @nn.compact
     def __call__(
@@ -43,9 +47,12 @@ class BlockStack(nn.Module):
     ) -> tuple[jax.Array, Cache | None]:
         """``hidden [B, T, D]``, cache leaves ``[layers, B, S, K, Dh]`` -> same shapes."""
         kwargs = {"deterministic": self.deterministic, "dtype": self.dtype, "param_dtype": self.param_dtype}
+        block = self.block
+        if self.remat is not None:
+            block = nn.remat(block, policy=remat_policy(self.remat), prevent_cse=not self.scan)
         if self.scan:
             scanned = nn.scan(
-                self.block,
+                block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # pyright: ignore[reportArgumentType]  (flax annotates one int)
@@ -55,12 +62,28 @@ class BlockStack(nn.Module):
         updated = []
         for i in range(self.num_layers):
             layer_cache = None if cache is None else jax.tree_util.tree_map(lambda c: c[i], cache)
-            layer = self.block(self.config, **kwargs, name=unrolled_key(i))
+            layer = block(self.config, **kwargs, name=unrolled_key(i))
             hidden, layer_cache = layer(hidden, layer_cache, mask, positions, cache_index)
             updated.append(layer_cache)
         if cache is not None:
             cache = jax.tree_util.tree_map(lambda *c: jnp.stack(c), *updated)
         return hidden, cache
+
+
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "everything_saveable",
+)
+"""The policies ``remat=`` takes: from least memory (recompute every block's forward) to none saved."""
+
+
+def remat_policy(name: str) -> Any:
+    """Return the ``jax.checkpoint_policies`` policy called ``name``; refuse any other name."""
+    if name not in REMAT_POLICIES:
+        raise ConfigError(f"remat={name!r} is not a policy; use one of {', '.join(REMAT_POLICIES)} (or None)")
+    return getattr(jax.checkpoint_policies, name)
 
 
 def _layer_indices(node: Mapping) -> list[int] | None:
