@@ -85,14 +85,15 @@ def pissa_init(params: PyTree, spec: LoraSpec) -> tuple[PyTree, dict]:
         if target.layout is None:
             fresh = variant_of(target).init(key, target, base)
         else:
-            a, b = principal_factors(target, base)
+            dtype = jnp.dtype(target.rule.dtype)
+            a, b = (factor.astype(dtype) for factor in principal_factors(target, base))
+            # The residual takes away what the stored factors add back (in a bfloat16 rule too).
             principal = target.rule.scale * target.layout.delta(a, b)
             leaves[i] = (base.astype(jnp.float32) - principal).astype(base.dtype)
             # The variant makes its other leaves (DoRA's magnitude) for the weight the model starts from.
             start = leaves[i].astype(jnp.float32) + principal
             fresh = variant_of(target).init(path_key(key, target.name), target, start)
-            dtype = jnp.dtype(target.rule.dtype)
-            fresh[(*target.path, A_KEY)], fresh[(*target.path, B_KEY)] = a.astype(dtype), b.astype(dtype)
+            fresh[(*target.path, A_KEY)], fresh[(*target.path, B_KEY)] = a, b
         for path, value in fresh.items():
             nested_set(lora, path, value)
     return jax.tree_util.tree_unflatten(treedef, leaves), lora

@@ -109,6 +109,11 @@ def test_jitted_init_and_a_bfloat16_base():
     assert residual["q"].dtype == jnp.bfloat16 and lora["q"]["a"].dtype == jnp.float32
     back = lj.merge(residual, lora, SPEC)["q"].astype(jnp.float32)
     np.testing.assert_allclose(back, half["q"].astype(jnp.float32), rtol=2e-2, atol=2e-2)
+    # bfloat16 factors: the residual takes away exactly what they add back, so step 0 is the base in float32.
+    spec = lj.LoraSpec([lj.Rule("q", rank=3, alpha=6, in_axes=0, dtype="bfloat16")])
+    residual, lora = lj.pissa_init(PARAMS, spec)
+    assert lora["q"]["a"].dtype == jnp.bfloat16 and residual["q"].dtype == jnp.float32
+    np.testing.assert_allclose(lj.combine(residual, lora, spec)["q"], PARAMS["q"], rtol=1e-5, atol=1e-5)
 
 
 def test_pissa_to_lora_merges_the_same_onto_the_original_base():
