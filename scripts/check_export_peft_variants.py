@@ -5,10 +5,11 @@ Two steps in two environments, since the test one has no PyTorch:
     .venv/bin/python scripts/check_export_peft_variants.py export /tmp/variants      # lora_jax: adapters, logits
     .venv-ref/bin/python scripts/check_export_peft_variants.py check /tmp/variants   # PEFT: load, compare
 
-``export`` writes three PEFT folders made by lora_jax alone, each with random nonzero values: DoRA on the tiny
+``export`` writes four PEFT folders made by lora_jax alone, each with random nonzero values: DoRA on the tiny
 BERT classifier (q, v, o and the head), DoRA with rsLoRA on every linear map of the tiny Llama in the scanned
-layout, and a PiSSA adapter on the tiny Llama (``pissa_init``, perturbed as if trained, ``pissa_to_lora``),
-with the logits of the model lora_jax computes (for PiSSA: the residual base with the trained adapter).
+layout, DoRA on GPT-2's ``Conv1D`` modules (stored ``[in, out]``: PEFT's ``fan_in_fan_out``), and a PiSSA
+adapter on the tiny Llama (``pissa_init``, perturbed as if trained, ``pissa_to_lora``), with the logits of the
+model lora_jax computes (for PiSSA: the residual base with the trained adapter).
 ``check`` loads each onto the original model with ``PeftModel.from_pretrained`` and compares the logits.
 """
 
@@ -39,6 +40,7 @@ def export(out: Path) -> None:
     cases = {
         "dora_bert": ("tiny_bert_cls", False, dict(targets=["q", "v", "o"], mode="dora", head=True)),
         "dora_llama_scanned": ("tiny_llama", True, dict(targets="all-linear", mode="dora", scaling="rslora")),
+        "dora_gpt2": ("tiny_gpt2", False, dict(targets=["o", "fc", "proj"], mode="dora")),  # Conv1D, [in, out]
         "pissa_llama": ("tiny_llama", False, dict(targets="qkvo")),
     }
     for case, (name, scan, options) in cases.items():
