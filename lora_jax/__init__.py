@@ -22,6 +22,7 @@ from lora_jax.factored import LowRankKernel, factored
 from lora_jax.initializers import init
 from lora_jax.merge import merge, unmerge
 from lora_jax.optim import adapter_only, lora_plus, trainable_labels
+from lora_jax.pissa import pissa_init, pissa_to_lora
 from lora_jax.plan import KernelLayout, Target, plan
 from lora_jax.spec import LoraSpec, Rule, freeze, trainable
 
@@ -85,6 +86,8 @@ __all__ = [
     "freeze",
     "init",
     "merge",
+    "pissa_init",
+    "pissa_to_lora",
     "plan",
     "trainable",
     "trainable_labels",

@@ -246,7 +246,7 @@ class LoraSpec:
         Returns:
           The spec :func:`lora_jax.io.load_peft` reads the folder under: ``target_modules`` with ``r``,
           ``lora_alpha``, ``use_rslora``, ``lora_dropout`` and the ``rank_pattern`` / ``alpha_pattern``
-          overrides as LoRA rules, ``modules_to_save`` as fully trainable ones.
+          overrides as LoRA rules (``mode="dora"`` under ``use_dora``), ``modules_to_save`` as fully trainable ones.
 
         Raises:
           FileNotFoundError: a folder without ``adapter_config.json``.

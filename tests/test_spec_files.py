@@ -172,7 +172,7 @@ def test_spec_from_peft_patterns_and_refusals(tmp_path):
     assert "bert.encoder.layer.1.attention.self.value" not in {r.name for r in excluded.rules}
     for bad, message in [
         ({**base, "peft_type": "IA3"}, "peft_type 'IA3' is not LORA"),
-        ({**base, "use_dora": True}, "DoRA"),
+        ({**base, "use_dora": "yes"}, "use_dora must be true or false"),
         ({**base, "target_modules": "all-linear"}, "all-linear"),
         ({**base, "target_modules": ["nothing_like_this"]}, "select no module of the base model"),
         ({**base, "target_modules": ["LayerNorm"]}, "not a linear kernel"),

@@ -2,7 +2,8 @@
 
 PEFT stores, per adapted module ``M``, ``base_model.model.M.lora_A.weight [r, in]``
 and ``base_model.model.M.lora_B.weight [out, r]`` (PyTorch's ``[out, in]``
-convention), and fully trainable modules (``modules_to_save``) as their
+convention), a DoRA adapter (``use_dora``) also ``base_model.model.M.lora_magnitude_vector [out]``
+(lora_jax's ``m``, one per output column), and fully trainable modules (``modules_to_save``) as their
 weights under the same prefix. Here ``A [*stack, *in, r]`` and
 ``B [*stack, r, *out]`` are flattened in the kernel's own axis order, so a
 DenseGeneral ``[D, H, Dh]`` query matches PEFT's ``[H*Dh, D]`` Linear, and a
@@ -18,14 +19,24 @@ The config is read with PEFT's own rules (:mod:`lora_jax.io.peft_config`):
 per-module ranks and alphas from ``rank_pattern``/``alpha_pattern``, and
 ``target_modules`` that must select the modules the spec adapts. Loading
 refuses, naming the file, whatever it cannot read or that does not fit: the
-spec's rank or scale for a module, a tensor's shape or dtype (checked before
-any reshape), a NaN or Inf.
+spec's rank or scale for a module, DoRA where the spec has plain LoRA (or the
+other way round), a tensor's shape or dtype (checked before any reshape), a
+NaN or Inf, and an adapter whose weights apply to a base PEFT rewrote at
+initialization (PiSSA and its kind, until converted).
+
+PiSSA adapters: one that PEFT converted (``save_pretrained(...,
+path_initial_model_for_weight_conversion=...)``), or that
+:func:`lora_jax.pissa_to_lora` converted, is plain LoRA of rank ``2r`` and
+reads and writes as such; an unconverted one (``init_lora_weights: "pissa"``)
+loads with :func:`load_peft_pissa`, which also returns the residual base it
+applies to.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
@@ -38,16 +49,17 @@ from lora_jax.adapters import check_fits
 from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError, LoraError, NonFiniteError
 from lora_jax.finite import check_finite
 from lora_jax.io.atomic import refuse_existing, write_directory_atomic
-from lora_jax.io.peft_config import FIX, make_config, read_config
+from lora_jax.io.peft_config import FIX, PeftConfig, make_config, read_config
 from lora_jax.paths import PathTuple, nested_set, path_str, unroll_path
 from lora_jax.plan import Target, plan
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PathLike, PyTree
-from lora_jax.variants import A_KEY, B_KEY
+from lora_jax.variants import A_KEY, B_KEY, M_KEY
 
 PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+MAGNITUDE = "lora_magnitude_vector"
 
 
 class HfName(Protocol):
@@ -125,13 +137,13 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
       names: the model's name table (:func:`lora_jax.models.hf_names`).
 
     Returns:
-      ``(tensors, config)``: float32 ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]`` and
-      ``modules_to_save`` weights by PEFT name, and the config as a dict.
+      ``(tensors, config)``: float32 ``lora_A.weight [r, in]``, ``lora_B.weight [out, r]`` (and, for DoRA,
+      ``lora_magnitude_vector [out]``) and ``modules_to_save`` weights by PEFT name, and the config as a dict.
 
     Raises:
       AdapterMismatchError: ``lora`` does not fit ``params`` and ``spec``.
       LoraError: a path the name table lacks, part of a fused tensor, more than one stack axis, no adapted
-        kernel, or mixed scalings.
+        kernel, mixed scalings, or DoRA beside plain LoRA (PEFT's ``use_dora`` holds for every module).
     """
     targets = list(plan(params, spec))
     leaves = check_fits(tuple(targets), lora)
@@ -141,6 +153,12 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
         raise LoraError("the spec adapts no kernel; PEFT needs at least one LoRA module")
     if len({r.scaling for r in rules}) > 1:
         raise LoraError("PEFT takes one scaling for all modules; the spec mixes standard and rsLoRA")
+    modes = sorted({r.mode for r in rules})
+    if len(modes) > 1:
+        raise LoraError(
+            "PEFT's use_dora holds for every module, and the spec mixes mode='dora' and mode='lora'; "
+            "export the DoRA and the plain LoRA modules as two adapters, or train them all in one mode"
+        )
     tensors: dict[str, np.ndarray] = {}
     adapted: dict[str, tuple[int, float]] = {}
     saved: set[str] = set()
@@ -164,9 +182,18 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
             b = _to_kernel_order(b, t.layout.outputs, 1).reshape(-1, t.layout.out_size)
             tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
             tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
+            if t.rule.mode == "dora":
+                m = np.asarray(jnp.asarray(leaves[(*t.path, M_KEY)], jnp.float32))
+                m = m if layer is None else m[layer]
+                tensors[f"{PREFIX}{module}.{MAGNITUDE}"] = _to_kernel_order(m, t.layout.outputs, 0).reshape(-1)
             adapted[module] = (t.rule.rank, t.rule.alpha)
     settings = make_config(
-        adapted, saved, module_names(names, parents=True), rslora=rules[0].scaling == "rslora", dropout=rules[0].dropout
+        adapted,
+        saved,
+        module_names(names, parents=True),
+        rslora=rules[0].scaling == "rslora",
+        dropout=rules[0].dropout,
+        dora=modes == ["dora"],
     )
     config = {
         "peft_type": "LORA",
@@ -237,8 +264,16 @@ def _check_files(directory: Path) -> None:
     raise FileNotFoundError(f"{directory / WEIGHTS}: missing (a PEFT adapter directory holds {WEIGHTS} and {CONFIG})")
 
 
+# PEFT's adapter name inside a key, and the ``.weight`` its DoRA module adds on load: both dropped on read.
+_SPELLINGS = (
+    (re.compile(r"\.(lora_A|lora_B)\.default\."), r".\1."),
+    (re.compile(rf"\.{MAGNITUDE}(?:\.default)?(?:\.weight)?$"), f".{MAGNITUDE}"),
+)
+
+
 def read_tensors(path: PathLike) -> dict[str, np.ndarray]:
-    """Read the tensors of a PEFT ``adapter_model.safetensors``, PEFT's ``.default.`` adapter name dropped.
+    """Read the tensors of a PEFT ``adapter_model.safetensors``, PEFT's ``.default.`` adapter name dropped
+    (and a DoRA magnitude's ``.weight``, which PEFT also reads).
 
     Raises:
       CheckpointCorruptError: the file is not a readable safetensors file (truncated, damaged, another format,
@@ -254,7 +289,9 @@ def read_tensors(path: PathLike) -> dict[str, np.ndarray]:
         ) from None
     tensors: dict[str, np.ndarray] = {}
     for key, value in loaded.items():
-        name = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        name = key
+        for pattern, spelling in _SPELLINGS:
+            name = pattern.sub(spelling, name)
         if name in tensors:
             raise CheckpointCorruptError(f"{path}: holds {name} twice (once as {key}); {FIX}")
         tensors[name] = value
@@ -292,8 +329,9 @@ def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTa
 
     Each module gets the rank and alpha PEFT gives it (``r`` and ``lora_alpha``, or the first
     ``rank_pattern``/``alpha_pattern`` key that matches the end of its name; see :mod:`lora_jax.io.peft_config`),
-    and ``spec`` must agree module by module. Every tensor is checked against the rank and the base kernel
-    before it is laid out.
+    and ``spec`` must agree module by module. A DoRA adapter (``use_dora``) needs ``mode="dora"`` rules
+    (:meth:`lora_jax.LoraSpec.from_peft` makes them) and gives each its magnitude ``m [*stack, *out]``. Every
+    tensor is checked against the rank and the base kernel before it is laid out.
 
     Args:
       directory: the folder holding ``adapter_model.safetensors`` and ``adapter_config.json``.
@@ -302,7 +340,7 @@ def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTa
       names: the model's name table (:func:`lora_jax.models.hf_names`).
 
     Returns:
-      The adapter tree, ``A`` and ``B`` in each rule's dtype, fully trainable leaves in the base's.
+      The adapter tree, ``A``, ``B`` (and ``m``) in each rule's dtype, fully trainable leaves in the base's.
 
     Raises:
       FileNotFoundError: either file is missing.
@@ -310,14 +348,73 @@ def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTa
         or a numeric ``lora_alpha``, a truncated or damaged safetensors file (names the file).
       AdapterMismatchError: a file that does not fit: not LoRA or using an option lora_jax does not compute,
         ``target_modules`` that select no module of the base or not one the spec adapts, a rank or scale that
-        differs from the spec's (names the module and both values), a tensor missing, left over, not floating
-        point or of the wrong shape (names the tensor, its shape and the shape needed), a pickled ``.bin``.
+        differs from the spec's (names the module and both values), DoRA in the file and not in the spec or
+        the other way round, a tensor missing, left over, not floating point or of the wrong shape (names the
+        tensor, its shape and the shape needed), a pickled ``.bin``, or weights that apply to a base PEFT
+        rewrote at initialization (``init_lora_weights`` PiSSA, OLoRA, CorDA, LoRA-GA or LoftQ; names the way
+        to convert it, or :func:`load_peft_pissa` for PiSSA).
       NonFiniteError: a tensor holds NaN or Inf.
       LoraError: a path the name table lacks.
     """
     directory = Path(directory)
     _check_files(directory)
     config = read_config(directory / CONFIG)
+    changed = config.changed_base
+    if changed is not None:
+        how = (
+            "load it with lora_jax.io.load_peft_pissa, which returns the residual base with the adapter, or "
+            if changed == "pissa"
+            else ""
+        )
+        raise AdapterMismatchError(
+            f"{config.file}: init_lora_weights={changed!r}: PEFT subtracted the initial adapter from the base "
+            f"weights, so these weights apply to that residual base, not to the original model; {how}convert it "
+            "to plain LoRA in PEFT with save_pretrained(..., path_initial_model_for_weight_conversion=<the "
+            "adapter saved before training>)"
+        )
+    return _read(directory, config, params, spec, names)
+
+
+def load_peft_pissa(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTable) -> tuple[PyTree, dict]:
+    """Read an unconverted PEFT PiSSA adapter (``init_lora_weights: "pissa"``) with the residual base it applies to.
+
+    PEFT loads such a folder by running PiSSA's SVD on the original base again and training on the residual;
+    so does this: the residual is :func:`lora_jax.pissa_init`'s for ``params`` (the top-``r`` part of a kernel
+    does not depend on the SVD's signs, so it is PEFT's to float32 rounding).
+
+    Args:
+      directory: the PEFT folder.
+      params: the ORIGINAL base tree.
+      spec: the spec to read the adapter under, as for :func:`load_peft`.
+      names: the model's name table.
+
+    Returns:
+      ``(residual, lora)``: ``merge(residual, lora, spec)`` is the model PEFT computes. To export against the
+      original base, ``lora_jax.pissa_to_lora(params, lora, spec, lora_jax.pissa_init(params, spec)[1])``.
+
+    Raises:
+      AdapterMismatchError: the folder is not an unconverted exact-SVD PiSSA adapter (``pissa_niter_K`` used a
+        randomized SVD whose residual cannot be recomputed: convert it in PEFT), and all :func:`load_peft` raises.
+    """
+    from lora_jax.pissa import pissa_init  # core, but only this reader needs it
+
+    directory = Path(directory)
+    _check_files(directory)
+    config = read_config(directory / CONFIG)
+    if config.init != "pissa":
+        what = (
+            "a randomized SVD (pissa_niter_K), whose residual cannot be recomputed exactly; convert the adapter in "
+            "PEFT with save_pretrained(..., path_initial_model_for_weight_conversion=...) and use load_peft"
+            if isinstance(config.init, str) and config.init.startswith("pissa")
+            else "not an unconverted PiSSA adapter; load it with load_peft"
+        )
+        raise AdapterMismatchError(f"{config.file}: init_lora_weights={config.init!r} is {what}")
+    residual, _ = pissa_init(params, spec)
+    return residual, _read(directory, config, residual, spec, names)
+
+
+def _read(directory: Path, config: PeftConfig, params: PyTree, spec: LoraSpec, names: NameTable) -> dict:
+    """Read the adapter of a checked folder (see :func:`load_peft`)."""
     file = directory / WEIGHTS
     tensors = read_tensors(file)
     config.check_targets(module_names(names, adaptable=True))
@@ -341,13 +438,21 @@ def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTa
                 used.add(key)
             nested_set(lora, t.path, jnp.asarray(np.stack(parts) if layers != [None] else parts[0], t.dtype))
             continue
-        a_parts, b_parts = [], []
+        dora = t.rule.mode == "dora"
+        a_parts, b_parts, m_parts = [], [], []
         for layer in layers:
             module = _lookup(names, t.path, layer)[0].removesuffix(".weight")
             if not config.adapts(module):
                 raise AdapterMismatchError(
                     f"{config.file}: target_modules {config.targets_text} do not select {module}, which "
                     f"{t.rule.label} adapts ({t.name}); PEFT would not load its LoRA weights"
+                )
+            if dora != config.dora:
+                kind = "DoRA" if config.dora else "plain LoRA"
+                raise AdapterMismatchError(
+                    f"{config.file}: use_dora={str(config.dora).lower()} makes {module} {kind}, and {t.rule.label} "
+                    f"has mode={t.rule.mode!r} for {t.name}; read it under mode={'dora' if config.dora else 'lora'!r} "
+                    "rules (LoraSpec.from_peft makes them)"
                 )
             rank, scale = config.rank_of(module)[0], config.scale_of(module)
             if rank != t.rule.rank or not math.isclose(scale, t.rule.scale, rel_tol=1e-6):
@@ -367,9 +472,19 @@ def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTa
             b = b.T.reshape(rank, *(t.shape[i] for i in sorted(layout.outputs)))
             a_parts.append(_from_kernel_order(a, layout.inputs, 0))
             b_parts.append(_from_kernel_order(b, layout.outputs, 1))
+            if dora:
+                key_m = f"{PREFIX}{module}.{MAGNITUDE}"
+                why = f"the DoRA magnitude [out], one per output column (use_dora in {CONFIG}; out={layout.out_size}"
+                m = _tensor(tensors, file, key_m, (layout.out_size,), f"{why} from the base kernel {t.name} {t.shape})")
+                used.add(key_m)
+                m_parts.append(
+                    _from_kernel_order(m.reshape(*(t.shape[i] for i in sorted(layout.outputs))), layout.outputs, 0)
+                )
         stack = (lambda xs: np.stack(xs)) if layers != [None] else (lambda xs: xs[0])
         nested_set(lora, (*t.path, A_KEY), jnp.asarray(stack(a_parts), t.rule.dtype))
         nested_set(lora, (*t.path, B_KEY), jnp.asarray(stack(b_parts), t.rule.dtype))
+        if dora:
+            nested_set(lora, (*t.path, M_KEY), jnp.asarray(stack(m_parts), t.rule.dtype))
     extra = sorted(set(tensors) - used)
     if extra:
         raise AdapterMismatchError(

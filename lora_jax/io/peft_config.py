@@ -9,9 +9,13 @@ PEFT asks each module by its name in ``named_modules()`` (``bert.encoder.layer.1
   that matches as a regular expression the whole name or its end after a dot; else ``r`` (``lora_alpha``).
   The scale is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
 - Is it kept whole (``modules_to_save``)? Its name ends with an entry (a plain string suffix).
+- Is it DoRA? ``use_dora`` says so for every adapted module at once.
+- Do its weights apply to the original base? Not when ``init_lora_weights`` names an initialization that
+  rewrote the base at the start (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) and the adapter was not converted since
+  (:attr:`PeftConfig.changed_base`).
 
 :func:`read_config` refuses a file it cannot read as such a config (:class:`CheckpointCorruptError`) and one
-that asks for what lora_jax does not compute (DoRA, LoRA biases, ...; :class:`AdapterMismatchError`).
+that asks for what lora_jax does not compute (LoRA biases, QALoRA, ...; :class:`AdapterMismatchError`).
 :func:`make_config` writes the config for given per-module ranks and alphas, and checks that PEFT reads back
 exactly those.
 """
@@ -36,7 +40,6 @@ Names = str | tuple[str, ...]
 
 # Options whose use changes the numbers in ways lora_jax does not compute: name -> what it is.
 UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a bias on lora_B",
     "use_qalora": "QALoRA",
     "layer_replication": "layer replication",
@@ -44,6 +47,10 @@ UNSUPPORTED = {
     "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
 }
+# init_lora_weights values after which the file's weights apply to the original base as they are.
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# init_lora_weights values that subtract the initial adapter from the base (a prefix for "pissa_niter_K").
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 FIX = "re-save the adapter with PEFT's save_pretrained, or restore the file from its source"
 
 
@@ -121,6 +128,20 @@ class PeftConfig:
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] = ()
     dropout: float = 0.0
+    dora: bool = False
+    init: bool | str = True
+
+    @property
+    def changed_base(self) -> str | None:
+        """Return the ``init_lora_weights`` that rewrote the base at the start (``"pissa"``, ...), else None.
+
+        PEFT subtracts such an initial adapter from the base weights, so the file's weights apply to that residual
+        base, not to the original model, until it is converted (``save_pretrained(...,
+        path_initial_model_for_weight_conversion=...)`` writes ``init_lora_weights: true``).
+        """
+        if isinstance(self.init, str) and self.init.startswith(BASE_CHANGING_INITS):
+            return self.init
+        return None
 
     def rank_of(self, module: str) -> tuple[int, str]:
         """Return the rank of ``module`` and the setting it comes from (``r`` or ``rank_pattern['key']``)."""
@@ -232,7 +253,8 @@ def parse_config(data: Any, file: PathLike) -> PeftConfig:
     Raises:
       CheckpointCorruptError: not an object; ``r``, ``lora_alpha`` or another setting missing or of the
         wrong kind (a non-positive or non-integer rank, a non-numeric alpha, a pattern that is no regex).
-      AdapterMismatchError: not a LoRA adapter, or one using an option lora_jax does not compute (DoRA, ...).
+      AdapterMismatchError: not a LoRA adapter, or one using an option lora_jax does not compute (LoRA biases,
+        an ``init_lora_weights`` it does not know, ...).
     """
     file = Path(file)
     if not isinstance(data, dict):
@@ -263,6 +285,20 @@ def parse_config(data: Any, file: PathLike) -> PeftConfig:
     rslora = data.get("use_rslora", False)
     if not isinstance(rslora, bool):
         raise _corrupt(file, f"use_rslora must be true or false, got {rslora!r}")
+    dora = data.get("use_dora", False)
+    dora = False if dora is None else dora
+    if not isinstance(dora, bool):
+        raise _corrupt(file, f"use_dora must be true or false, got {dora!r}")
+    init = data.get("init_lora_weights", True)
+    if not isinstance(init, bool | str):
+        raise _corrupt(file, f"init_lora_weights must be true, false or an initialization's name, got {init!r}")
+    if init not in PLAIN_INITS and not (isinstance(init, str) and init.startswith(BASE_CHANGING_INITS)):
+        known = ", ".join(repr(i) for i in (*PLAIN_INITS[2:], *BASE_CHANGING_INITS))
+        raise AdapterMismatchError(
+            f"{file}: init_lora_weights={init!r} is an initialization lora_jax does not know (it knows true, false, "
+            f"{known}), so it cannot tell whether the weights apply to the original base; if they do, set it to "
+            "true, else convert the adapter in PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...)"
+        )
     dropout = data.get("lora_dropout", 0.0)
     dropout = 0.0 if dropout is None else dropout
     if not _is_number(dropout) or not 0 <= dropout < 1:
@@ -298,6 +334,8 @@ def parse_config(data: Any, file: PathLike) -> PeftConfig:
         layers_to_transform=layers,
         layers_pattern=layers_pattern,
         dropout=float(dropout),
+        dora=dora,
+        init=init,
     )
 
 
@@ -350,6 +388,7 @@ def make_config(
     *,
     rslora: bool,
     dropout: float,
+    dora: bool = False,
 ) -> dict[str, Any]:
     """Return the LoRA settings of an ``adapter_config.json`` that give each module its rank and alpha in PEFT.
 
@@ -359,9 +398,10 @@ def make_config(
       modules: every module name of the model, containers included: targets must select no other.
       rslora: the scaling of all modules.
       dropout: ``lora_dropout``.
+      dora: ``use_dora``, for all modules.
 
     Returns:
-      ``r``, ``lora_alpha``, ``use_rslora``, ``lora_dropout``, ``rank_pattern``, ``alpha_pattern``,
+      ``r``, ``lora_alpha``, ``use_rslora``, ``use_dora``, ``lora_dropout``, ``rank_pattern``, ``alpha_pattern``,
       ``target_modules`` and ``modules_to_save``; ``r`` and ``lora_alpha`` are the most common values, the
       patterns name the other modules.
 
@@ -376,6 +416,7 @@ def make_config(
         "r": rank,
         "lora_alpha": alpha,
         "use_rslora": rslora,
+        "use_dora": dora,
         "lora_dropout": dropout,
         "target_modules": sorted({_shortest_suffix(m, modules - set(adapted), dotted=True) for m in adapted}),
         "modules_to_save": sorted({_shortest_suffix(m, modules - set(saved), dotted=False) for m in saved}) or None,

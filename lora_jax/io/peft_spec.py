@@ -1,4 +1,4 @@
-"""The spec of a Hugging Face PEFT LoRA adapter, read off its ``adapter_config.json`` and a model's name table.
+"""The spec of a Hugging Face PEFT LoRA or DoRA adapter, read off its ``adapter_config.json`` and a model's name table.
 
 PEFT's own semantics (which modules ``target_modules``, ``exclude_modules``, ``modules_to_save`` and
 ``layers_to_transform`` select; per-module rank and alpha from ``rank_pattern`` / ``alpha_pattern``)
@@ -41,7 +41,8 @@ def spec_from_peft(config_or_dir: Mapping[str, Any] | PathLike, names: Mapping[s
 
     Returns:
       One LoRA rule per adapted module's kernel (pattern: its param path; ``in_axes`` from the layout;
-      rank, alpha, scaling and dropout per module as PEFT computes them) and one trainable rule per saved module.
+      rank, alpha, scaling and dropout per module as PEFT computes them; ``mode="dora"`` under ``use_dora``)
+      and one trainable rule per saved module.
 
     Raises:
       CheckpointCorruptError, AdapterMismatchError: as :func:`lora_jax.io.peft_config.read_config`, and
@@ -81,6 +82,7 @@ def spec_from_peft(config_or_dir: Mapping[str, Any] | PathLike, names: Mapping[s
         rules.append(
             Rule(
                 re.escape(path),
+                mode="dora" if config.dora else "lora",
                 rank=config.rank_of(module)[0],
                 alpha=config.alpha_of(module)[0],
                 scaling="rslora" if config.rslora else "standard",
