@@ -28,7 +28,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +43,7 @@ from lora_jax.paths import PathTuple, nested_set, path_str, unroll_path
 from lora_jax.plan import Target, plan
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PathLike, PyTree
-from lora_jax.variants import A_KEY, B_KEY
+from lora_jax.variants import A_KEY, B_KEY, SlicedLowRank
 
 PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
@@ -156,15 +156,14 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
                 tensors[PREFIX + name] = np.ascontiguousarray(value.T if layout.transpose else value)
                 saved.add(module)
                 continue
-            a = np.asarray(jnp.asarray(leaves[(*t.path, A_KEY)], jnp.float32))
-            b = np.asarray(jnp.asarray(leaves[(*t.path, B_KEY)], jnp.float32))
+            a, b, rank, alpha = _factors(t, leaves)
             if layer is not None:
                 a, b = a[layer], b[layer]
             a = _to_kernel_order(a, t.layout.inputs, 0).reshape(t.layout.in_size, -1)
             b = _to_kernel_order(b, t.layout.outputs, 1).reshape(-1, t.layout.out_size)
             tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
             tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
-            adapted[module] = (t.rule.rank, t.rule.alpha)
+            adapted[module] = (rank, alpha)
     settings = make_config(
         adapted, saved, module_names(names, parents=True), rslora=rules[0].scaling == "rslora", dropout=rules[0].dropout
     )
@@ -177,6 +176,23 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
         "inference_mode": True,
     }
     return tensors, config
+
+
+def _factors(target: Target, leaves: Mapping[PathTuple, Any]) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """Return ``A [*stack, *in, R]``, ``B [*stack, R, *out]`` float32 as PEFT holds them, with PEFT's ``r`` and alpha.
+
+    A fused kernel's slice adapters (``Rule.slices``) are one PEFT adapter of rank ``R = n_adapted * r`` on the
+    whole module: ``A`` stacked as stored, ``B`` block-placed with zero rows for the slices without an adapter
+    (:meth:`SlicedLowRank.expand`), and alpha multiplied so that PEFT's ``alpha / R`` (rsLoRA: ``/ sqrt(R)``)
+    is the rule's scale.
+    """
+    a, b = leaves[(*target.path, A_KEY)], leaves[(*target.path, B_KEY)]
+    rank, alpha = target.rule.rank, target.rule.alpha
+    if target.slices is not None:
+        b = SlicedLowRank.expand(target, b)
+        count = len(target.slices.adapted)
+        rank, alpha = rank * count, alpha * (count if target.rule.scaling == "standard" else math.sqrt(count))
+    return np.asarray(jnp.asarray(a, jnp.float32)), np.asarray(jnp.asarray(b, jnp.float32)), rank, alpha
 
 
 def save_peft(
