@@ -241,3 +241,16 @@ def test_peft_export_is_one_c_attn_adapter_with_zero_k_rows(pair, tmp_path):
     np.testing.assert_allclose(np.asarray(merged).reshape(d, 3 * d), want, rtol=1e-5, atol=1e-6)
     fc = "base_model.model.transformer.h.0.mlp.c_fc"
     assert tensors[f"{fc}.lora_A.weight"].shape == (3, d)
+    # The folder reads back as PEFT sees it, one rank-2r adapter on c_attn, with the same merged weights;
+    # a spec with slices cannot read it (PEFT's file has no slices), and says so.
+    names = models.hf_names(fused)
+    back_spec = lj.LoraSpec.from_peft(tmp_path, names)
+    back = lj.merge(fused_params, peft.load_peft(tmp_path, fused_params, back_spec, names), back_spec)
+    for key, value in _flat(lj.merge(fused_params, lora, spec)).items():
+        np.testing.assert_allclose(_flat(back)[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    with pytest.raises(lj.AdapterMismatchError, match="c_attn: the PEFT file has r=4"):
+        peft.load_peft(tmp_path, fused_params, spec, names)
+
+
+def _flat(tree):
+    return {"/".join(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
