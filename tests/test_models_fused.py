@@ -30,12 +30,12 @@ def _logits(model, params):
     return model.apply({"params": params}, IDS).logits
 
 
-def _split_lora(key=1):
+def _split_lora(split):
     """Trained-looking q and v adapters of the split model (B non-zero)."""
-    model, params = models.from_pretrained(FIXTURE)
+    model, params = split
     spec = models.lora_spec(model, "qv", rank=RANK, alpha=4)
     lora = lj.init(jax.random.key(0), params, spec)
-    keys = iter(jax.random.split(jax.random.key(key), 32))
+    keys = iter(jax.random.split(jax.random.key(1), 32))
     return spec, jax.tree_util.tree_map(lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape), lora)
 
 
@@ -97,7 +97,7 @@ def test_export_writes_c_attn_back_as_the_checkpoint_had_it(pair, tmp_path):
 
 def test_qv_slices_equal_separate_q_and_v_adapters(pair):
     (split, split_params), (fused, fused_params) = pair
-    split_spec, split_lora = _split_lora()
+    split_spec, split_lora = _split_lora(pair[0])
     spec = models.lora_spec(fused, "qv", rank=RANK, alpha=4)
     (rule,) = spec.rules
     assert (rule.slices, rule.adapt, rule.slice_axis) == (("q", "k", "v"), ("q", "v"), 1)
@@ -116,10 +116,12 @@ def test_qv_slices_equal_separate_q_and_v_adapters(pair):
         base = fused_params["decoder"][f"layer_{i}"]["attention"]["qkv"]["kernel"]
         assert np.all(np.asarray(kernel[:, 1]) - np.asarray(base[:, 1]) == 0.0)  # k: exactly the base
         assert np.abs(np.asarray(kernel[:, 0]) - np.asarray(base[:, 0])).max() > 1e-3
-    want = _logits(split, lj.combine(split_params, split_lora, split_spec))
-    np.testing.assert_allclose(_logits(fused, lj.combine(fused_params, lora, spec)), want, rtol=1e-5, atol=1e-5)
+    want = jax.jit(lambda lo: _logits(split, lj.combine(split_params, lo, split_spec)))(split_lora)
+    got = jax.jit(lambda lo: _logits(fused, lj.combine(fused_params, lo, spec)))(lora)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     forward = lj.factored(lambda p, ids: fused.apply({"params": p}, ids).logits, spec)
-    np.testing.assert_allclose(forward(fused_params, lora, IDS), want, rtol=1e-5, atol=1e-5)
+    got = jax.jit(lambda lo: forward(fused_params, lo, IDS))(lora)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def _loss(model):
@@ -133,16 +135,16 @@ def _loss(model):
 def test_factored_equals_combine_forward_and_gradients(pair):
     _, (fused, fused_params) = pair
     spec = models.lora_spec(fused, "qv", rank=RANK, alpha=4)
-    _, split_lora = _split_lora()
+    _, split_lora = _split_lora(pair[0])
     lora = _fused_from_split(split_lora, fused.config.n_layer)
     loss = _loss(fused)
     batch = {"ids": IDS}
     forward = lj.factored(lambda p, b: loss(p, b, None), spec)
-    np.testing.assert_allclose(
-        forward(fused_params, lora, batch), loss(lj.combine(fused_params, lora, spec), batch, None), rtol=1e-5
-    )
-    grad_f = jax.grad(lambda lo: forward(fused_params, lo, batch))(lora)
-    grad_c = jax.grad(lambda lo: loss(lj.combine(fused_params, lo, spec), batch, None))(lora)
+    on_combined = jax.jit(lambda lo: loss(lj.combine(fused_params, lo, spec), batch, None))
+    on_factored = jax.jit(lambda lo: forward(fused_params, lo, batch))
+    np.testing.assert_allclose(on_factored(lora), on_combined(lora), rtol=1e-5)
+    grad_f = jax.jit(jax.grad(on_factored))(lora)
+    grad_c = jax.jit(jax.grad(on_combined))(lora)
     for got, want in zip(jax.tree_util.tree_leaves(grad_f), jax.tree_util.tree_leaves(grad_c), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
@@ -175,7 +177,7 @@ def test_training_leaves_the_k_slice_exactly_at_the_base(scan):
 def test_adapter_file_and_describe(pair, tmp_path):
     _, (fused, fused_params) = pair
     spec = models.lora_spec(fused, "qv", rank=RANK, alpha=4)
-    _, split_lora = _split_lora()
+    _, split_lora = _split_lora(pair[0])
     lora = _fused_from_split(split_lora, fused.config.n_layer)
     path = lj.save_adapter(tmp_path / "qv.safetensors", fused_params, lora, spec)
     assert lj.LoraSpec.from_file(path) == spec
@@ -189,8 +191,8 @@ def test_adapter_file_and_describe(pair, tmp_path):
     row = f"decoder/layer_0/attention/qkv/kernel  {d}x3x{h}x{d // h}"
     assert row in table and "slices q|k|v of axis 1" in table and f"{RANK} on q,v" in table
     per_layer = d * 2 * RANK + 2 * RANK * d  # A [D, 2r], B [2r, 1, H, Dh]: as the split q and v adapters
-    split_spec, _ = _split_lora()
-    split_params = models.from_pretrained(FIXTURE)[1]
+    split_spec, _ = _split_lora(pair[0])
+    split_params = pair[0][1]
     assert lj.describe(fused_params, spec).trainable_size == 2 * per_layer
     assert lj.describe(split_params, split_spec).trainable_size == 2 * per_layer
 

@@ -99,9 +99,10 @@ def test_factored_equals_combine_with_gradients():
     lora = _trained()
     x = jax.random.normal(jax.random.key(5), (4, D))
     forward = lj.factored(_fn, SPEC)
-    np.testing.assert_allclose(forward(PARAMS, lora, x), _fn(lj.combine(PARAMS, lora, SPEC), x), rtol=1e-5)
-    grad_f = jax.grad(lambda lo: forward(PARAMS, lo, x).sum())(lora)
-    grad_c = jax.grad(lambda lo: _fn(lj.combine(PARAMS, lo, SPEC), x).sum())(lora)
+    both = jax.jit(lambda lo: (forward(PARAMS, lo, x), _fn(lj.combine(PARAMS, lo, SPEC), x)))
+    np.testing.assert_allclose(*both(lora), rtol=1e-5)
+    grad_f = jax.jit(jax.grad(lambda lo: forward(PARAMS, lo, x).sum()))(lora)
+    grad_c = jax.jit(jax.grad(lambda lo: _fn(lj.combine(PARAMS, lo, SPEC), x).sum()))(lora)
     for got, want in zip(jax.tree_util.tree_leaves(grad_f), jax.tree_util.tree_leaves(grad_c), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -110,11 +111,13 @@ def test_factored_equals_combine_with_gradients():
 def test_training_never_moves_the_slices_without_an_adapter(factored):
     x = jax.random.normal(jax.random.key(6), (8, D))
     y = jax.random.normal(jax.random.key(7), (8,))
-    step = lj.training.train_step(
-        lambda p, batch, rng: jnp.mean((_fn(p, batch["x"]) - batch["y"]) ** 2),
-        SPEC,
-        optax.adam(0.05),
-        factored=factored,
+    step = jax.jit(
+        lj.training.train_step(
+            lambda p, batch, rng: jnp.mean((_fn(p, batch["x"]) - batch["y"]) ** 2),
+            SPEC,
+            optax.adam(0.05),
+            factored=factored,
+        )
     )
     lora = lj.init(jax.random.key(3), PARAMS, SPEC)
     opt_state = optax.adam(0.05).init(lora)
