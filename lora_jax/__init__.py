@@ -23,7 +23,7 @@ from lora_jax.initializers import init
 from lora_jax.merge import merge, unmerge
 from lora_jax.optim import adapter_only, lora_plus, trainable_labels
 from lora_jax.pissa import pissa_init, pissa_to_lora
-from lora_jax.plan import KernelLayout, Target, plan
+from lora_jax.plan import KernelLayout, Slices, Target, plan
 from lora_jax.spec import LoraSpec, Rule, freeze, trainable
 
 if TYPE_CHECKING:  # what __getattr__ below imports on first use
@@ -75,6 +75,7 @@ __all__ = [
     "LowRankKernel",
     "NonFiniteError",
     "Rule",
+    "Slices",
     "SpecError",
     "Target",
     "trainable_count",

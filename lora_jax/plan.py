@@ -86,6 +86,33 @@ class KernelLayout:
 
 
 @dataclasses.dataclass(frozen=True)
+class Slices:
+    """Equal slices of one output axis of a fused kernel (GPT-2's ``c_attn``: q, k, v), some of them adapted.
+
+    Attributes:
+      names: every slice's name, in order along ``axis``.
+      adapted: the positions in ``names`` of the adapted slices, ascending.
+      axis: the kernel axis the slices split; one of the layout's output axes.
+      size: each slice's extent along ``axis``.
+    """
+
+    names: tuple[str, ...]
+    adapted: tuple[int, ...]
+    axis: int
+    size: int
+
+    def out_position(self, layout: KernelLayout) -> int:
+        """Return where ``axis`` is among ``layout``'s output axes (the axis of ``B`` past its stack and rank)."""
+        return layout.outputs.index(self.axis)
+
+    def out_shape(self, layout: KernelLayout) -> tuple[int, ...]:
+        """Return the output shape of one slice: ``layout.out_shape`` with ``size`` at the slice axis."""
+        shape = list(layout.out_shape)
+        shape[self.out_position(layout)] = self.size
+        return tuple(shape)
+
+
+@dataclasses.dataclass(frozen=True)
 class Target:
     """A leaf of the base tree chosen by a rule."""
 
@@ -95,20 +122,30 @@ class Target:
     shape: tuple[int, ...]
     dtype: np.dtype
     layout: KernelLayout | None  # None for fully trainable leaves
+    slices: Slices | None = None  # the output slices of a fused kernel (Rule.slices)
 
     @property
     def name(self) -> str:
         return path_str(self.path)
 
     @property
+    def factor_rank(self) -> int:
+        """Return the size of the rank axis of ``A`` and ``B``: ``r``, or ``r`` per adapted slice of a fused kernel."""
+        return self.rule.rank * (len(self.slices.adapted) if self.slices is not None else 1)
+
+    @property
     def a_shape(self) -> tuple[int, ...]:
+        """Return ``A``'s shape as stored: ``[*stack, *in, r]``; with slices ``[*stack, *in, n_adapted * r]``."""
         assert self.layout is not None
-        return self.layout.a_shape(self.rule.rank)
+        return self.layout.a_shape(self.factor_rank)
 
     @property
     def b_shape(self) -> tuple[int, ...]:
+        """Return ``B``'s shape as stored: ``[*stack, r, *out]``; with slices ``[*stack, n_adapted*r, *slice_out]``."""
         assert self.layout is not None
-        return self.layout.b_shape(self.rule.rank)
+        if self.slices is None:
+            return self.layout.b_shape(self.rule.rank)
+        return (*self.layout.stack_shape, self.factor_rank, *self.slices.out_shape(self.layout))
 
     @property
     def trainable_size(self) -> int:
@@ -170,6 +207,44 @@ def kernel_layout(rule: Rule, name: str, shape: tuple[int, ...]) -> KernelLayout
     return KernelLayout(shape, stack, inputs, outputs, inferred)
 
 
+def kernel_slices(rule: Rule, name: str, layout: KernelLayout) -> Slices | None:
+    """Return the slices ``rule`` names on the kernel at ``name``, checked against its layout; None without any.
+
+    Raises:
+      SpecError: ``slice_axis`` is out of range or not an output axis, the axis does not split into equal
+        slices, or the rank exceeds a slice's ``min(in, out)`` (each names the path and what to change).
+    """
+    if rule.slices is None or rule.adapt is None:
+        return None
+    shape, count = layout.shape, len(rule.slices)
+    outputs = layout.outputs
+    if rule.slice_axis is None:
+        axis = outputs[0]
+    else:
+        normalized = _normalize((rule.slice_axis,), len(shape), rule, name, "slice_axis")
+        assert normalized is not None
+        axis = normalized[0]
+    if axis not in outputs:
+        raise SpecError(
+            f"{rule.label}: slice_axis {rule.slice_axis} is kernel axis {axis} of {name} with shape {shape}, "
+            f"which is not an output axis (outputs {outputs}); give slice_axis one of {list(outputs)}, the axis "
+            f"that holds {'|'.join(rule.slices)} side by side"
+        )
+    if shape[axis] % count:
+        raise SpecError(
+            f"{rule.label}: axis {axis} of {name} with shape {shape} has {shape[axis]} entries, which do not split "
+            f"into {count} equal slices {'|'.join(rule.slices)}; give the slice_axis that holds them side by side"
+        )
+    slices = Slices(rule.slices, tuple(rule.slices.index(n) for n in rule.adapt), axis, shape[axis] // count)
+    limit = min(layout.in_size, layout.out_size // count)
+    if rule.rank > limit:
+        raise SpecError(
+            f"{rule.label}: rank {rule.rank} exceeds min(in, out) = {limit} for one slice of {name} "
+            f"(in {layout.in_shape}, slice out {slices.out_shape(layout)}); use rank <= {limit}"
+        )
+    return slices
+
+
 def _closest(pattern: Any, names: list[str]) -> str:
     if not isinstance(pattern, str):
         return ", ".join(names[:5])
@@ -215,7 +290,7 @@ def plan(params: Any, spec: LoraSpec) -> tuple[Target, ...]:
         shape, dtype = tuple(abstract.shape), np.dtype(abstract.dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise SpecError(f"{rule.label} matched {name} of dtype {dtype}: only floating-point leaves can train")
-        layout = None
+        layout, slices = None, None
         if rule.mode in ADAPTED_MODES:
             if len(shape) < 2:
                 raise SpecError(f"{rule.label} matched {name} with shape {shape}: LoRA needs a kernel of 2+ axes")
@@ -226,7 +301,8 @@ def plan(params: Any, spec: LoraSpec) -> tuple[Target, ...]:
                     f"{rule.label}: rank {rule.rank} exceeds min(in, out) = {limit} for {name} "
                     f"(in {layout.in_shape}, out {layout.out_shape}); use rank <= {limit}"
                 )
-        targets.append(Target(path, rule, winner, shape, dtype, layout))
+            slices = kernel_slices(rule, name, layout)
+        targets.append(Target(path, rule, winner, shape, dtype, layout, slices))
     for index, rule in enumerate(spec.rules):
         if hits[index] == 0:
             raise SpecError(f"{rule.label} matches no leaf; closest paths: {_closest(rule.pattern, names)}")

@@ -70,6 +70,14 @@ class Rule:
         layer axis of ``nn.scan`` stacks; of ``in_axes`` and ``out_axes`` one
         is enough, the other is what remains. Negative axes count from the end.
       name: a label shown in ``describe`` and error messages.
+      slices: names of equal slices of one output axis of a fused kernel, in order along it, e.g.
+        ``("q", "k", "v")`` for GPT-2's ``c_attn`` (loralib's ``MergedLinear``). Each adapted slice gets its
+        own rank-``r`` factors; the update of every other slice is exactly zero (see
+        :class:`lora_jax.variants.SlicedLowRank`). Needs ``mode="lora"``.
+      adapt: the slices that get an adapter, e.g. ``("q", "v")``; default all of ``slices``. Stored in
+        the order of ``slices``, which is the order of their blocks in ``A``'s and ``B``'s rank axis.
+      slice_axis: the kernel axis the slices split (one of its output axes; negative counts from the end);
+        default the first output axis.
     """
 
     pattern: str | Predicate
@@ -85,6 +93,9 @@ class Rule:
     out_axes: Axes | None = None
     stack_axes: Axes | None = None
     name: str | None = None
+    slices: tuple[str, ...] | None = None
+    adapt: tuple[str, ...] | None = None
+    slice_axis: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("in_axes", "out_axes", "stack_axes"):
@@ -94,6 +105,7 @@ class Rule:
         if self.mode not in (*ADAPTED_MODES, "train", "freeze"):
             raise ValueError(f"{label}: mode must be 'lora', 'dora', 'train' or 'freeze', got {self.mode!r}")
         check_pattern(self.pattern, label)
+        self._check_slices(label)
         if self.mode not in ADAPTED_MODES:
             return
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -106,6 +118,27 @@ class Rule:
             raise ValueError(f"{label}: dropout must be in [0, 1), got {self.dropout!r}")
         if not jax.numpy.issubdtype(self.dtype, jax.numpy.floating):
             raise ValueError(f"{label}: adapter dtype must be floating, got {self.dtype}")
+
+    def _check_slices(self, label: str) -> None:
+        """Check ``slices``, ``adapt`` and ``slice_axis``; store them as tuples, ``adapt`` in slice order."""
+        if self.slices is None:
+            for field in ("adapt", "slice_axis"):
+                if getattr(self, field) is not None:
+                    raise SpecError(f"{label}: {field} needs slices, the names of the fused kernel's output slices")
+            return
+        slices = _names(self.slices, "slices", label, "('q', 'k', 'v')")
+        if len(slices) < 2:
+            raise SpecError(f"{label}: slices {slices} names one slice; give two or more, or leave slices out")
+        if self.mode != "lora":
+            raise SpecError(f"{label}: slices need mode='lora' (got {self.mode!r})")
+        adapt = slices if self.adapt is None else _names(self.adapt, "adapt", label, "('q', 'v')")
+        unknown = [name for name in adapt if name not in slices]
+        if unknown:
+            raise SpecError(f"{label}: adapt names {unknown[0]!r}, which is not one of slices {slices}")
+        if self.slice_axis is not None and (isinstance(self.slice_axis, bool) or not isinstance(self.slice_axis, int)):
+            raise SpecError(f"{label}: slice_axis must be an integer kernel axis, got {self.slice_axis!r}")
+        object.__setattr__(self, "slices", slices)
+        object.__setattr__(self, "adapt", tuple(name for name in slices if name in adapt))
 
     @property
     def label(self) -> str:
@@ -124,6 +157,18 @@ class Rule:
     def matches(self, path: str, leaf: jax.ShapeDtypeStruct) -> bool:
         """Whether this rule's pattern matches the leaf at ``path`` (see :func:`lora_jax.paths.matches`)."""
         return matches(self.pattern, path, leaf)
+
+
+def _names(value: Any, field: str, label: str, example: str) -> tuple[str, ...]:
+    """Return ``value`` as a tuple of distinct, non-empty names, or raise ``SpecError`` naming ``field``."""
+    if isinstance(value, str) or not isinstance(value, tuple | list):
+        raise SpecError(f"{label}: {field} must be a tuple of names such as {example}, got {value!r}")
+    names = tuple(value)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise SpecError(f"{label}: {field} must be non-empty names such as {example}, got {value!r}")
+    if len(set(names)) != len(names):
+        raise SpecError(f"{label}: {field} {names} repeats a name")
+    return names
 
 
 def trainable(pattern: str | Predicate, name: str | None = None) -> Rule:
@@ -259,6 +304,9 @@ class LoraSpec:
 
 
 _AXES_FIELDS = ("in_axes", "out_axes", "stack_axes")
+_TUPLE_FIELDS = (*_AXES_FIELDS, "slices", "adapt")
+_SLICE_FIELDS = ("slices", "adapt", "slice_axis")
+"""Stored only when ``slices`` is set, so a spec without them reads back in a lora_jax that predates them."""
 
 
 def _rule_to_dict(rule: Rule, index: int) -> dict[str, Any]:
@@ -271,7 +319,9 @@ def _rule_to_dict(rule: Rule, index: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in dataclasses.fields(Rule):
         value = getattr(rule, field.name)
-        out[field.name] = list(value) if field.name in _AXES_FIELDS and value is not None else value
+        if field.name in _SLICE_FIELDS and rule.slices is None:
+            continue
+        out[field.name] = list(value) if field.name in _TUPLE_FIELDS and value is not None else value
     return out
 
 
@@ -292,8 +342,11 @@ _FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "dtype": (lambda v: isinstance(v, str), "a dtype name"),
     "in_axes": (lambda v: v is None or (isinstance(v, list) and all(type(a) is int for a in v)), "a list of integers"),
     "name": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "slices": (lambda v: v is None or (isinstance(v, list) and all(isinstance(n, str) for n in v)), "a list of names"),
+    "slice_axis": (lambda v: v is None or type(v) is int, "an integer or null"),
 }
 _FIELD_TYPES["out_axes"] = _FIELD_TYPES["stack_axes"] = _FIELD_TYPES["in_axes"]
+_FIELD_TYPES["adapt"] = _FIELD_TYPES["slices"]
 
 
 def _rule_from_dict(data: Any, index: int) -> Rule:

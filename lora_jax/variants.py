@@ -7,10 +7,13 @@ what the factored path carries in the kernel's place, how they are
 partitioned, and what a saved file must agree on. A new kind of adapter (a
 magnitude vector, a quantized base) is one more :class:`Variant` here.
 
-Three variants exist:
+Four variants exist:
 
 - ``"lora"`` (:class:`LowRank`): ``A [*stack, *in, r]`` and ``B [*stack, r, *out]``
   under the kernel's path, ``W = W0 + s * A @ B``.
+- ``"lora"`` with ``Rule.slices`` (:class:`SlicedLowRank`): a fused kernel (GPT-2's ``c_attn``)
+  whose adapted output slices each get their own rank-``r`` factors, the others none:
+  ``A [*stack, *in, n_adapted * r]``, ``B [*stack, n_adapted * r, *slice_out]``.
 - ``"dora"`` (:class:`Dora`): LoRA's factors and a magnitude ``m [*stack, *out]``,
   ``W = m * (W0 + s * A @ B) / ||W0 + s * A @ B||``.
 - ``"train"`` (:class:`Full`): a trainable copy of the leaf at its own path,
@@ -145,6 +148,66 @@ class LowRank(Variant):
         return axes, str(target.rule.rank), f"{target.rule.alpha:g}"
 
 
+class SlicedLowRank(LowRank):
+    """Separate rank-``r`` adapters on some output slices of a fused kernel (loralib's ``MergedLinear``).
+
+    A fused kernel ``W [*stack, *in, *out]`` holds ``n`` equal slices side by side along one output axis
+    (GPT-2's ``c_attn``: q, k and v). Each adapted slice ``j`` has its own ``A_j [*stack, *in, r]`` and
+    ``B_j [*stack, r, *slice_out]``, stored stacked along the rank axis in the order of the rule's ``slices``:
+    ``A [*stack, *in, n_adapted * r]``, ``B [*stack, n_adapted * r, *slice_out]``. :meth:`value` places each
+    ``B_j`` at its slice of a zero ``[*stack, n_adapted * r, *out]``, so ``A @ B`` is ``A_j @ B_j`` on slice
+    ``j``, exactly what a separate LoRA on that projection gives, and zero on every other slice: no parameter
+    reaches those columns, so neither ``combine``, ``merge``, the factored path nor any gradient step can
+    change them. Everything else (init, apply, the factored value) is :class:`LowRank`'s on those factors.
+    """
+
+    def value(self, target: Target, leaves: Mapping[PathTuple, Any]) -> tuple[Any, ...]:
+        a, b = super().value(target, leaves)
+        return a, self.expand(target, b)
+
+    @staticmethod
+    def expand(target: Target, b: Any) -> jax.Array:
+        """Return ``B [*stack, n_adapted * r, *slice_out]`` laid out as ``[*stack, n_adapted * r, *out]``.
+
+        Rank block ``j`` sits at the slice of ``target.slices.adapted[j]``; every other entry is zero.
+        """
+        slices, layout = target.slices, target.layout
+        assert slices is not None and layout is not None
+        b = jnp.asarray(b)
+        rank, stack = target.rule.rank, len(layout.stack)
+        axis = stack + 1 + slices.out_position(layout)  # the slice axis of B
+        blocks = []
+        for j, position in enumerate(slices.adapted):
+            block = jax.lax.slice_in_dim(b, j * rank, (j + 1) * rank, axis=stack)
+            pad = [(0, 0)] * b.ndim
+            pad[axis] = (position * slices.size, (len(slices.names) - position - 1) * slices.size)
+            blocks.append(jnp.pad(block, pad))
+        return jnp.concatenate(blocks, axis=stack)
+
+    def partitions(self, target: Target, base: PartitionSpec) -> dict[PathTuple, PartitionSpec]:
+        # As LowRank's, but B's slice axis holds one slice, not the kernel's whole axis: it is replicated.
+        out = super().partitions(target, base)
+        slices, layout = target.slices, target.layout
+        assert slices is not None and layout is not None
+        b_path = (*target.path, B_KEY)
+        entries = list(out[b_path])
+        entries[len(layout.stack) + 1 + slices.out_position(layout)] = None
+        return {**out, b_path: PartitionSpec(*entries)}
+
+    def signature(self, target: Target) -> dict[str, Any]:
+        slices = target.slices
+        assert slices is not None
+        adapted = [slices.names[i] for i in slices.adapted]
+        return {**super().signature(target), "slices": list(slices.names), "adapt": adapted, "slice_axis": slices.axis}
+
+    def summary(self, target: Target) -> tuple[str, str, str]:
+        axes, rank, alpha = super().summary(target)
+        slices = target.slices
+        assert slices is not None
+        adapted = ",".join(slices.names[i] for i in slices.adapted)
+        return f"{axes} slices {'|'.join(slices.names)} of axis {slices.axis}", f"{rank} on {adapted}", alpha
+
+
 class Dora(LowRank):
     """DoRA (Liu et al. 2024): ``W = m * (W0 + s A @ B) / ||W0 + s A @ B||``, one norm per output column.
 
@@ -266,7 +329,12 @@ class Full(Variant):
 VARIANTS: Mapping[str, Variant] = {variant.mode: variant for variant in (LowRank(), Dora(), Full())}
 """Each trainable mode's variant; ``"freeze"`` has none, since it makes no target."""
 
+SLICED = SlicedLowRank()
+"""The variant of a ``"lora"`` rule with ``slices`` (a fused kernel adapted slice by slice)."""
+
 
 def variant_of(target: Target) -> Variant:
-    """Return the variant of ``target``'s rule."""
+    """Return the variant of ``target``'s rule: by its mode, or :data:`SLICED` for a rule with slices."""
+    if target.slices is not None:
+        return SLICED
     return VARIANTS[target.rule.mode]

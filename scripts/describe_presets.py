@@ -15,6 +15,7 @@ MODELS = {
         )
     ),
     "GPT-2 small (12 layers, width 768)": models.GPT2LMHeadModel(models.GPT2Config()),
+    "GPT-2 small, c_attn kept whole (fused_qkv=True)": models.GPT2LMHeadModel(models.GPT2Config(fused_qkv=True)),
     "Llama, 1B-shaped (16 layers, width 2048, 32 heads, 8 KV heads)": models.LlamaForCausalLM(
         models.LlamaConfig(
             vocab_size=128256,

@@ -39,7 +39,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +54,7 @@ from lora_jax.paths import PathTuple, nested_set, path_str, unroll_path
 from lora_jax.plan import Target, plan
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PathLike, PyTree
-from lora_jax.variants import A_KEY, B_KEY, M_KEY
+from lora_jax.variants import A_KEY, B_KEY, M_KEY, SlicedLowRank
 
 PREFIX = "base_model.model."
 WEIGHTS = "adapter_model.safetensors"
@@ -174,8 +174,7 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
                 tensors[PREFIX + name] = np.ascontiguousarray(value.T if layout.transpose else value)
                 saved.add(module)
                 continue
-            a = np.asarray(jnp.asarray(leaves[(*t.path, A_KEY)], jnp.float32))
-            b = np.asarray(jnp.asarray(leaves[(*t.path, B_KEY)], jnp.float32))
+            a, b, rank, alpha = _factors(t, leaves)
             if layer is not None:
                 a, b = a[layer], b[layer]
             a = _to_kernel_order(a, t.layout.inputs, 0).reshape(t.layout.in_size, -1)
@@ -186,7 +185,7 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
                 m = np.asarray(jnp.asarray(leaves[(*t.path, M_KEY)], jnp.float32))
                 m = m if layer is None else m[layer]
                 tensors[f"{PREFIX}{module}.{MAGNITUDE}"] = _to_kernel_order(m, t.layout.outputs, 0).reshape(-1)
-            adapted[module] = (t.rule.rank, t.rule.alpha)
+            adapted[module] = (rank, alpha)
     settings = make_config(
         adapted,
         saved,
@@ -204,6 +203,23 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
         "inference_mode": True,
     }
     return tensors, config
+
+
+def _factors(target: Target, leaves: Mapping[PathTuple, Any]) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """Return ``A [*stack, *in, R]``, ``B [*stack, R, *out]`` float32 as PEFT holds them, with PEFT's ``r`` and alpha.
+
+    A fused kernel's slice adapters (``Rule.slices``) are one PEFT adapter of rank ``R = n_adapted * r`` on the
+    whole module: ``A`` stacked as stored, ``B`` block-placed with zero rows for the slices without an adapter
+    (:meth:`SlicedLowRank.expand`), and alpha multiplied so that PEFT's ``alpha / R`` (rsLoRA: ``/ sqrt(R)``)
+    is the rule's scale.
+    """
+    a, b = leaves[(*target.path, A_KEY)], leaves[(*target.path, B_KEY)]
+    rank, alpha = target.rule.rank, target.rule.alpha
+    if target.slices is not None:
+        b = SlicedLowRank.expand(target, b)
+        count = len(target.slices.adapted)
+        rank, alpha = rank * count, alpha * (count if target.rule.scaling == "standard" else math.sqrt(count))
+    return np.asarray(jnp.asarray(a, jnp.float32)), np.asarray(jnp.asarray(b, jnp.float32)), rank, alpha
 
 
 def save_peft(

@@ -33,7 +33,7 @@ def tensor_parallel_rules(axis: str = "model", *, registry: Registry = ARCHITECT
                 continue
             seen.add(module)
             if linear.parallel == "column":
-                rules.append((rf"{module}/(kernel|bias)", column_parallel(axis, out_ndim=linear.out_axes)))
+                rules.append((rf"{module}/(kernel|bias)", column_parallel(axis, out_ndim=linear.split_axes)))
             else:
                 rules.append(
                     (rf"{module}/kernel", row_parallel(axis, in_ndim=linear.in_axes, out_ndim=linear.out_axes))

@@ -43,7 +43,7 @@ def target_names(
       SpecError: an unknown preset or name, with the family's names.
     """
     arch = registry.by_type(model_type) if isinstance(model_type, str) else model_type
-    known = [linear.name for linear in arch.linears]
+    known = [linear.name for linear in arch.linears if linear.flag is None]
     if isinstance(targets, str):
         if targets == "all-linear":
             return tuple(known)
@@ -76,7 +76,10 @@ def lora_spec(
       targets: ``"qv"``, ``"qk"``, ``"qkv"``, ``"qkvo"``, ``"all-linear"``
         (attention and MLP kernels of every layer), or names from
         ``q k v o`` plus the MLP's (``intermediate output`` for BERT,
-        ``fc proj`` for GPT-2, ``gate up down`` for Llama).
+        ``fc proj`` for GPT-2, ``gate up down`` for Llama). On a model whose config fuses
+        q, k and v into one kernel (GPT-2's ``fused_qkv``), the named ones are adapted as its
+        slices (``Rule.slices``): ``"qv"`` gives q and v each their own rank-``rank`` adapter and
+        leaves the k slice exactly as it is, as separate q and v adapters would.
       rank, alpha: as :class:`lora_jax.Rule`.
       scan_layers: the layout; defaults to the module's, else unrolled.
       head: also make the task head fully trainable
@@ -96,9 +99,18 @@ def lora_spec(
     scan = scan if scan_layers is None else bool(scan_layers)
     layer = STACKED if scan else UNROLLED_PATTERN
     offset = 1 if scan else 0
-    rules = []
+    present = arch.linears_for(getattr(model_or_config, "config", model_or_config))
+    fused = {part: linear for linear in present for part in linear.slices}
+    chosen: dict[str, tuple[str, ...]] = {}  # linear name -> the names it adapts (its slices' when fused)
     for name in target_names(arch, targets):
+        linear = fused.get(name) or arch.linear(name)
+        chosen[linear.name] = (*chosen.get(linear.name, ()), name)
+    rules = []
+    for name, parts in chosen.items():
         linear = arch.linear(name)
+        sliced = {}
+        if linear.slices:  # one kernel holds several maps: adapt the named ones, leave the rest exactly as they are
+            sliced = {"slices": linear.slices, "adapt": parts, "slice_axis": offset + linear.in_axes}
         rules.append(
             Rule(
                 rf"(?:.*/)?{arch.stack}/{layer}/{linear.path}/kernel",
@@ -107,6 +119,7 @@ def lora_spec(
                 in_axes=tuple(range(offset, offset + linear.in_axes)),
                 stack_axes=(0,) if scan else None,
                 name=linear.path.replace("/", "."),
+                **sliced,
                 **rule_kwargs,
             )
         )

@@ -36,7 +36,12 @@ class Linear:
       in_axes: how many leading axes of the unrolled kernel are inputs (2 for ``[H, Dh, D]``).
       out_axes: how many trailing axes are outputs (2 for ``[D, H, Dh]``).
       parallel: ``"column"`` splits the first output axis (the heads of ``[D, H, Dh]``), ``"row"``
-        splits the first input axis (the heads of ``[H, Dh, D]``).
+        splits the first input axis (the heads of ``[H, Dh, D]``). A fused kernel's slice axis is
+        never split; the axis after it is (the heads of ``[D, 3, H, Dh]``).
+      slices: for a fused kernel, the preset names of the maps it holds side by side along its first
+        output axis (``("q", "k", "v")``); the presets adapt those named as its slices (``Rule.slices``).
+      flag: a boolean config field; the map exists only in a model whose config sets it, and then the
+        maps named in ``slices`` do not (GPT-2's ``fused_qkv``).
     """
 
     name: str
@@ -44,11 +49,15 @@ class Linear:
     in_axes: int = 1
     out_axes: int = 1
     parallel: Literal["column", "row"] = "column"
+    slices: tuple[str, ...] = ()
+    flag: str | None = None
 
     @property
     def split_axes(self) -> int:
         """Return how many axes the split side spans: ``out_axes`` (column) or ``in_axes`` (row); 2 means heads."""
-        return self.out_axes if self.parallel == "column" else self.in_axes
+        if self.parallel == "column":
+            return self.out_axes - (1 if self.slices else 0)
+        return self.in_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +162,16 @@ class Architecture:
             if linear.name == name:
                 return linear
         raise KeyError(name)
+
+    def linears_for(self, config: Any) -> tuple[Linear, ...]:
+        """Return the linear maps a model of ``config`` has.
+
+        A map with a ``flag`` is there when the config sets that flag, and then the maps named in its
+        ``slices`` are not (GPT-2's fused ``qkv`` in place of ``q``, ``k`` and ``v``).
+        """
+        present = [linear for linear in self.linears if linear.flag is None or getattr(config, linear.flag, False)]
+        fused = {name for linear in present for name in linear.slices}
+        return tuple(linear for linear in present if linear.name not in fused)
 
     def is_ignored(self, name: str) -> bool:
         """Return whether checkpoint tensor ``name`` is a buffer or copy the modules do not need."""

@@ -21,11 +21,23 @@ class ConfigError(LoraError):
 def to_hf(config: Any) -> dict[str, Any]:
     """Return a family config as ``config.json`` entries: its ``model_type`` and fields, the inverse of ``from_hf``.
 
-    A field whose ``config.json`` key differs is renamed by the class's ``HF_RENAMES`` (field -> key).
+    A field whose ``config.json`` key differs is renamed by the class's ``HF_RENAMES`` (field -> key); a
+    layout option of lora_jax's own (:func:`is_layout_field`) is left out.
     """
     renames = getattr(type(config), "HF_RENAMES", {})
-    values = {renames.get(f.name, f.name): getattr(config, f.name) for f in dataclasses.fields(config)}
+    fields = [f for f in dataclasses.fields(config) if not is_layout_field(f)]
+    values = {renames.get(f.name, f.name): getattr(config, f.name) for f in fields}
     return {"model_type": type(config).model_type, **values}
+
+
+LAYOUT = {"hf": False}
+"""The metadata of a config field that is lora_jax's layout option (GPT-2's ``fused_qkv``), not a
+``config.json`` entry: ``dataclasses.field(default=False, metadata=LAYOUT)``. Set it as a build option."""
+
+
+def is_layout_field(field: dataclasses.Field) -> bool:
+    """Return whether a config field is a layout option (:data:`LAYOUT`), kept out of ``config.json``."""
+    return field.metadata.get("hf", True) is False
 
 
 # The JSON values each field annotation accepts (annotations are strings under `from __future__ import annotations`).
@@ -48,7 +60,7 @@ def pick_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
       ConfigError: a value whose JSON type does not fit its field (a string where a number is
         needed, a number for a flag), naming the field, the value and the type.
     """
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not is_layout_field(f)}
     picked = {k: v for k, v in values.items() if k in fields and v is not None}
     for name, value in picked.items():
         annotation = fields[name].type

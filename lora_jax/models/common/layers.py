@@ -120,7 +120,8 @@ class Attention(nn.Module):
 
     Params: ``query/kernel [D, H, Dh]``, ``key/kernel`` and ``value/kernel``
     ``[D, K, Dh]``, ``out/kernel [H, Dh, D]`` (biases ``[H, Dh]``/``[D]`` when
-    ``use_bias``).
+    ``use_bias``). With ``fused_qkv`` (``K = H``), one ``qkv/kernel [D, 3, H, Dh]``
+    (bias ``[3, H, Dh]``) in place of the three: GPT-2's ``c_attn`` as the checkpoint holds it.
     """
 
     num_heads: int
@@ -132,6 +133,7 @@ class Attention(nn.Module):
     deterministic: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(
@@ -156,18 +158,22 @@ class Attention(nn.Module):
         """
         features = x.shape[-1]
 
-        def proj(heads: int, name: str) -> nn.DenseGeneral:
+        def proj(heads: int | tuple[int, int], name: str) -> nn.DenseGeneral:
             return nn.DenseGeneral(
-                (heads, self.head_dim),
+                (*(heads if isinstance(heads, tuple) else (heads,)), self.head_dim),
                 use_bias=self.use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name=name,
             )
 
-        q = proj(self.num_heads, "query")(x)
-        k = proj(self.num_kv_heads, "key")(x)
-        v = proj(self.num_kv_heads, "value")(x)
+        if self.fused_qkv:
+            assert self.num_kv_heads == self.num_heads, "fused_qkv needs as many key/value heads as query heads"
+            q, k, v = jnp.unstack(proj((3, self.num_heads), "qkv")(x), axis=2)  # [B, T, 3, H, Dh]
+        else:
+            q = proj(self.num_heads, "query")(x)
+            k = proj(self.num_kv_heads, "key")(x)
+            v = proj(self.num_kv_heads, "value")(x)
         if self.rope_theta is not None:
             assert positions is not None, "rotary embeddings need positions"
             q = rotary(q, positions, self.rope_theta)
@@ -198,6 +204,12 @@ ATTENTION_LINEARS = (
     Linear("o", "attention/out", in_axes=2, out_axes=1, parallel="row"),
 )
 """The linear maps of an :class:`Attention` named ``attention`` in a block (presets ``q k v o``)."""
+
+FUSED_QKV_LINEAR = Linear(
+    "qkv", "attention/qkv", in_axes=1, out_axes=3, parallel="column", slices=("q", "k", "v"), flag="fused_qkv"
+)
+"""The fused ``qkv`` kernel ``[D, 3, H, Dh]`` of an :class:`Attention` with ``fused_qkv``, in place of q, k and v
+when the config's ``fused_qkv`` is set; the presets adapt its slices."""
 
 
 def causal_mask(query_positions: jax.Array, key_length: int, padding: jax.Array | None = None) -> jax.Array:

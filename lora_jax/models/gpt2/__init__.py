@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lora_jax.models.common.layers import ATTENTION_LINEARS
+from lora_jax.models.common.layers import ATTENTION_LINEARS, FUSED_QKV_LINEAR
 from lora_jax.models.gpt2.config import GPT2Config
 from lora_jax.models.gpt2.convert import key_map
 from lora_jax.models.gpt2.modeling import GPT2LMHeadModel
@@ -12,11 +12,15 @@ GPT2 = Architecture(
     model_type="gpt2",
     config=GPT2Config,
     # GPT2Model's weights are the LM's: the head is tied to the token embedding.
-    builds=(Build("GPT2LMHeadModel", GPT2LMHeadModel), Build("GPT2Model", GPT2LMHeadModel)),
+    builds=(
+        Build("GPT2LMHeadModel", GPT2LMHeadModel, options=("fused_qkv",)),
+        Build("GPT2Model", GPT2LMHeadModel, options=("fused_qkv",)),
+    ),
     key_map=key_map,
     stack="decoder",
     linears=(
         *ATTENTION_LINEARS,
+        FUSED_QKV_LINEAR,
         Linear("fc", "mlp/fc", parallel="column"),
         Linear("proj", "mlp/proj", parallel="row"),
     ),

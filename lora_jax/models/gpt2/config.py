@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from lora_jax.models.common.config import ConfigError, pick_fields
+from lora_jax.models.common.config import LAYOUT, ConfigError, pick_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,9 @@ class GPT2Config:
     initializer_range: float = 0.02
     bos_token_id: int = 50256
     eos_token_id: int = 50256
+    fused_qkv: bool = dataclasses.field(default=False, metadata=LAYOUT)
+    """Keep ``c_attn``'s query, key and value in one kernel ``attention/qkv/kernel [D, 3, H, Dh]`` (a
+    layout option, not a ``config.json`` entry: ``from_pretrained(path, fused_qkv=True)``)."""
 
     @property
     def hidden_size(self) -> int:

@@ -7,6 +7,7 @@ leading layer axis)::
     position_embeddings/embedding                     [P, D]
     decoder/layer_{i}/attention_norm/{scale,bias}     [D]
     decoder/layer_{i}/attention/{query,key,value}/kernel  [D, H, Dh]
+    decoder/layer_{i}/attention/qkv/kernel            [D, 3, H, Dh]   (config.fused_qkv: c_attn as it is)
     decoder/layer_{i}/attention/out/kernel            [H, Dh, D]
     decoder/layer_{i}/mlp_norm/{scale,bias}           [D]
     decoder/layer_{i}/mlp/fc/kernel                   [D, F]
@@ -57,6 +58,7 @@ class GPT2Block(DecoderBlock):
             deterministic=self.deterministic,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            fused_qkv=cfg.fused_qkv,
             name="attention",
         )
 
