@@ -2,33 +2,46 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
 from lora_jax.combine import add_updates
 from lora_jax.finite import check_finite as _check_finite
 from lora_jax.finite import is_traced
 from lora_jax.paths import flatten
-from lora_jax.plan import plan
+from lora_jax.plan import abstract_leaf, plan
+from lora_jax.quant.array import as_array
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 
 
-def merge(params: PyTree, lora: PyTree, spec: LoraSpec, *, check_finite: bool | None = None) -> PyTree:
+def merge(
+    params: PyTree, lora: PyTree, spec: LoraSpec, *, dtype: Any = None, check_finite: bool | None = None
+) -> PyTree:
     """Fold adapters into the base: return a plain tree the unmodified ``apply`` accepts.
 
     The update ``s * A @ B`` is accumulated in float32 and cast once to the
     kernel's dtype, so a bfloat16 base loses only the final rounding. Fully
-    trainable leaves take their trained values. Jittable (``spec`` static).
+    trainable leaves take their trained values. A quantized base
+    (:mod:`lora_jax.quant`) comes back dequantized: a plain tree, which
+    ``lora_jax.quant.quantize`` can quantize again. Jittable (``spec`` static).
 
     Args:
-      params: the base tree.
+      params: the base tree, plain or quantized.
       lora: the adapter tree.
       spec: the spec ``lora`` was made with.
+      dtype: the dtype of every floating-point leaf of the result (e.g.
+        ``jnp.bfloat16`` or ``jnp.float32``); quantized kernels are
+        dequantized straight into it. None keeps each leaf's own dtype.
       check_finite: refuse adapters that hold NaN or Inf, and merged kernels
         that overflow their dtype (a float16 base). ``None`` (the default)
         checks when called outside ``jax.jit`` and not inside; ``True`` also
         checks inside, when the computation runs; ``False`` never checks.
 
     Returns:
-      A tree with ``params``' structure, shapes and dtypes.
+      A tree with ``params``' structure and shapes, in the base's dtypes or ``dtype``.
 
     Raises:
       NonFiniteError: naming the adapter leaf or merged kernel.
@@ -38,6 +51,8 @@ def merge(params: PyTree, lora: PyTree, spec: LoraSpec, *, check_finite: bool | 
     if check:
         fix = "the adapters diverged or were damaged; retrain or load another adapter"
         _check_finite(lora, "adapter leaf", fix, traced=traced)
+    if dtype is not None:
+        params = _as_dtype(params, dtype)
     merged = add_updates(params, lora, spec, sign=1.0)
     if check:
         kernels = {t.path for t in plan(params, spec) if t.layout is not None}
@@ -45,6 +60,21 @@ def merge(params: PyTree, lora: PyTree, spec: LoraSpec, *, check_finite: bool | 
         fix = "its dtype cannot hold W0 + s*A@B; merge into a float32 copy of the base, or serve unmerged"
         _check_finite(_nested(adapted), "merged kernel", fix, traced=traced)
     return merged
+
+
+def _as_dtype(params: PyTree, dtype: Any) -> PyTree:
+    """Return ``params`` with every floating-point leaf in ``dtype``, quantized ones dequantized into it."""
+    flat, treedef = flatten(params)
+    leaves = [as_array(leaf, dtype) for _, leaf in flat]
+    return jax.tree_util.tree_unflatten(treedef, [_cast(leaf, dtype) for leaf in leaves])
+
+
+def _cast(leaf: Any, dtype: Any) -> Any:
+    if not jnp.issubdtype(abstract_leaf(leaf).dtype, jnp.floating):
+        return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):  # a fully trainable leaf's placeholder
+        return jax.ShapeDtypeStruct(leaf.shape, dtype)
+    return jnp.asarray(leaf).astype(dtype)
 
 
 def _nested(leaves: dict) -> dict:
