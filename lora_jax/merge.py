@@ -12,7 +12,7 @@ from lora_jax.finite import check_finite as _check_finite
 from lora_jax.finite import is_traced
 from lora_jax.paths import flatten
 from lora_jax.plan import abstract_leaf, plan
-from lora_jax.quant.array import as_array
+from lora_jax.quant.array import as_array, is_quantized
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 
@@ -33,8 +33,9 @@ def merge(
       lora: the adapter tree.
       spec: the spec ``lora`` was made with.
       dtype: the dtype of every floating-point leaf of the result (e.g.
-        ``jnp.bfloat16`` or ``jnp.float32``); quantized kernels are
-        dequantized straight into it. None keeps each leaf's own dtype.
+        ``jnp.bfloat16`` or ``jnp.float32``): each kernel is merged in the
+        wider of its dtype and ``dtype`` (float32 for a quantized one) and
+        rounded once to ``dtype``. None keeps each leaf's own dtype.
       check_finite: refuse adapters that hold NaN or Inf, and merged kernels
         that overflow their dtype (a float16 base). ``None`` (the default)
         checks when called outside ``jax.jit`` and not inside; ``True`` also
@@ -51,9 +52,10 @@ def merge(
     if check:
         fix = "the adapters diverged or were damaged; retrain or load another adapter"
         _check_finite(lora, "adapter leaf", fix, traced=traced)
-    if dtype is not None:
-        params = _as_dtype(params, dtype)
-    merged = add_updates(params, lora, spec, sign=1.0)
+    if dtype is None:
+        merged = add_updates(params, lora, spec, sign=1.0)
+    else:  # merged at the wider of the two dtypes (float32 for a quantized kernel), rounded once to dtype
+        merged = _cast(add_updates(_widen(params, dtype), lora, spec, sign=1.0), dtype)
     if check:
         kernels = {t.path for t in plan(params, spec) if t.layout is not None}
         adapted = {path: leaf for path, leaf in flatten(merged)[0] if path in kernels}
@@ -62,16 +64,28 @@ def merge(
     return merged
 
 
-def _as_dtype(params: PyTree, dtype: Any) -> PyTree:
-    """Return ``params`` with every floating-point leaf in ``dtype``, quantized ones dequantized into it."""
+def _widen(params: PyTree, dtype: Any) -> PyTree:
+    """Return ``params`` with quantized leaves dequantized to float32, other float leaves promoted with ``dtype``."""
     flat, treedef = flatten(params)
-    leaves = [as_array(leaf, dtype) for _, leaf in flat]
-    return jax.tree_util.tree_unflatten(treedef, [_cast(leaf, dtype) for leaf in leaves])
+    leaves = []
+    for _, leaf in flat:
+        if is_quantized(leaf):
+            leaves.append(as_array(leaf, jnp.float32))
+        elif jnp.issubdtype(abstract_leaf(leaf).dtype, jnp.floating):
+            leaves.append(_cast_leaf(leaf, jnp.promote_types(abstract_leaf(leaf).dtype, dtype)))
+        else:
+            leaves.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _cast(leaf: Any, dtype: Any) -> Any:
-    if not jnp.issubdtype(abstract_leaf(leaf).dtype, jnp.floating):
-        return leaf
+def _cast(tree: PyTree, dtype: Any) -> PyTree:
+    """Return ``tree`` (no quantized leaves) with every floating-point leaf in ``dtype``."""
+    flat, treedef = flatten(tree)
+    leaves = [_cast_leaf(x, dtype) if jnp.issubdtype(abstract_leaf(x).dtype, jnp.floating) else x for _, x in flat]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _cast_leaf(leaf: Any, dtype: Any) -> Any:
     if isinstance(leaf, jax.ShapeDtypeStruct):  # a fully trainable leaf's placeholder
         return jax.ShapeDtypeStruct(leaf.shape, dtype)
     return jnp.asarray(leaf).astype(dtype)

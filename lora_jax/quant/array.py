@@ -10,6 +10,7 @@ and describes it by its logical shape and dtype, and turns it into an array in o
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from typing import Any
 
@@ -53,4 +54,10 @@ def as_array(leaf: Any, dtype: Any = None) -> Any:
     The one place where a quantized base leaf becomes an array: ``combine``, ``merge``, the factored
     path and ``init`` pass each base leaf through it, inside the caller's ``jit``.
     """
-    return leaf.dequantize(dtype) if isinstance(leaf, QuantizedArray) else leaf
+    return _dequantize(leaf, None if dtype is None else np.dtype(dtype)) if isinstance(leaf, QuantizedArray) else leaf
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize(leaf: QuantizedArray, dtype: np.dtype | None) -> jax.Array:
+    # Compiled once per format, shape and dtype; inside a caller's jit it is inlined.
+    return leaf.dequantize(dtype)

@@ -72,7 +72,8 @@ def absmax_code() -> np.ndarray:
 def _nearest(table: np.ndarray, scaled: jax.Array) -> jax.Array:
     """Return the index of the entry of the sorted ``table`` nearest each value (ties to the lower), as uint8."""
     midpoints = (table[:-1] + table[1:]) / np.float32(2)
-    return jnp.searchsorted(jnp.asarray(midpoints), scaled, side="left", method="compare_all").astype(jnp.uint8)
+    # The number of midpoints below a value is its nearest entry; a value on a midpoint goes down.
+    return jnp.sum(scaled[..., None] > midpoints, axis=-1, dtype=jnp.uint8)
 
 
 def _blockwise(values: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
