@@ -4,6 +4,7 @@ spec = lora_jax.LoraSpec([lora_jax.Rule(r".*/(query|value)/kernel", rank=8)])
 lora = lora_jax.init(key, params, spec)          # {"...": {"a": A, "b": B}}
 p = lora_jax.combine(params, lora, spec)         # W0 + s A@B, inside jit
 serving = lora_jax.merge(params, lora, spec)     # plain tree, base dtypes
+qparams = lora_jax.quantize(params, [(r".*/kernel", "nf4")])   # QLoRA: a 4-bit frozen base
 
 The transform needs jax, numpy and optax only. The subpackages (``io``,
 ``models``, ``data``, ``training``, ``distributed``) and the adapter-file
@@ -14,6 +15,7 @@ extra is named when it is needed.
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lora_jax import quant
 from lora_jax.adapters import trainable_count
 from lora_jax.combine import combine
 from lora_jax.describe import Description, describe
@@ -24,6 +26,7 @@ from lora_jax.merge import merge, unmerge
 from lora_jax.optim import adapter_only, lora_plus, trainable_labels
 from lora_jax.pissa import pissa_init, pissa_to_lora
 from lora_jax.plan import KernelLayout, Slices, Target, plan
+from lora_jax.quant import dequantize, quantize
 from lora_jax.spec import LoraSpec, Rule, freeze, trainable
 
 if TYPE_CHECKING:  # what __getattr__ below imports on first use
@@ -64,6 +67,7 @@ __all__ = [
     "io",
     "load_adapter",
     "models",
+    "quant",
     "save_adapter",
     "training",
     "AdapterMismatchError",
@@ -82,6 +86,7 @@ __all__ = [
     "adapter_only",
     "lora_plus",
     "combine",
+    "dequantize",
     "describe",
     "factored",
     "freeze",
@@ -90,6 +95,7 @@ __all__ = [
     "pissa_init",
     "pissa_to_lora",
     "plan",
+    "quantize",
     "trainable",
     "trainable_labels",
     "unmerge",

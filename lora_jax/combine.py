@@ -16,6 +16,7 @@ import jax
 from lora_jax.adapters import bind
 from lora_jax.errors import LoraError
 from lora_jax.paths import flatten
+from lora_jax.quant.array import as_array
 from lora_jax.spec import LoraSpec
 from lora_jax.variants import variant_of
 
@@ -24,11 +25,12 @@ def add_updates(params: Any, lora: Any, spec: LoraSpec, sign: float) -> Any:
     """Return ``W0 + sign * s * A @ B`` for each adapted kernel, accumulated in float32.
 
     Fully trainable leaves take their value from ``lora`` when ``sign > 0`` and
-    are left as they are otherwise. Every leaf keeps the base's dtype.
+    are left as they are otherwise. Every leaf keeps the base's dtype; quantized
+    leaves come back dequantized, in their logical dtype.
     """
     pairs = bind(params, lora, spec)
     flat, treedef = flatten(params)
-    leaves = [leaf for _, leaf in flat]
+    leaves = [as_array(leaf) for _, leaf in flat]
     index = {path: i for i, (path, _) in enumerate(flat)}
     for target, value in pairs:
         i = index[target.path]

@@ -6,8 +6,7 @@ import dataclasses
 import math
 from typing import Any
 
-import jax
-
+from lora_jax.paths import flatten
 from lora_jax.plan import Target, abstract_leaf, plan
 from lora_jax.spec import LoraSpec
 from lora_jax.variants import variant_of
@@ -72,5 +71,5 @@ def describe(params: Any, spec: LoraSpec) -> Description:
     :func:`lora_jax.plan.plan` when a rule matches nothing.
     """
     targets = plan(params, spec)
-    base_size = sum(math.prod(abstract_leaf(x).shape) for x in jax.tree_util.tree_leaves(params))
+    base_size = sum(math.prod(abstract_leaf(x).shape) for _, x in flatten(params)[0])
     return Description(targets, base_size)

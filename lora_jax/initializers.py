@@ -6,6 +6,7 @@ import jax
 
 from lora_jax.paths import flatten, nested_set, path_hash
 from lora_jax.plan import plan
+from lora_jax.quant.array import as_array
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 from lora_jax.variants import variant_of
@@ -36,7 +37,8 @@ def init(key: jax.Array, params: PyTree, spec: LoraSpec) -> dict:
     values = dict(flatten(params)[0])
     lora: dict = {}
     for target in plan(params, spec):
-        fresh = variant_of(target).init(path_key(key, target.name), target, values[target.path])
+        base = as_array(values[target.path])  # a quantized kernel as the array it stands for
+        fresh = variant_of(target).init(path_key(key, target.name), target, base)
         for path, value in fresh.items():
             nested_set(lora, path, value)
     return lora

@@ -60,8 +60,13 @@ def path_str(path: PathTuple) -> str:
 
 
 def flatten(tree: Any) -> tuple[list[tuple[PathTuple, Any]], Any]:
-    """Return the leaves of ``tree`` with their path tuples, plus the treedef to rebuild it."""
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    """Return the leaves of ``tree`` with their path tuples, plus the treedef to rebuild it.
+
+    A quantized kernel (:class:`lora_jax.quant.QuantizedArray`) is one leaf, named by its own path.
+    """
+    from lora_jax.quant.array import is_quantized  # lora_jax.quant imports this module
+
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
     return [(key_path_to_tuple(kp), leaf) for kp, leaf in leaves_with_paths], treedef
 
 

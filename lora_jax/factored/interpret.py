@@ -29,6 +29,7 @@ from lora_jax.factored.handlers import DEFAULT_HANDLERS, MATRIX_PRIMITIVES, STRU
 from lora_jax.factored.kernel import LowRankKernel
 from lora_jax.paths import flatten
 from lora_jax.plan import KernelLayout, Target, abstract_leaf
+from lora_jax.quant.array import as_array
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 from lora_jax.variants import variant_of
@@ -358,7 +359,7 @@ class Factored:
         fn = self.fn
         pairs = bind(params, lora, self.spec)
         flat_params, treedef = flatten(params)
-        leaves = [leaf for _, leaf in flat_params]
+        leaves = [as_array(leaf) for _, leaf in flat_params]  # a quantized base dequantized here, inside the step
         index = {path: i for i, (path, _) in enumerate(flat_params)}
         inputs: list[Any] = list(leaves)
         for target, value in pairs:

@@ -42,6 +42,7 @@ from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.models.partitioning import partition_rules, tensor_parallel_rules
 from lora_jax.models.presets import HEAD_PATTERN, METHODS, lora_spec, method_spec
+from lora_jax.models.quantizing import quant_rules
 from lora_jax.models.registry import Architecture, Build, KVCache, Linear, Registry
 from lora_jax.models.text import (
     embed_texts,
@@ -90,6 +91,7 @@ __all__ = [
     "load_tokenizer",
     "lora_spec",
     "method_spec",
+    "quant_rules",
     "partition_rules",
     "save_pretrained",
     "mean_pool",

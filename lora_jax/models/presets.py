@@ -16,7 +16,7 @@ import flax.linen as nn
 
 from lora_jax.errors import SpecError
 from lora_jax.models.bundled import ARCHITECTURES
-from lora_jax.models.registry import Architecture, Registry
+from lora_jax.models.registry import Architecture, Linear, Registry
 from lora_jax.paths import STACKED, UNROLLED_PATTERN
 from lora_jax.spec import LoraSpec, Rule, trainable
 
@@ -59,6 +59,19 @@ def target_names(
     return names
 
 
+def is_scanned(model_or_config: Any, scan_layers: bool | None = None) -> bool:
+    """Return the layer layout: ``scan_layers`` if given, else the module's own, else unrolled (a config)."""
+    if scan_layers is not None:
+        return bool(scan_layers)
+    return bool(model_or_config.scan_layers) if isinstance(model_or_config, nn.Module) else False
+
+
+def kernel_pattern(arch: Architecture, linear: Linear, scan: bool) -> str:
+    """Return the pattern of ``linear``'s kernel in every block, with any prefix, in the scanned or unrolled layout."""
+    layer = STACKED if scan else UNROLLED_PATTERN
+    return rf"(?:.*/)?{arch.stack}/{layer}/{linear.path}/kernel"
+
+
 def lora_spec(
     model_or_config: Any,
     targets: str | Iterable[str] = "qv",
@@ -95,9 +108,7 @@ def lora_spec(
       SpecError: unknown targets, or ``head=True`` for a family without a task head.
     """
     arch = registry.of(model_or_config)
-    scan = bool(model_or_config.scan_layers) if isinstance(model_or_config, nn.Module) else False
-    scan = scan if scan_layers is None else bool(scan_layers)
-    layer = STACKED if scan else UNROLLED_PATTERN
+    scan = is_scanned(model_or_config, scan_layers)
     offset = 1 if scan else 0
     present = arch.linears_for(getattr(model_or_config, "config", model_or_config))
     fused = {part: linear for linear in present for part in linear.slices}
@@ -113,7 +124,7 @@ def lora_spec(
             sliced = {"slices": linear.slices, "adapt": parts, "slice_axis": offset + linear.in_axes}
         rules.append(
             Rule(
-                rf"(?:.*/)?{arch.stack}/{layer}/{linear.path}/kernel",
+                kernel_pattern(arch, linear, scan),
                 rank=rank,
                 alpha=alpha,
                 in_axes=tuple(range(offset, offset + linear.in_axes)),

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import json
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,11 @@ from safetensors import SafetensorError, safe_open
 from lora_jax.models.bundled import ARCHITECTURES
 from lora_jax.models.common.config import ConfigError
 from lora_jax.models.common.convert import CheckpointError, KeyMap, Tensor
+from lora_jax.models.quantizing import quant_rules
 from lora_jax.models.registry import Build, Registry
-from lora_jax.paths import PathTuple, flatten, nested_set, path_hash, path_str, stack_path
+from lora_jax.paths import PathTuple, Pattern, flatten, nested_set, path_hash, path_str, stack_path
+from lora_jax.quant import Format, Nf4
+from lora_jax.quant.tree import check_rules, matching, quantize_leaf
 from lora_jax.typing import PathLike, PyTree
 
 SINGLE_FILE = "model.safetensors"
@@ -232,7 +235,12 @@ class _Spelling:
 
 
 def load_params(
-    path: PathLike, model: nn.Module, key: jax.Array | None = None, *, registry: Registry = ARCHITECTURES
+    path: PathLike,
+    model: nn.Module,
+    key: jax.Array | None = None,
+    *,
+    quantize: str | Nf4 | None = None,
+    registry: Registry = ARCHITECTURES,
 ) -> PyTree:
     """Read the safetensors in ``path`` into ``model``'s param tree.
 
@@ -240,10 +248,12 @@ def load_params(
       path: a directory with ``model.safetensors`` or a sharded index.
       model: a module from :func:`build_model` (either layer layout, any param dtype).
       key: draws a task head the checkpoint lacks (default ``key(0)``).
+      quantize: ``"nf4"`` or ``"int8"``: store the family's linear kernels quantized
+        (:func:`~lora_jax.models.quant_rules`), each as soon as it is read; None for none.
       registry: the families; ``model``'s own gives the key map.
 
     Returns:
-      The param tree, in ``model``'s layer layout and ``param_dtype``.
+      The param tree, in ``model``'s layer layout and ``param_dtype`` (the logical dtype of quantized kernels).
 
     Raises:
       FileNotFoundError: no ``model.safetensors`` or index.
@@ -255,7 +265,8 @@ def load_params(
     mapping = arch.key_map(model)
     scan = bool(getattr(model, "scan_layers", False))
     targets = abstract_params(model)
-    assembly = _Assembly(targets, scan, np.dtype(model.param_dtype))
+    rules = () if quantize is None else check_rules(quant_rules(model, quantize, registry=registry))
+    assembly = _Assembly(targets, scan, np.dtype(model.param_dtype), rules)
     spelling = _Spelling(mapping, arch.prefix)
     unexpected = []
     for file, raw_name, array in _tensors(files):
@@ -297,11 +308,19 @@ class _Assembly:
     """A param tree filled tensor by tensor, in the model's layer layout.
 
     Scanned params collect their layers in one numpy buffer ``[layers, ...]``
-    that moves to JAX as soon as its last layer arrives.
+    that moves to JAX as soon as its last layer arrives. A param that a quantize
+    rule selects is quantized then, from the checkpoint's values, so only it is
+    ever held in full precision.
     """
 
-    def __init__(self, targets: dict[PathTuple, jax.ShapeDtypeStruct], scan: bool, dtype: np.dtype) -> None:
-        self.targets, self.scan, self.dtype = targets, scan, dtype
+    def __init__(
+        self,
+        targets: dict[PathTuple, jax.ShapeDtypeStruct],
+        scan: bool,
+        dtype: np.dtype,
+        rules: Sequence[tuple[Pattern, Format]] = (),
+    ) -> None:
+        self.targets, self.scan, self.dtype, self.rules = targets, scan, dtype, list(rules)
         self.params: dict[str, Any] = {}
         self.done: set[PathTuple] = set()  # unrolled paths placed so far
         self._buffers: dict[PathTuple, np.ndarray] = {}
@@ -314,17 +333,31 @@ class _Assembly:
             raise CheckpointError(f"checkpoint tensor {name!r} maps to {path_str(dest)!r}, which the model lacks")
         shape = tuple(self.targets[dest].shape)
         self.done.add(tensor.path)
+        fmt = self._format(dest)
         if layer is None:
-            value = tensor.convert(name, array, shape).astype(self.dtype, copy=False)
-            nested_set(self.params, dest, jnp.asarray(value))
+            value = tensor.convert(name, array, shape)
+            self._place(dest, value, fmt)
             return
         if dest not in self._buffers:
-            self._buffers[dest] = np.empty(shape, self.dtype)
+            # A kernel to quantize is gathered in float32, so it is rounded once, by the quantizer.
+            self._buffers[dest] = np.empty(shape, self.dtype if fmt is None else np.float32)
             self._layers[dest] = set()
         self._buffers[dest][layer] = tensor.convert(name, array, shape[1:])
         self._layers[dest].add(layer)
         if len(self._layers[dest]) == shape[0]:
-            nested_set(self.params, dest, jnp.asarray(self._buffers.pop(dest)))
+            self._place(dest, self._buffers.pop(dest), fmt)
+
+    def _format(self, dest: PathTuple) -> Format | None:
+        """Return the format of the first quantize rule that selects the param at ``dest``, or None."""
+        found = matching(self.rules, path_str(dest), self.targets[dest])
+        return self.rules[found[0]][1] if found else None
+
+    def _place(self, dest: PathTuple, value: np.ndarray, fmt: Format | None) -> None:
+        """Put a complete param into the tree: as an array in the param dtype, or quantized in ``fmt``."""
+        if fmt is None:
+            nested_set(self.params, dest, jnp.asarray(value.astype(self.dtype, copy=False)))
+        else:
+            nested_set(self.params, dest, quantize_leaf(path_str(dest), value, fmt, self.dtype))
 
 
 def from_pretrained(
@@ -335,6 +368,7 @@ def from_pretrained(
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     key: jax.Array | None = None,
+    quantize: str | Nf4 | None = None,
     registry: Registry = ARCHITECTURES,
     **options: Any,
 ) -> tuple[nn.Module, PyTree]:
@@ -349,6 +383,9 @@ def from_pretrained(
         with a leading layer axis) instead of ``layer_0``, ``layer_1``, ...
       dtype: compute dtype; param_dtype: storage dtype of the params.
       key: draws a task head the checkpoint lacks.
+      quantize: ``"nf4"`` or ``"int8"``: store the family's linear kernels (attention and MLP, not
+        embeddings, norms or the head) quantized (:mod:`lora_jax.quant`), each as soon as it is read, so
+        the full-precision model is never held at once; None (the default) for none.
       registry: the families to choose from (default the bundled ones; see :mod:`lora_jax.models.registry`).
       **options: the architecture's own options, None leaving one unset. ``BertForSequenceClassification``:
         ``num_labels`` (classifier width) and ``pooling``, ``"cls"`` (Hugging Face's head) or ``"mean"``
@@ -363,6 +400,7 @@ def from_pretrained(
       ConfigError: naming ``config.json``: not a JSON object, an unknown architecture, an unsupported
         config, a field of the wrong type, or an option the architecture does not take.
       CheckpointError: naming the file: damaged weights or index, tensors that do not fit the module.
+      QuantError: an unknown ``quantize`` format.
     """
     values = read_config(path)
     files = checkpoint_files(path)
@@ -376,7 +414,7 @@ def from_pretrained(
         model = build_model(
             name, values, scan_layers=scan_layers, dtype=dtype, param_dtype=param_dtype, registry=registry, **options
         )
-    return model, load_params(path, model, key=key, registry=registry)
+    return model, load_params(path, model, key=key, quantize=quantize, registry=registry)
 
 
 @contextlib.contextmanager
