@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--peft-python", default=str(HERE.parent / ".venv-ref" / "bin" / "python"))
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
+    parser.add_argument(
+        "--shapes", default="minilm:64,minilm:128,gpt2-small:256", help="workload:length pairs, comma-separated"
+    )
+    parser.add_argument("--no-flag-search", action="store_true", help="time XLA's default settings only")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -168,8 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     from tqdm import tqdm
 
     repeats = args.repeats or (2 if args.smoke else 8)
-    shapes = [("minilm", 64), ("minilm", 128), ("gpt2-small", 256)]
-    candidates = CANDIDATE_FLAGS
+    shapes = [(name, int(length)) for name, length in (pair.split(":") for pair in args.shapes.split(","))]
+    candidates = {"default": ""} if args.no_flag_search else CANDIDATE_FLAGS
     if args.smoke:
         shapes, candidates = [("minilm", 16)], {"default": ""}
 
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     peft = []
     if Path(args.peft_python).exists() and not args.smoke:
-        for n in (64, 128):
+        for n in sorted({length for name, length in shapes if name == "minilm"}):
             for m in ("full", "lora"):
                 job = {
                     "length": n,

@@ -13,10 +13,11 @@ for the frozen branch (``run_plain``), for sub-jaxprs (``run``) and for the drop
 from __future__ import annotations
 
 import dataclasses
+import functools
 import string
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,54 @@ def _dot_general_problem(
     return None
 
 
+class LowRankSubscripts(NamedTuple):
+    """The einsum subscripts of ``s * (x first) second``: ``x``, the two factors, ``h = x first`` and the output;
+    and the ``dot_general``'s precision, which every contraction keeps."""
+
+    x: str
+    first: str
+    second: str
+    hidden: str
+    out: str
+    precision: Any = None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def low_rank_product(
+    subscripts: LowRankSubscripts, scale: float, x: jax.Array, first: jax.Array, second: jax.Array
+) -> jax.Array:
+    """Return ``scale * (x first) second`` by the einsum ``subscripts``; ``h = x first`` is the small ``[.., r]``.
+
+    The backward pass is written out so that every gradient contraction puts the rank-sized operand first:
+    left to autodiff, XLA:CPU lays the activation-sized cotangent out again (a transpose copy of ``[.., out]``
+    per adapted kernel and step) to compute the gradient of ``second``.
+    """
+    return _low_rank_forward(subscripts, scale, x, first, second)[0]
+
+
+def _low_rank_forward(subscripts: LowRankSubscripts, scale: float, x: jax.Array, first: jax.Array, second: jax.Array):
+    sub = subscripts
+    h = jnp.einsum(f"{sub.x},{sub.first}->{sub.hidden}", x, first, precision=sub.precision)
+    h = h * jnp.asarray(scale, h.dtype)
+    low = jnp.einsum(f"{sub.hidden},{sub.second}->{sub.out}", h, second, precision=sub.precision)
+    return low, (x, first, second, h)
+
+
+def _low_rank_backward(subscripts: LowRankSubscripts, scale: float, residuals: tuple, g: jax.Array):
+    sub = subscripts
+    x, first, second, h = residuals
+    g = g.astype(h.dtype)
+    d_second = jnp.einsum(f"{sub.hidden},{sub.out}->{sub.second}", h, g, precision=sub.precision)
+    dh = jnp.einsum(f"{sub.out},{sub.second}->{sub.hidden}", g, second, precision=sub.precision)
+    dh = dh * jnp.asarray(scale, dh.dtype)
+    d_first = jnp.einsum(f"{sub.hidden},{sub.x}->{sub.first}", dh, x, precision=sub.precision)
+    dx = jnp.einsum(f"{sub.hidden},{sub.first}->{sub.x}", dh, first, precision=sub.precision)
+    return dx.astype(x.dtype), d_first.astype(first.dtype), d_second.astype(second.dtype)
+
+
+low_rank_product.defvjp(_low_rank_forward, _low_rank_backward)  # pyright: ignore[reportFunctionMemberAccess]
+
+
 def dot_general(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
     """Compute ``x W0 + s * (dropout(x) A) B`` for Dense, DenseGeneral and Einsum kernels."""
     lhs, rhs = values
@@ -140,10 +189,10 @@ def dot_general(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> 
     hidden = batch + free_x + free_stack + "R"
     compute = first.dtype
     x_in = w.dropout_input(x, interp.next_use()).astype(compute)
-    h = jnp.einsum(f"{x_sub},{first_sub}->{hidden}", x_in, first, precision=eqn.params.get("precision"))
-    low = jnp.einsum(f"{hidden},{second_sub}->{out_sub}", h, second.astype(compute))
+    subscripts = LowRankSubscripts(x_sub, first_sub, second_sub, hidden, out_sub, eqn.params.get("precision"))
+    low = low_rank_product(subscripts, w.scale, x_in, first, second.astype(compute))
     base_out = interp.run_plain(eqn, [w.base, x] if w_side == 0 else [x, w.base])[0]
-    out = base_out + (w.scale * low).astype(base_out.dtype)
+    out = base_out + low.astype(base_out.dtype)
     if w.output_scale is not None:
         g_sub = w.output_subscripts(w_letters)
         out = jnp.einsum(f"{out_sub},{g_sub}->{out_sub}", out, w.output_scale.astype(out.dtype))
