@@ -17,7 +17,7 @@ import functools
 import string
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -190,7 +190,7 @@ def dot_general(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> 
     compute = first.dtype
     x_in = w.dropout_input(x, interp.next_use()).astype(compute)
     subscripts = LowRankSubscripts(x_sub, first_sub, second_sub, hidden, out_sub, eqn.params.get("precision"))
-    low = low_rank_product(subscripts, w.scale, x_in, first, second.astype(compute))
+    low = cast(jax.Array, low_rank_product(subscripts, w.scale, x_in, first, second.astype(compute)))
     base_out = interp.run_plain(eqn, [w.base, x] if w_side == 0 else [x, w.base])[0]
     out = base_out + low.astype(base_out.dtype)
     if w.output_scale is not None:
