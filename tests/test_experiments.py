@@ -180,6 +180,16 @@ def test_profile_parts_and_kinds():
     assert profile.part_of("jit(advance)/bert/encoder/layer_3/attention/Dropout_0/mul") == "attention core"
 
 
+def test_bench_dropout_smoke(tmp_path):
+    out = load("bench_dropout").main(["--smoke", "--results-dir", str(tmp_path)])
+    losses = out["losses"]
+    # The unrolled keys draw JAX's Threefry masks: the same loss to the last bit; other kinds draw other masks.
+    assert losses["threefry unrolled"] == losses["threefry"]
+    assert losses["rbg"] != losses["threefry"] and losses["no dropout"] != losses["threefry"]
+    assert all(len(t) == 2 and min(t) > 0 for t in out["times"].values())
+    assert "threefry unrolled" in (tmp_path / "bench_dropout_smoke.md").read_text()
+
+
 def test_bench_latency_smoke(tmp_path):
     bench = load("bench_latency")
     out = bench.main(["--smoke", "--results-dir", str(tmp_path)])
