@@ -20,6 +20,7 @@ from lora_jax.models.common.config import ConfigError
 from lora_jax.models.common.decoder import DecoderOutput
 from lora_jax.models.common.layers import Cache, init_cache
 from lora_jax.models.registry import Registry
+from lora_jax.serve import AdapterSet, check_ids, gather_rows, per_example
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 
@@ -55,7 +56,7 @@ def choose(logits: jax.Array, key: jax.Array | None, temperature: float, top_k: 
 def _generate(
     model: nn.Module,
     params: PyTree,
-    lora: PyTree | None,
+    lora: PyTree | tuple[AdapterSet, jax.Array] | None,
     spec: LoraSpec | None,
     input_ids: jax.Array,
     prompt_mask: jax.Array,
@@ -69,7 +70,10 @@ def _generate(
 ) -> jax.Array:
     batch, prompt = input_ids.shape
     total = prompt + max_new_tokens
-    run = _forward(model, spec)
+    run = _forward(model, spec, per_row=isinstance(lora, tuple))
+    if isinstance(lora, tuple):  # each row's adapter, gathered once for the prompt and every step
+        lora_set, adapter_ids = lora
+        lora = gather_rows(params, lora_set, adapter_ids)
     # Left padding: positions count real tokens only, and padded slots stay hidden.
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
     prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
@@ -109,12 +113,20 @@ def _generate(
     return tokens
 
 
-def _forward(model: nn.Module, spec: LoraSpec | None) -> Callable[..., DecoderOutput]:
-    """Return ``(params, lora, *inputs, **options) -> DecoderOutput``: plain, or factored with adapters."""
+def _forward(model: nn.Module, spec: LoraSpec | None, per_row: bool = False) -> Callable[..., DecoderOutput]:
+    """Return ``(params, lora, *inputs, **options) -> DecoderOutput``: plain, or factored with adapters.
+
+    With ``per_row``, ``lora`` holds each row's adapter (:func:`lora_jax.serve.gather_rows` of a set whose
+    spec is ``spec``) and each row runs with its own; the cache's example axis is its axis 1.
+    """
 
     def plain(params: PyTree, *inputs: Any, **options: Any) -> DecoderOutput:
         return model.apply({"params": params}, *inputs, **options)  # pyright: ignore[reportReturnType]
 
+    if per_row:
+        assert spec is not None
+        run = per_example(plain, kwarg_axes={"cache": 1}, out_axes=DecoderOutput(0, 1))  # pyright: ignore[reportArgumentType]  (an axis per field)
+        return lambda params, rows, *inputs, **options: run.apply_rows(params, rows, spec, *inputs, **options)
     if spec is None:
         return lambda params, lora, *inputs, **options: plain(params, *inputs, **options)
     return factored(plain, spec)
@@ -128,6 +140,8 @@ def generate(
     *,
     lora: PyTree | None = None,
     spec: LoraSpec | None = None,
+    lora_set: AdapterSet | None = None,
+    adapter_ids: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
     temperature: float = 0.0,
     key: jax.Array | None = None,
@@ -150,6 +164,10 @@ def generate(
       eos_token_id: after it, a row emits ``pad_token_id``.
       lora, spec: adapters to run unmerged, through the factored path (``x W0 + s (x A) B``): no
         ``W0 + A @ B`` is formed at any step. Both or neither.
+      lora_set, adapter_ids: a different adapter per row instead (:mod:`lora_jax.serve`): row ``i`` runs with
+        the adapter in slot ``adapter_ids[i]`` of the set, or the base alone for -1, prompt and every step, as
+        ``x W0 + s_i (x A_i) B_i``. Both or neither, and not with ``lora``. Swapping the set's adapters does not
+        recompile.
       registry: the families; ``model``'s own gives the cache shape.
 
     Returns:
@@ -163,13 +181,26 @@ def generate(
         raise ValueError("sampling (temperature > 0) needs an explicit RNG key")
     if (lora is None) != (spec is None):
         raise ValueError("give both lora and spec to generate with adapters, or neither")
+    if (lora_set is None) != (adapter_ids is None):
+        raise ValueError("give both lora_set and adapter_ids to generate with an adapter per row, or neither")
     input_ids = jnp.asarray(input_ids, jnp.int32)
+    adapters: PyTree | tuple[AdapterSet, jax.Array] | None = lora
+    if lora_set is not None:
+        if lora is not None:
+            raise ValueError("give lora and spec (one adapter) or lora_set and adapter_ids (one per row), not both")
+        check_ids(lora_set, adapter_ids)
+        adapter_ids = jnp.asarray(adapter_ids)
+        if adapter_ids.shape != input_ids.shape[:1]:
+            raise ValueError(
+                f"adapter_ids has shape {adapter_ids.shape}; give one id per prompt, shape ({input_ids.shape[0]},)"
+            )
+        adapters, spec = (lora_set, adapter_ids), lora_set.spec
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     cache = cache_for(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, registry)
     return _generate(
         model,
         params,
-        lora,
+        adapters,
         spec,
         input_ids,
         mask,
