@@ -176,6 +176,12 @@ def weighted_adapter(
                 )
             a, b = _linear(parts)
         elif combination == "cat":
+            total, limit = sum(t.rule.rank for _, t, _ in entries), min(first.layout.in_size, first.layout.out_size)
+            if total > limit:
+                raise SpecError(
+                    f"weighted_adapter: 'cat' gives rank {total} at {path_str(path)}, above min(in, out) = {limit}, "
+                    f"which no spec holds; use combination='svd' with rank={limit} (exact at that rank)"
+                )
             a, b = _cat(parts, len(first.layout.stack))
         else:
             assert rank is not None
