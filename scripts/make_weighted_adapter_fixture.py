@@ -67,7 +67,7 @@ def main() -> None:
             arrays[f"{name}/{module}/A"] = layer.lora_A[name].weight.detach().numpy()
             arrays[f"{name}/{module}/B"] = layer.lora_B[name].weight.detach().numpy()
             arrays[f"{name}/{module}/scaling"] = np.float64(layer.scaling[name])
-    for name, (adapters, weights, kwargs) in COMBINATIONS.items():
+    for name, (_, weights, _) in COMBINATIONS.items():
         arrays[f"{name}/weights"] = np.asarray(weights, np.float64)
         arrays[f"{name}/r"] = np.int64(model.peft_config[name].r)
     OUT.parent.mkdir(parents=True, exist_ok=True)
