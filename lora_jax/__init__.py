@@ -6,7 +6,7 @@ p = lora_jax.combine(params, lora, spec)         # W0 + s A@B, inside jit
 serving = lora_jax.merge(params, lora, spec)     # plain tree, base dtypes
 
 The transform needs jax, numpy and optax only. The subpackages (``io``,
-``models``, ``data``, ``training``, ``distributed``) and the adapter-file
+``models``, ``data``, ``training``, ``distributed``, ``serve``) and the adapter-file
 functions load on first use, so ``import lora_jax`` stays light and a missing
 extra is named when it is needed.
 """
@@ -26,7 +26,7 @@ from lora_jax.plan import KernelLayout, Target, plan
 from lora_jax.spec import LoraSpec, Rule, freeze, trainable
 
 if TYPE_CHECKING:  # what __getattr__ below imports on first use
-    from lora_jax import data, distributed, io, models, training
+    from lora_jax import data, distributed, io, models, serve, training
     from lora_jax.io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -38,6 +38,7 @@ _LAZY = {
     "data": ("lora_jax.data", None),
     "distributed": ("lora_jax.distributed", None),
     "training": ("lora_jax.training", None),
+    "serve": ("lora_jax.serve", None),
     "save_adapter": ("lora_jax.io", "save_adapter"),
     "load_adapter": ("lora_jax.io", "load_adapter"),
 }
@@ -64,6 +65,7 @@ __all__ = [
     "load_adapter",
     "models",
     "save_adapter",
+    "serve",
     "training",
     "AdapterMismatchError",
     "CheckpointCorruptError",

@@ -1,5 +1,8 @@
 """Adapter sets and one batch with an adapter per row: each row equals its own merged model, swaps never retrace."""
 
+import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -337,3 +340,27 @@ def test_generate_refuses_mixed_or_partial_adapter_arguments():
         models.generate(model, params, ids, 2, lora_set=lora_set, adapter_ids=jnp.array([0, 0, 0]))
     with pytest.raises(LoraError, match="names an empty slot|is no slot"):
         models.generate(model, params, ids, 2, lora_set=lora_set, adapter_ids=jnp.array([0, 1]))
+
+
+def test_serving_needs_only_the_core():
+    """``lora_jax.serve`` runs with every optional package blocked (no flax), on a model of plain jax."""
+    code = (
+        "import sys\n"
+        "for name in ('flax', 'orbax', 'tensorflow_datasets', 'matplotlib', 'tokenizers', 'safetensors', 'tqdm'):\n"
+        "    sys.modules[name] = None\n"
+        "import jax, jax.numpy as jnp, numpy as np, lora_jax as lj\n"
+        "params = {'dense': {'kernel': jnp.ones((4, 3))}}\n"
+        "pairs = []\n"
+        "for r, alpha in ((1, 4.0), (2, 2.0)):\n"
+        "    spec = lj.LoraSpec([lj.Rule('dense/kernel', rank=r, alpha=alpha)])\n"
+        "    lora = {'dense': {'kernel': {'a': jnp.full((4, r), 0.5), 'b': jnp.full((r, 3), 0.25)}}}\n"
+        "    pairs.append((lora, spec))\n"
+        "lora_set = lj.serve.adapter_set(params, pairs)\n"
+        "fn = lambda p, x: x @ p['dense']['kernel']\n"
+        "out = lj.serve.per_example(fn)(params, lora_set, jnp.array([1, -1, 0]), jnp.ones((3, 4)))\n"
+        "print(np.asarray(out).tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # x W0 = 4 per column; s (x A) B adds s * r * (4 * 0.5) * 0.25: 1 for r=2 (s=1), 2 for r=1 (s=4).
+    assert json.loads(done.stdout) == [[5.0] * 3, [4.0] * 3, [6.0] * 3]
