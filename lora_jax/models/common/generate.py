@@ -74,6 +74,7 @@ def _generate(
     if isinstance(lora, tuple):  # each row's adapter, gathered once for the prompt and every step
         lora_set, adapter_ids = lora
         lora = gather_rows(params, lora_set, adapter_ids)
+        cache = jax.tree_util.tree_map(_rows_first, cache)
     # Left padding: positions count real tokens only, and padded slots stay hidden.
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
     prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
@@ -113,11 +114,17 @@ def _generate(
     return tokens
 
 
+def _rows_first(cache: jax.Array) -> jax.Array:
+    """Swap a cache leaf's layer and row axes: ``[layers, B, ...]`` <-> ``[B, layers, ...]``."""
+    return jnp.swapaxes(cache, 0, 1)
+
+
 def _forward(model: nn.Module, spec: LoraSpec | None, per_row: bool = False) -> Callable[..., DecoderOutput]:
     """Return ``(params, lora, *inputs, **options) -> DecoderOutput``: plain, or factored with adapters.
 
     With ``per_row``, ``lora`` holds each row's adapter (:func:`lora_jax.serve.gather_rows` of a set whose
-    spec is ``spec``) and each row runs with its own; the cache's example axis is its axis 1.
+    spec is ``spec``) and each row runs with its own; the cache is laid out rows first, ``[B, layers, S, K, Dh]``
+    (:func:`_rows_first`), so that running row by row moves no cache axis at each step.
     """
 
     def plain(params: PyTree, *inputs: Any, **options: Any) -> DecoderOutput:
@@ -125,7 +132,13 @@ def _forward(model: nn.Module, spec: LoraSpec | None, per_row: bool = False) -> 
 
     if per_row:
         assert spec is not None
-        run = per_example(plain, kwarg_axes={"cache": 1}, out_axes=DecoderOutput(0, 1))  # pyright: ignore[reportArgumentType]  (an axis per field)
+
+        def rows_first(params: PyTree, *inputs: Any, cache: Cache, **options: Any) -> DecoderOutput:
+            cache = jax.tree_util.tree_map(_rows_first, cache)  # a batch of one: a free swap
+            out = plain(params, *inputs, cache=cache, **options)
+            return out._replace(cache=jax.tree_util.tree_map(_rows_first, out.cache))
+
+        run = per_example(rows_first)
         return lambda params, rows, *inputs, **options: run.apply_rows(params, rows, spec, *inputs, **options)
     if spec is None:
         return lambda params, lora, *inputs, **options: plain(params, *inputs, **options)
