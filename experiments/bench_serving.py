@@ -73,7 +73,17 @@ def median_seconds(fns: dict[str, Callable[[], Any]], repeats: int, desc: str) -
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def branch_strategies(batch: int, length: int, width: int, rank: int, repeats: int) -> list[list[str]]:
+def merge_per_request(
+    run: Callable[[Any, np.ndarray], Any], merged: Callable[[int], Any], adapter_ids: np.ndarray
+) -> Callable[[], list]:
+    """Return a server that, for each distinct adapter of the batch, merges it, runs its rows, and switches."""
+    groups = [(int(k), np.flatnonzero(adapter_ids == k)) for k in np.unique(adapter_ids)]
+    return lambda: [run(merged(k), rows) for k, rows in groups]
+
+
+def branch_strategies(
+    batch: int, length: int, width: int, rank: int, repeats: int, counts: tuple[int, ...]
+) -> list[list[str]]:
     """Time the low-rank branch ``s_i (x A_i) B_i`` alone, in the three forms, beside the frozen ``x W0``."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, length, width)), jnp.float32)
@@ -81,12 +91,10 @@ def branch_strategies(batch: int, length: int, width: int, rank: int, repeats: i
     rows, fns = [], {}
     frozen = jax.jit(lambda x: x @ w0)
     fns["frozen x W0 (for scale)"] = lambda: frozen(x)
-    stacks = {}
-    for n in COUNTS:
+    for n in counts:
         a = jnp.asarray(rng.normal(size=(n, width, rank)), jnp.float32)
         b = jnp.asarray(rng.normal(size=(n, rank, width)), jnp.float32)
         ids = jnp.asarray(np.arange(batch) % n, jnp.int32)
-        stacks[n] = (a, b, ids)
 
         def gather(x, a, b, ids):
             return jnp.einsum("btr,bro->bto", jnp.einsum("btd,bdr->btr", x, a[ids]), b[ids])
@@ -173,15 +181,11 @@ def classifier(smoke: bool, repeats: int, counts: tuple[int, ...]) -> dict:
             np.testing.assert_allclose(out[row], base(merge(params, *adapters[k]), inputs)[row], atol=1e-4)
         fns[f"set {n}"] = lambda s=lora_set, i=ids: per_row(params, s, i, inputs)
 
-        def merge_per_request(ids=np.asarray(ids)):
-            parts = []
-            for k in np.unique(ids):  # merge, run that adapter's rows, switch
-                rows = np.flatnonzero(ids == k)
-                merged = merge(params, *adapters[k])
-                parts.append(merged_forward(merged, jax.tree_util.tree_map(lambda x, r=rows: x[r], inputs)))
-            return parts
-
-        fns[f"merge {n}"] = merge_per_request
+        fns[f"merge {n}"] = merge_per_request(
+            lambda merged, rows: merged_forward(merged, jax.tree_util.tree_map(lambda x: x[rows], inputs)),
+            lambda k: merge(params, *adapters[k]),
+            np.asarray(ids),
+        )
     seconds = median_seconds(fns, repeats, "classifier")
     set_traces = traces["set"]
     # Swaps within a set's capacity: replace, remove and add adapters, then run again.
@@ -255,14 +259,14 @@ def generation(smoke: bool, repeats: int, counts: tuple[int, ...]) -> dict:
             model, params, ids, new, lora_set=s, adapter_ids=i
         )
 
-        def merge_per_request(adapter_ids=np.asarray(adapter_ids)):
-            parts = []
-            for k in np.unique(adapter_ids):
-                rows = np.flatnonzero(adapter_ids == k)
-                parts.append(models.generate(model, merge(params, *adapters[k]), ids[rows], new))
-            return parts
-
-        fns.setdefault(f"merge {min(n, batch)}", merge_per_request)
+        fns.setdefault(
+            f"merge {min(n, batch)}",
+            merge_per_request(
+                lambda merged, rows: models.generate(model, merged, ids[rows], new),
+                lambda k: merge(params, *adapters[k]),
+                np.asarray(adapter_ids),
+            ),
+        )
     with nn.intercept_methods(count):
         tokens = fns[f"set {counts[-1]}"]()
         lora_set, adapter_ids = sets[counts[-1]]
@@ -376,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(_table(cls, "examples/s"))
     gen = generation(args.smoke, max(2, repeats - 2) if not args.smoke else repeats, counts)
     print(_table(gen, "tokens/s"))
-    branch = branch_strategies(cls["batch"], cls["length"], cls["width"], max(RANKS), max(repeats, 5))
+    branch = branch_strategies(cls["batch"], cls["length"], cls["width"], max(RANKS), repeats, counts)
 
     cls_traces = cls["traces"]
     text = (
