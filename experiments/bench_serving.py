@@ -23,6 +23,7 @@ merged model before timing.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -375,12 +376,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(report.environment())
     counts = (1, 4) if args.smoke else COUNTS
     repeats = args.repeats or (2 if args.smoke else 5)
+    gen_repeats = repeats if args.smoke else max(2, repeats - 2)
+    load_before, start = os.getloadavg()[0], time.perf_counter()
 
     cls = classifier(args.smoke, repeats, counts)
     print(_table(cls, "examples/s"))
-    gen = generation(args.smoke, max(2, repeats - 2) if not args.smoke else repeats, counts)
+    gen = generation(args.smoke, gen_repeats, counts)
     print(_table(gen, "tokens/s"))
     branch = branch_strategies(cls["batch"], cls["length"], cls["width"], max(RANKS), repeats, counts)
+    load_after, minutes = os.getloadavg()[0], (time.perf_counter() - start) / 60
 
     cls_traces = cls["traces"]
     text = (
@@ -391,9 +395,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"{'a tiny GPT-2' if args.smoke else 'GPT-2-small-shaped, random weights'} ({gen['layers']} layers, width "
         f"{gen['width']}), batch {gen['batch']}, prompt {gen['prompt']}, {gen['new']} new tokens (greedy, KV cache), "
         f"tokens/s counts the new tokens; LoRA on query and value. Row i uses adapter i mod N. Medians of "
-        f"{repeats} round-robin repeats (generation: {max(2, repeats - 2) if not args.smoke else repeats}), all "
-        "ways measured side by side in one run. Merge per request: for each distinct adapter, merge, run its rows, "
-        "switch (merges included).\n\n"
+        f"{repeats} round-robin repeats (generation: {gen_repeats}), all ways measured side by side in one run "
+        f"({minutes:.1f} min; the machine is shared: 1-minute load average {load_before:.1f} at the start, "
+        f"{load_after:.1f} at the end, on {os.cpu_count()} cores). Merge per request: for each distinct adapter, "
+        "merge, run its rows, switch (merges included).\n\n"
         "## Classifier\n\n" + _table(cls, "examples/s") + "\n\n"
         "## Generation\n\n" + _table(gen, "tokens/s") + "\n\n"
         "## Compilations\n\n"
