@@ -10,6 +10,8 @@ import lora_jax as lj
 from lora_jax import serve
 from lora_jax.errors import AdapterMismatchError, LoraError, SpecError
 
+pytestmark = pytest.mark.core
+
 FIXTURE = Path(__file__).parent / "fixtures" / "peft_weighted" / "expected.npz"
 # scripts/make_weighted_adapter_fixture.py: the adapters and calls the fixture was made with.
 PEFT_ADAPTERS = {
