@@ -149,6 +149,24 @@ def test_swaps_within_capacity_do_not_retrace():
     check(lora_set, {0: 3, 1: 2})
     assert len(traces) == 1
 
+    # Once warm, swapping compiles nothing at all: neither the forward nor the slot writes.
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        lora_set = serve.replace(params, *loras[0], lora_set, 2)
+        lora_set = serve.remove(lora_set, 1)
+        lora_set, slot = serve.add(params, *loras[2], lora_set)
+        jax.block_until_ready(forward(params, lora_set, adapter_ids, ids, mask))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert slot == 1 and compiled == [] and len(traces) == 1
+    check(lora_set, {0: 3, 1: 2, 2: 0})
+
 
 def test_an_empty_slot_is_the_base_under_jit_and_refused_outside():
     model, params = models.from_pretrained(FIXTURES / "tiny_bert_cls")
