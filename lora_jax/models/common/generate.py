@@ -51,13 +51,23 @@ def choose(logits: jax.Array, key: jax.Array | None, temperature: float, top_k: 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "spec", "max_new_tokens", "temperature", "top_k", "eos_token_id", "pad_token_id"),
+    static_argnames=(
+        "model",
+        "spec",
+        "per_row",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "eos_token_id",
+        "pad_token_id",
+    ),
 )
 def _generate(
     model: nn.Module,
     params: PyTree,
     lora: PyTree | tuple[AdapterSet, jax.Array] | None,
     spec: LoraSpec | None,
+    per_row: bool,
     input_ids: jax.Array,
     prompt_mask: jax.Array,
     cache: Cache,
@@ -70,8 +80,9 @@ def _generate(
 ) -> jax.Array:
     batch, prompt = input_ids.shape
     total = prompt + max_new_tokens
-    run = _forward(model, spec, per_row=isinstance(lora, tuple))
-    if isinstance(lora, tuple):  # each row's adapter, gathered once for the prompt and every step
+    run = _forward(model, spec, per_row)
+    if per_row:  # each row's adapter, gathered once for the prompt and every step
+        assert isinstance(lora, tuple)
         lora_set, adapter_ids = lora
         lora = gather_rows(params, lora_set, adapter_ids)
         cache = jax.tree_util.tree_map(_rows_first, cache)
@@ -197,7 +208,7 @@ def generate(
     if (lora_set is None) != (adapter_ids is None):
         raise ValueError("give both lora_set and adapter_ids to generate with an adapter per row, or neither")
     input_ids = jnp.asarray(input_ids, jnp.int32)
-    adapters: PyTree | tuple[AdapterSet, jax.Array] | None = lora
+    lora_arg: PyTree | tuple[AdapterSet, jax.Array] | None = lora
     if lora_set is not None:
         if lora is not None:
             raise ValueError("give lora and spec (one adapter) or lora_set and adapter_ids (one per row), not both")
@@ -207,14 +218,15 @@ def generate(
             raise ValueError(
                 f"adapter_ids has shape {adapter_ids.shape}; give one id per prompt, shape ({input_ids.shape[0]},)"
             )
-        adapters, spec = (lora_set, adapter_ids), lora_set.spec
+        lora_arg, spec = (lora_set, adapter_ids), lora_set.spec
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     cache = cache_for(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, registry)
     return _generate(
         model,
         params,
-        adapters,
+        lora_arg,
         spec,
+        lora_set is not None,
         input_ids,
         mask,
         cache,
