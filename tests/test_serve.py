@@ -198,6 +198,8 @@ def test_inputs_without_one_row_per_id_are_refused():
         run(params, lora_set, jnp.array([0, -1]), ids[:2], mask)
     with pytest.raises(LoraError, match=r"has 2 axes, so it has no example axis 2"):
         serve.per_example(_logits(model), in_axes=2)(params, lora_set, jnp.array([0, 0, -1]), ids, mask)
+    with pytest.raises(LoraError, match="no input has an example axis"):
+        serve.per_example(_logits(model), in_axes=None)(params, lora_set, jnp.array([0, 0, -1]), ids, mask)
     # An input all rows share is named with None.
     shared = jax.jit(serve.per_example(_logits(model), in_axes=(0, None)))
     out = shared(params, lora_set, jnp.array([0, -1]), ids[:2], jnp.ones((1, 7), jnp.int32))

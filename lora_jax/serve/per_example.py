@@ -158,6 +158,11 @@ class PerExample:
         kwarg_axes = {
             k: _example_axes(v, self.kwarg_axes.get(k, 0), batch, f"keyword argument {k!r}") for k, v in arrays.items()
         }
+        if all(axis is None for axis in jax.tree_util.tree_leaves((arg_axes, kwarg_axes), is_leaf=_is_none)):
+            raise LoraError(
+                "per-example adapters: no input has an example axis (no array with one or more axes, or all named "
+                "None in in_axes / kwarg_axes), so no row can be told apart; pass the batch's inputs as arrays"
+            )
         inner = self._inner(spec)
         warned = set(inner.warned)
 
