@@ -7,7 +7,7 @@ serving = lora_jax.merge(params, lora, spec)     # plain tree, base dtypes
 qparams = lora_jax.quantize(params, [(r".*/kernel", "nf4")])   # QLoRA: a 4-bit frozen base
 
 The transform needs jax, numpy and optax only. The subpackages (``io``,
-``models``, ``data``, ``training``, ``distributed``) and the adapter-file
+``models``, ``data``, ``training``, ``distributed``, ``serve``) and the adapter-file
 functions load on first use, so ``import lora_jax`` stays light and a missing
 extra is named when it is needed.
 """
@@ -30,7 +30,7 @@ from lora_jax.quant import dequantize, quantize
 from lora_jax.spec import LoraSpec, Rule, freeze, trainable
 
 if TYPE_CHECKING:  # what __getattr__ below imports on first use
-    from lora_jax import data, distributed, io, models, training
+    from lora_jax import data, distributed, io, models, serve, training
     from lora_jax.io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ _LAZY = {
     "data": ("lora_jax.data", None),
     "distributed": ("lora_jax.distributed", None),
     "training": ("lora_jax.training", None),
+    "serve": ("lora_jax.serve", None),
     "save_adapter": ("lora_jax.io", "save_adapter"),
     "load_adapter": ("lora_jax.io", "load_adapter"),
 }
@@ -69,6 +70,7 @@ __all__ = [
     "models",
     "quant",
     "save_adapter",
+    "serve",
     "training",
     "AdapterMismatchError",
     "CheckpointCorruptError",

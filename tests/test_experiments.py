@@ -272,3 +272,24 @@ def test_seed_groups_and_their_summary():
     assert list(groups) == [("q", 1), ("qv", 1)]
     assert [r["config"]["seed"] for r in groups[("q", 1)]] == [0, 1]
     assert report.mean_std([80.0, 82.0, 84.0]) == f"82.0 ± {np.std([80.0, 82.0, 84.0]):.1f} (n=3)"
+
+
+def test_bench_serving_smoke(tmp_path, capsys):
+    bench = load("bench_serving")
+    out = bench.main(["--smoke", "--results-dir", str(tmp_path)])
+    cls, gen = out["classifier"], out["generation"]
+    # One trace per set capacity, none more across replace / remove / add within a capacity.
+    assert cls["set_traces_before_swaps"] == len(cls["rows"]) == 2
+    assert cls["traces"]["set"] == cls["set_traces_before_swaps"]
+    assert gen["model_traces_after_swaps"] == gen["model_traces_before_swaps"] > 0
+    for result in (cls, gen):
+        assert all(r["base_per_s"] > 0 and r["set_per_s"] > 0 and r["merge_per_s"] > 0 for r in result["rows"])
+        assert result["rows"][0]["set_bytes"] < result["rows"][1]["set_bytes"]
+    assert {row[0] for row in out["branch"][1:]} == {"gather + einsum", "one-hot einsum over N", "ragged_dot, sorted"}
+    text = (tmp_path / "bench_serving_smoke.md").read_text()
+    assert "## Classifier" in text and "## Generation" in text and "0 recompilations across swaps" in text
+    assert (tmp_path / "bench_serving_smoke.png").stat().st_size > 1000
+    with pytest.raises(SystemExit) as exit_:  # results are replaced only with --overwrite, before any work
+        bench.main(["--smoke", "--results-dir", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "bench_serving_smoke.md exists; pass --overwrite" in capsys.readouterr().err

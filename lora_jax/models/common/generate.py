@@ -20,6 +20,7 @@ from lora_jax.models.common.config import ConfigError
 from lora_jax.models.common.decoder import DecoderOutput
 from lora_jax.models.common.layers import Cache, init_cache
 from lora_jax.models.registry import Registry
+from lora_jax.serve import AdapterSet, check_ids, gather_rows, per_example
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 
@@ -50,13 +51,23 @@ def choose(logits: jax.Array, key: jax.Array | None, temperature: float, top_k: 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("model", "spec", "max_new_tokens", "temperature", "top_k", "eos_token_id", "pad_token_id"),
+    static_argnames=(
+        "model",
+        "spec",
+        "per_row",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "eos_token_id",
+        "pad_token_id",
+    ),
 )
 def _generate(
     model: nn.Module,
     params: PyTree,
-    lora: PyTree | None,
+    lora: PyTree | tuple[AdapterSet, jax.Array] | None,
     spec: LoraSpec | None,
+    per_row: bool,
     input_ids: jax.Array,
     prompt_mask: jax.Array,
     cache: Cache,
@@ -69,7 +80,12 @@ def _generate(
 ) -> jax.Array:
     batch, prompt = input_ids.shape
     total = prompt + max_new_tokens
-    run = _forward(model, spec)
+    run = _forward(model, spec, per_row)
+    if per_row:  # each row's adapter, gathered once for the prompt and every step
+        assert isinstance(lora, tuple)
+        lora_set, adapter_ids = lora
+        lora = gather_rows(params, lora_set, adapter_ids)
+        cache = jax.tree_util.tree_map(_rows_first, cache)
     # Left padding: positions count real tokens only, and padded slots stay hidden.
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, max_new_tokens), jnp.int32)], axis=1)
     prompt_positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0)
@@ -109,12 +125,32 @@ def _generate(
     return tokens
 
 
-def _forward(model: nn.Module, spec: LoraSpec | None) -> Callable[..., DecoderOutput]:
-    """Return ``(params, lora, *inputs, **options) -> DecoderOutput``: plain, or factored with adapters."""
+def _rows_first(cache: jax.Array) -> jax.Array:
+    """Swap a cache leaf's layer and row axes: ``[layers, B, ...]`` <-> ``[B, layers, ...]``."""
+    return jnp.swapaxes(cache, 0, 1)
+
+
+def _forward(model: nn.Module, spec: LoraSpec | None, per_row: bool = False) -> Callable[..., DecoderOutput]:
+    """Return ``(params, lora, *inputs, **options) -> DecoderOutput``: plain, or factored with adapters.
+
+    With ``per_row``, ``lora`` holds each row's adapter (:func:`lora_jax.serve.gather_rows` of a set whose
+    spec is ``spec``) and each row runs with its own; the cache is laid out rows first, ``[B, layers, S, K, Dh]``
+    (:func:`_rows_first`), so that running row by row moves no cache axis at each step.
+    """
 
     def plain(params: PyTree, *inputs: Any, **options: Any) -> DecoderOutput:
         return model.apply({"params": params}, *inputs, **options)  # pyright: ignore[reportReturnType]
 
+    if per_row:
+        assert spec is not None
+
+        def rows_first(params: PyTree, *inputs: Any, cache: Cache, **options: Any) -> DecoderOutput:
+            cache = jax.tree_util.tree_map(_rows_first, cache)  # a batch of one: a free swap
+            out = plain(params, *inputs, cache=cache, **options)
+            return out._replace(cache=jax.tree_util.tree_map(_rows_first, out.cache))
+
+        run = per_example(rows_first)
+        return lambda params, rows, *inputs, **options: run.apply_rows(params, rows, spec, *inputs, **options)
     if spec is None:
         return lambda params, lora, *inputs, **options: plain(params, *inputs, **options)
     return factored(plain, spec)
@@ -128,6 +164,8 @@ def generate(
     *,
     lora: PyTree | None = None,
     spec: LoraSpec | None = None,
+    lora_set: AdapterSet | None = None,
+    adapter_ids: jax.Array | None = None,
     attention_mask: jax.Array | None = None,
     temperature: float = 0.0,
     key: jax.Array | None = None,
@@ -150,6 +188,10 @@ def generate(
       eos_token_id: after it, a row emits ``pad_token_id``.
       lora, spec: adapters to run unmerged, through the factored path (``x W0 + s (x A) B``): no
         ``W0 + A @ B`` is formed at any step. Both or neither.
+      lora_set, adapter_ids: a different adapter per row instead (:mod:`lora_jax.serve`): row ``i`` runs with
+        the adapter in slot ``adapter_ids[i]`` of the set, or the base alone for -1, prompt and every step, as
+        ``x W0 + s_i (x A_i) B_i``. Both or neither, and not with ``lora``. Swapping the set's adapters does not
+        recompile.
       registry: the families; ``model``'s own gives the cache shape.
 
     Returns:
@@ -163,14 +205,28 @@ def generate(
         raise ValueError("sampling (temperature > 0) needs an explicit RNG key")
     if (lora is None) != (spec is None):
         raise ValueError("give both lora and spec to generate with adapters, or neither")
+    if (lora_set is None) != (adapter_ids is None):
+        raise ValueError("give both lora_set and adapter_ids to generate with an adapter per row, or neither")
     input_ids = jnp.asarray(input_ids, jnp.int32)
+    lora_arg: PyTree | tuple[AdapterSet, jax.Array] | None = lora
+    if lora_set is not None:
+        if lora is not None:
+            raise ValueError("give lora and spec (one adapter) or lora_set and adapter_ids (one per row), not both")
+        check_ids(lora_set, adapter_ids)
+        adapter_ids = jnp.asarray(adapter_ids)
+        if adapter_ids.shape != input_ids.shape[:1]:
+            raise ValueError(
+                f"adapter_ids has shape {adapter_ids.shape}; give one id per prompt, shape ({input_ids.shape[0]},)"
+            )
+        lora_arg, spec = (lora_set, adapter_ids), lora_set.spec
     mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     cache = cache_for(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, registry)
     return _generate(
         model,
         params,
-        lora,
+        lora_arg,
         spec,
+        lora_set is not None,
         input_ids,
         mask,
         cache,
