@@ -302,7 +302,8 @@ def remove(lora_set: AdapterSet, slot: int) -> AdapterSet:
 def check_ids(lora_set: AdapterSet, adapter_ids: Any) -> None:
     """Check that each id is -1 (the base) or a slot that holds an adapter.
 
-    Under ``jax.jit`` (traced ids) nothing is checked: an id out of range or of an empty slot then serves the base.
+    Under ``jax.jit`` (traced ids) nothing can be checked here: an id out of range or of an empty slot then gives
+    its row NaN outputs (see :func:`gather_rows`), never the base's.
 
     Raises:
       LoraError: ``adapter_ids`` is not a 1-dim integer array, or an id names no adapter (the first such position).
@@ -329,7 +330,8 @@ def gather_rows(params: PyTree, lora_set: AdapterSet, adapter_ids: jax.Array) ->
     """Return the adapter of each row: the set spec's adapter tree with a leading batch axis ``[B, ...]``.
 
     Each row's ``B`` carries its adapter's scale (the set spec's own scale is 1); a row whose id is -1, out of
-    range or an empty slot gets zero factors and the base's value of every fully trainable leaf. Jittable.
+    range or an empty slot gets zero factors and the base's value of every fully trainable leaf, and the latter two
+    a NaN scale, so their outputs are NaN rather than the base's. Jittable.
 
     Args:
       params: the base tree.
@@ -343,6 +345,7 @@ def gather_rows(params: PyTree, lora_set: AdapterSet, adapter_ids: jax.Array) ->
     ids = jnp.asarray(adapter_ids)
     safe = jnp.clip(ids, 0, lora_set.capacity - 1)
     valid = (ids >= 0) & (ids < lora_set.capacity) & jnp.take(lora_set.used, safe)
+    bad = (ids != -1) & ~valid
     targets = {target.path: target for target in plan(params, lora_set.spec)}
     base = dict(flatten(params)[0])
     rows: dict = {}
@@ -353,6 +356,9 @@ def gather_rows(params: PyTree, lora_set: AdapterSet, adapter_ids: jax.Array) ->
             rows_value = jnp.where(valid[expand], taken, jnp.asarray(base[path])[None].astype(taken.dtype))
         elif path[-1] == B_KEY:
             scale = jnp.where(valid, jnp.take(lora_set.scales[path_str(path[:-1])], safe), 0.0)
+            # An id that is neither -1 nor a filled slot (only possible under jit, where check_ids cannot look)
+            # makes its row NaN rather than silently serving the base.
+            scale = jnp.where(bad, jnp.nan, scale)
             rows_value = taken * scale[expand].astype(taken.dtype)
         else:
             rows_value = taken
