@@ -237,12 +237,15 @@ def summarize(results: list[dict]) -> dict[str, dict[str, Any]]:
     """Per method, in :data:`METHODS` order: scores by seed (x100), diverged seeds, step times, the measured run."""
     methods: dict[str, dict[str, Any]] = {}
     for r in results:
-        entry = methods.setdefault(r["method"], {"scores": {}, "diverged": [], "step_ms": [], "measured": None})
+        entry = methods.setdefault(
+            r["method"], {"scores": {}, "diverged": [], "step_ms": [], "last_loss": [], "measured": None}
+        )
         if r["diverged"] is not None:
             entry["diverged"].append(r["seed"])
             continue
         entry["scores"][r["seed"]] = 100 * r["score"]
         entry["step_ms"].append(r["step_ms"])
+        entry["last_loss"] += r["losses"][-1:]
         if "memory" in r:
             entry["measured"] = r
     return {m: methods[m] for m in METHODS if m in methods}
@@ -303,6 +306,11 @@ def verdict(met: bool, how: str) -> str:
     return f"**{'met' if met else 'missed'}**: {how}"
 
 
+def total(run: dict[str, Any]) -> int:
+    """Return a measured run's XLA argument plus temporary bytes."""
+    return run["memory"]["argument_bytes"] + run["memory"]["temp_bytes"]
+
+
 def goals(methods: dict[str, dict[str, Any]]) -> list[str]:
     """Issue 16's goals, each with its measured value and by how much it is met or missed."""
     lines = []
@@ -355,6 +363,17 @@ def goals(methods: dict[str, dict[str, Any]]) -> list[str]:
                 gaps["pissa_to_lora"] <= MERGE_GOAL, f"{gaps['pissa_to_lora']:.1e}"
             )
         lines.append(line + ".")
+    for method in ("dora", "pissa", "lora_plus"):
+        if method not in methods or not paired(methods, method):
+            continue
+        diffs, entry = paired(methods, method), methods[method]
+        lines.append(
+            f"- {LABELS[method]} against LoRA fp32 (no goal; as measured): "
+            f"{np.mean(list(entry['scores'].values())):.1f} against "
+            f"{np.mean(list(methods['lora']['scores'].values())):.1f}, {np.mean(diffs):+.2f} ± {np.std(diffs):.2f} "
+            f"points paired by seed (n={len(diffs)}); last logged training loss {np.mean(entry['last_loss']):.3f} "
+            f"against {np.mean(methods['lora']['last_loss']):.3f}."
+        )
     if "nf4" in measured and reference is not None:
         nf4 = measured["nf4"]
         saving = reference["base_bytes"] - nf4["base_bytes"]
@@ -364,7 +383,9 @@ def goals(methods: dict[str, dict[str, Any]]) -> list[str]:
             "byte saving: "
             + verdict(fewer >= saving, f"{fewer:,} bytes fewer for a {saving:,}-byte saving ({fewer - saving:+,})")
             + f". Its temporaries: {fmt_mib(nf4['memory']['temp_bytes'])} MiB against "
-            f"{fmt_mib(reference['memory']['temp_bytes'])} MiB on fp32 (the dequantized kernels live inside the step)."
+            f"{fmt_mib(reference['memory']['temp_bytes'])} MiB on fp32 (the dequantized kernels live inside the "
+            f"step), so arguments + temporaries fall by {fmt_mib(total(reference) - total(nf4))} MiB "
+            f"({fmt_mib(total(nf4))} against {fmt_mib(total(reference))})."
         )
     return lines
 
@@ -403,7 +424,8 @@ def plot(path: Path, methods: dict[str, dict[str, Any]]) -> None:
         mem.bar(x + (i - 1) * width, values, width, label=label)
     mem.set_xticks(x, [LABELS[m] for m in names], rotation=30, ha="right")
     mem.set_ylabel("MiB (XLA's accounting of one compiled step)")
-    mem.legend()
+    mem.set_ylim(0, 1.25 * np.nanmax(np.concatenate(list(series.values()))))
+    mem.legend(loc="upper center", ncol=3)
     fig.suptitle("LoRA variants, all-MiniLM-L6-v2 on SST-2")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -416,10 +438,11 @@ def describe_setup(config: RunConfig, results: list[dict], seeds: int) -> str:
     return (
         f"{config.steps} steps x batch {config.batch_size} (max length {config.max_length}, length-grouped batches"
         f"{'' if config.train_limit is None else f', the first {config.train_limit} shuffled examples'}) for every "
-        f"method, AdamW at {config.with_defaults().learning_rate:g} with warm-up and linear decay (LoRA+: A and the "
-        f"head at that rate, B at {LORA_PLUS_RATIO:g} x), q and v adapters r={config.rank}, alpha={config.alpha:g}, "
+        f"method, AdamW at {config.with_defaults().learning_rate:g} with warm-up and linear decay (LoRA's rate, "
+        "picked on SST-2 for the GLUE grid and not tuned per method; LoRA+: A and the head at that rate, B at "
+        f"{LORA_PLUS_RATIO:g} x), q and v adapters r={config.rank}, alpha={config.alpha:g}, "
         "plus the classifier head. Seeds finished: "
-        f"{', '.join(map(str, done))} ({seeds} asked; a seed fixes the head's and A's init and the batch order, "
+        f"{', '.join(map(str, done))} of the {seeds} asked (a seed fixes the head's and A's init and the batch order, "
         "so differences are paired by seed). Dev: "
         f"{'the first ' + str(config.eval_limit) if config.eval_limit else 'all 872'} sentences, on the merged "
         "tree. Base bytes: `lora_jax.quant.nbytes` (a quantized kernel counts its codes and scales); 'linear "

@@ -265,7 +265,8 @@ def test_seed_groups_and_their_summary():
 
 
 def _variant_run(method, seed, score, **measured):
-    return {"method": method, "seed": seed, "score": score, "diverged": None, "step_ms": 100.0, **measured}
+    run = {"method": method, "seed": seed, "score": score, "diverged": None, "step_ms": 100.0, "losses": [0.7, 0.4]}
+    return {**run, **measured}
 
 
 def test_variants_compare_by_seed_and_state_each_goal():
@@ -288,8 +289,9 @@ def test_variants_compare_by_seed_and_state_each_goal():
                 gaps={"merged": 1e-7},
             )
     runs.append({"method": "dora", "seed": 0, "score": None, "diverged": "the training loss of step 3 is nan"})
+    runs.insert(0, _variant_run("lora_plus", 1, 0.5))
     methods = variants.summarize(runs)
-    assert list(methods) == ["lora", "int8", "nf4", "dora"]  # METHODS order
+    assert list(methods) == ["lora", "int8", "nf4", "dora", "lora_plus"]  # METHODS order
     np.testing.assert_allclose(variants.paired(methods, "nf4"), [-1.0, -0.5])
     assert methods["dora"]["diverged"] == [0] and not methods["dora"]["scores"]
     text = "\n".join(variants.goals(methods))
@@ -298,6 +300,7 @@ def test_variants_compare_by_seed_and_state_each_goal():
     assert "QLoRA (NF4 base) within 0.5 points of LoRA fp32: **missed**: -0.75 points paired" in text
     assert "LoRA, int8 base within 0.5 points of LoRA fp32: **met**: +0.00 points" in text
     assert "by at least the base's byte saving: **missed**: 343 bytes fewer for a 344-byte saving (-1)" in text
+    assert "LoRA+ (ratio 16) against LoRA fp32 (no goal; as measured): 50.0 against 82.0, -34.00 ± 0.00" in text
     table = variants.table(methods)
     assert "diverged at seed 0" in table and "-0.75 ± 0.25 (n=2)" in table
 
