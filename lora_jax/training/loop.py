@@ -103,15 +103,16 @@ def init_state(
       AdapterMismatchError: ``lora`` does not fit ``params`` and ``spec`` (names the leaf).
     """
     init_key, rng = jax.random.split(key)
+    start: PyTree
     if lora is None:
-        lora = init(init_key, params, spec)
+        start = init(init_key, params, spec)
     else:
         check_fits(plan(params, spec), lora)
         # A copy: the step donates the state, and the caller may still need these (pissa_to_lora reads them).
-        lora = jax.tree_util.tree_map(jnp.array, lora)
+        start = jax.tree_util.tree_map(jnp.array, lora)
     return {
-        "lora": lora,
-        "opt_state": tx.init(lora),
+        "lora": start,
+        "opt_state": tx.init(start),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(rng),
     }
