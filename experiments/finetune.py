@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 
 import lora_jax as lj
 from experiments import assets, report
 from lora_jax import data, models, training
 from lora_jax.io.atomic import write_text
+from lora_jax.typing import PyTree
 
 METHODS = ("full", "lora", "bitfit", "head")
 # Steps of the --full experiments: what two CPU cores allow for a 36-run grid.
@@ -28,6 +31,13 @@ FULL_MAX_LENGTH = {"sst2": 64, "cola": 64, "rte": 96}
 # recipe: on SST-2 (100 steps, seed 0) LoRA scored 80.0 / 81.3 / 82.5 at 1e-3 / 3e-3 / 5e-3, full
 # fine-tuning 83.8 / 83.5 at 1e-4 / 2e-4.
 LEARNING_RATES = {"full": 1e-4, "lora": 5e-3, "bitfit": 2e-3, "head": 2e-3}
+
+Prepare = Callable[[Any, PyTree, lj.LoraSpec, training.TrainConfig], tuple[PyTree, lj.LoraSpec, Any, Any]]
+"""``(model, params, spec, train_config) -> (params, spec, lora | None, tx | None)``: a variant of a method.
+
+What :func:`run` trains instead: another base (quantized, PiSSA's residual), spec (DoRA's rules), first
+adapters (PiSSA's; None: ``lora_jax.init``'s) or optimizer (LoRA+; None: AdamW on the config's schedule).
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +101,17 @@ def buckets_for(max_length: int) -> tuple[int, ...]:
     return data.buckets_up_to(max_length)
 
 
-def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate one configuration; returns metrics, sizes, timings and the state."""
+def run(
+    config: RunConfig, checkpoint_dir: str | Path | None = None, progress: bool = True, prepare: Prepare | None = None
+) -> dict[str, Any]:
+    """Train and evaluate one configuration; returns metrics, sizes, timings and the state.
+
+    ``prepare`` trains a variant of the method (:data:`Prepare`); the result's ``params``, ``spec`` and ``tx``
+    are then the variant's.
+    """
     model, params, tokenizer = load_model(2 if config.task != "stsb" else 1, config.seed, config.pooling)
     task, train_enc, dev_enc = load_task(config, tokenizer)
     spec = method_spec(model, config)
-    described = lj.describe(params, spec)
     buckets = buckets_for(config.max_length)
     n_train = len(train_enc.labels) if config.train_limit is None else min(config.train_limit, len(train_enc.labels))
     steps_per_epoch = data.num_batches(n_train, config.batch_size)
@@ -124,6 +139,11 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
         factored=config.factored,
         log_every=20,
     )
+    lora: PyTree | None = None
+    tx: optax.GradientTransformation | None = None
+    if prepare is not None:
+        params, spec, lora, tx = prepare(model, params, spec, train_config)
+    described = lj.describe(params, spec)
     apply_fn = models.classifier_apply_fn(model)
     classify = training.classification(apply_fn, task.metrics)
     start = time.perf_counter()
@@ -138,6 +158,8 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
         eval_batches=eval_batches,
         checkpoint_dir=checkpoint_dir,
         progress=progress,
+        lora=lora,
+        tx=tx,
     )
     seconds = time.perf_counter() - start
     final = [r for r in records if r["split"] == "eval"][-1]
@@ -158,6 +180,8 @@ def run(config: RunConfig, checkpoint_dir: str | Path | None = None, progress: b
         "model": model,
         "apply_fn": apply_fn,
         "eval_batches": eval_batches,
+        "loss_fn": classify.loss,
+        "tx": training.make_optimizer(train_config) if tx is None else tx,
     }
 
 

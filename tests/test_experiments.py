@@ -293,3 +293,86 @@ def test_bench_serving_smoke(tmp_path, capsys):
         bench.main(["--smoke", "--results-dir", str(tmp_path)])
     assert exit_.value.code == 2
     assert "bench_serving_smoke.md exists; pass --overwrite" in capsys.readouterr().err
+
+
+def _variant_run(method, seed, score, **measured):
+    run = {"method": method, "seed": seed, "score": score, "diverged": None, "step_ms": 100.0, "losses": [0.7, 0.4]}
+    return {**run, **measured}
+
+
+def test_variants_compare_by_seed_and_state_each_goal():
+    variants = load("variants")
+    memory = {"argument_bytes": 1000, "temp_bytes": 10}
+    kernels = {"lora": 400, "int8": 101, "nf4": 56}  # nf4 misses 0.135 x by 0.005
+    runs = []
+    for seed, (lora, nf4) in enumerate([(0.80, 0.79), (0.84, 0.835)]):
+        runs.append(_variant_run("lora", seed, lora))
+        runs.append(_variant_run("nf4", seed, nf4))
+        runs.append(_variant_run("int8", seed, lora))
+    for run in runs:
+        if run["seed"] == 0:
+            saving = kernels["lora"] - kernels[run["method"]]
+            run.update(
+                trainable=10,
+                base_bytes=1000 - saving,
+                kernel_bytes=kernels[run["method"]],
+                memory={**memory, "argument_bytes": memory["argument_bytes"] - saving + (1 if saving else 0)},
+                gaps={"merged": 1e-7},
+            )
+    runs.append({"method": "dora", "seed": 0, "score": None, "diverged": "the training loss of step 3 is nan"})
+    runs.insert(0, _variant_run("lora_plus", 1, 0.5))
+    methods = variants.summarize(runs)
+    assert list(methods) == ["lora", "int8", "nf4", "dora", "lora_plus"]  # METHODS order
+    np.testing.assert_allclose(variants.paired(methods, "nf4"), [-1.0, -0.5])
+    assert methods["dora"]["diverged"] == [0] and not methods["dora"]["scores"]
+    text = "\n".join(variants.goals(methods))
+    assert "NF4 base): base bytes <= 0.135 x fp32 (the linear kernels): **missed**: 0.1400 x, 0.0050 over" in text
+    assert "int8 base: base bytes <= 0.26 x fp32 (the linear kernels): **met**: 0.2525 x" in text
+    assert "QLoRA (NF4 base) within 0.5 points of LoRA fp32: **missed**: -0.75 points paired" in text
+    assert "LoRA, int8 base within 0.5 points of LoRA fp32: **met**: +0.00 points" in text
+    assert "by at least the base's byte saving: **missed**: 343 bytes fewer for a 344-byte saving (-1)" in text
+    assert "LoRA+ (ratio 16) against LoRA fp32 (no goal; as measured): 50.0 against 82.0, -34.00 ± 0.00" in text
+    table = variants.table(methods)
+    assert "diverged at seed 0" in table and "-0.75 ± 0.25 (n=2)" in table
+
+
+def test_variants_refuses_to_replace_its_results_unasked(tmp_path, capsys):
+    (tmp_path / "variants_smoke.png").write_bytes(b"a user's file")
+    with pytest.raises(SystemExit) as exit_:
+        load("variants").main(["--smoke", "--results-dir", str(tmp_path), "--cache", str(tmp_path / "cache")])
+    assert exit_.value.code == 2
+    assert f"{tmp_path / 'variants_smoke.png'} exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "variants_smoke.png").read_bytes() == b"a user's file"
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+@pytest.mark.slow  # minutes on two shared cores: six methods, each compiling MiniLM's step
+def test_variants_smoke(tmp_path):
+    variants, cache, results = load("variants"), tmp_path / "cache", tmp_path / "results"
+    tracked = _tracked_results()
+    out = variants.main(["--smoke", "--cache", str(cache), "--results-dir", str(results)])
+    methods = out["methods"]
+    assert list(methods) == list(variants.METHODS)
+    measured = {m: e["measured"] for m, e in methods.items()}
+    assert all(run is not None and 0.0 <= run["score"] <= 1.0 for run in measured.values())
+    fp32 = measured["lora"]
+    # The quantized bases: the goals' ratios of the linear kernels, and the step's arguments shrink with them.
+    assert measured["nf4"]["kernel_bytes"] <= variants.NF4_GOAL * fp32["kernel_bytes"]
+    assert measured["int8"]["kernel_bytes"] <= variants.INT8_GOAL * fp32["kernel_bytes"]
+    saving = fp32["base_bytes"] - measured["nf4"]["base_bytes"]
+    assert fp32["memory"]["argument_bytes"] - measured["nf4"]["memory"]["argument_bytes"] >= saving > 0
+    # PiSSA's residual and DoRA's rules keep the fp32 base's bytes; DoRA adds a magnitude per output column.
+    assert measured["pissa"]["base_bytes"] == measured["dora"]["base_bytes"] == fp32["base_bytes"]
+    assert measured["dora"]["trainable"] == fp32["trainable"] + 6 * 2 * 384
+    for method in ("dora", "pissa"):
+        assert measured[method]["gaps"]["merged"] <= variants.MERGE_GOAL
+    assert measured["pissa"]["gaps"]["pissa_to_lora"] <= variants.MERGE_GOAL
+    text = (results / "variants_smoke.md").read_text()
+    assert "## Goals of issue 16" in text and "jax" in text and text.count("|") > 50
+    assert (results / "variants_smoke.png").stat().st_size > 1000
+    assert _tracked_results() == tracked
+    # Tabulating again from the cache trains nothing and needs --overwrite to replace the table.
+    again = variants.main(
+        ["--smoke", "--cache", str(cache), "--results-dir", str(results), "--cached-only", "--overwrite"]
+    )
+    assert again["text"] == out["text"]

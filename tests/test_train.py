@@ -154,6 +154,88 @@ def test_train_step_full_fine_tuning_reads_no_base_values():
     assert not np.allclose(new["w"], params["w"])
 
 
+# Variants through the loop ----------------------------------------------------------
+
+
+def _mse(loss_fn):
+    return lambda params, batches: {"mse": float(np.mean([loss_fn(params, b, None) for b in batches]))}
+
+
+def test_fit_trains_on_a_quantized_base_as_on_its_dequantized_copy(tmp_path):
+    params, batch, loss_fn, spec = _plain_problem()
+    q = lj.quantize(params, [("w", "nf4")])
+    config = training.TrainConfig(steps=6, learning_rate=1e-2, log_every=1)
+
+    def run(base, directory=None):
+        return training.fit(
+            loss_fn,
+            base,
+            spec,
+            config,
+            lambda epoch: [batch],
+            1,
+            evaluate=_mse(loss_fn),
+            eval_batches=lambda: [batch],
+            checkpoint_dir=directory,
+            progress=False,
+        )
+
+    state, records = run(q, tmp_path / "run")
+    plain_state, plain_records = run(lj.dequantize(q))
+    losses = [r["loss"] for r in records if r["split"] == "train"]
+    assert losses[-1] < losses[0]
+    # The same steps as on the float32 weights the NF4 codes stand for; the evaluation (on the merged tree) too.
+    np.testing.assert_allclose(losses, [r["loss"] for r in plain_records if r["split"] == "train"], rtol=1e-5)
+    np.testing.assert_allclose(records[-1]["mse"], plain_records[-1]["mse"], rtol=1e-5)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), state["lora"], plain_state["lora"]
+    )
+    assert lj.quant.is_quantized(q["w"])
+    # Its checkpoint, written on the quantized base, resumes on it.
+    again, more = run(q, tmp_path / "run")
+    assert more == [{"step": 6, "split": "eval", "mse": records[-1]["mse"]}]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again["lora"], state["lora"])
+
+
+def test_fit_starts_from_given_adapters_with_a_given_optimizer():
+    params, batch, loss_fn, spec = _plain_problem()
+    residual, start = lj.pissa_init(params, spec)
+    kept = jax.tree_util.tree_map(lambda x: np.array(x, copy=True), start)  # no view: it would block donation
+    config = training.TrainConfig(steps=4, learning_rate=1e-2, log_every=1)
+    tx = lj.lora_plus(optax.adamw, training.learning_rate_schedule(config), ratio=16.0)
+    state, records = training.fit(
+        loss_fn, residual, spec, config, lambda epoch: [batch], 1, progress=False, lora=start, tx=tx
+    )
+    # The same steps by hand, from the state of those adapters and that optimizer.
+    want = training.init_state(jax.random.key(config.seed), residual, spec, tx, start)
+    advance = training.state_step(training.train_step(loss_fn, spec, tx))
+    want_losses = []
+    for _ in range(config.steps):
+        want, loss = advance(want, residual, batch)
+        want_losses.append(float(loss))
+    np.testing.assert_allclose([r["loss"] for r in records], want_losses, rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), state["lora"], want["lora"])
+    # PiSSA's start on its residual is the base model.
+    np.testing.assert_allclose(
+        loss_fn(lj.combine(residual, kept, spec), batch, None), loss_fn(params, batch, None), rtol=1e-5
+    )
+    # The caller's adapters survive the run (the step donates its state, not them).
+    jax.tree_util.tree_map(np.testing.assert_array_equal, start, kept)
+    # The default optimizer (AdamW at one rate) and the default adapters take other steps.
+    default_tx, _ = training.fit(loss_fn, residual, spec, config, lambda epoch: [batch], 1, progress=False, lora=start)
+    default_lora, _ = training.fit(loss_fn, residual, spec, config, lambda epoch: [batch], 1, progress=False, tx=tx)
+    for other in (default_tx, default_lora):
+        assert not np.allclose(other["lora"]["w"]["b"], state["lora"]["w"]["b"])
+
+
+def test_fit_refuses_adapters_made_for_another_spec():
+    params, batch, loss_fn, spec = _plain_problem()
+    other = lj.init(jax.random.key(0), params, lj.LoraSpec([lj.Rule("w", rank=4), lj.trainable("head")]))
+    config = training.TrainConfig(steps=1)
+    with pytest.raises(lj.AdapterMismatchError, match=r"adapter leaf w/a has shape \(8, 4\), expected \(8, 2\)"):
+        training.fit(loss_fn, params, spec, config, lambda epoch: [batch], 1, progress=False, lora=other)
+
+
 # Tasks on the bundled models --------------------------------------------------------
 
 

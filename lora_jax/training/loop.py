@@ -26,10 +26,12 @@ import numpy as np
 import optax
 
 from lora_jax._extras import require
+from lora_jax.adapters import check_fits
 from lora_jax.errors import LoraError, NonFiniteError
 from lora_jax.finite import nonfinite_paths
 from lora_jax.initializers import init
 from lora_jax.merge import merge
+from lora_jax.plan import plan
 from lora_jax.prng import unrolled
 from lora_jax.spec import LoraSpec
 from lora_jax.training.checkpoints import Checkpoints
@@ -85,13 +87,32 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.adamw(learning_rate_schedule(config), weight_decay=config.weight_decay)
 
 
-def init_state(key: jax.Array, params: PyTree, spec: LoraSpec, tx: optax.GradientTransformation) -> dict:
-    """Return a fresh state: adapters (``B = 0``), optimizer state, step 0, an RNG."""
+def init_state(
+    key: jax.Array, params: PyTree, spec: LoraSpec, tx: optax.GradientTransformation, lora: PyTree | None = None
+) -> dict:
+    """Return a fresh state: adapters (``B = 0``, or ``lora``), optimizer state, step 0, an RNG.
+
+    Args:
+      key: splits into the adapters' init key and the state's RNG (the same RNG with or without ``lora``).
+      params: the frozen base tree.
+      spec: the rules.
+      tx: the optimizer whose state is initialised.
+      lora: adapters to start from instead of :func:`lora_jax.init`'s (e.g. :func:`lora_jax.pissa_init`'s).
+
+    Raises:
+      AdapterMismatchError: ``lora`` does not fit ``params`` and ``spec`` (names the leaf).
+    """
     init_key, rng = jax.random.split(key)
-    lora = init(init_key, params, spec)
+    start: PyTree
+    if lora is None:
+        start = init(init_key, params, spec)
+    else:
+        check_fits(plan(params, spec), lora)
+        # A copy: the step donates the state, and the caller may still need these (pissa_to_lora reads them).
+        start = jax.tree_util.tree_map(jnp.array, lora)
     return {
-        "lora": lora,
-        "opt_state": tx.init(lora),
+        "lora": start,
+        "opt_state": tx.init(start),
         "step": jnp.zeros((), jnp.int32),
         "rng": jax.random.key_data(rng),
     }
@@ -213,6 +234,8 @@ def fit(
     checkpoint_dir: PathLike | None = None,
     log_path: PathLike | None = None,
     progress: bool = True,
+    lora: PyTree | None = None,
+    tx: optax.GradientTransformation | None = None,
 ) -> tuple[dict, list[dict]]:
     """Train ``spec``'s trainable leaves for ``config.steps`` steps; resume if checkpoints exist.
 
@@ -234,6 +257,10 @@ def fit(
         with another spec raises :class:`lora_jax.AdapterMismatchError`.
       log_path: records as JSON lines (appended).
       progress: show a progress bar.
+      lora: the adapters to start from (e.g. :func:`lora_jax.pissa_init`'s); default :func:`lora_jax.init`'s.
+        A resumed run starts from its checkpoint instead.
+      tx: the optimizer (e.g. :func:`lora_jax.lora_plus` on :func:`learning_rate_schedule`); default
+        :func:`make_optimizer` of ``config``, whose learning rate and weight decay a given ``tx`` does not read.
 
     Returns:
       The final state ``{"lora", "opt_state", "step", "rng"}`` and the logged
@@ -245,15 +272,15 @@ def fit(
         first NaN/Inf loss, naming its step, the checkpoint directory and the
         log; the newest checkpoint is the last finite state. No checkpoint ever
         holds NaN or Inf adapters ("warn" skips such a save with a warning).
-      AdapterMismatchError: ``checkpoint_dir`` was written for another spec or base.
+      AdapterMismatchError: ``checkpoint_dir`` was written for another spec or base, or ``lora`` does not fit.
       CheckpointCorruptError: ``checkpoint_dir`` holds a damaged checkpoint.
     """
     tqdm = require("tqdm", "train").tqdm  # the progress bar is the loop's only use of it
 
     if (evaluate is None) != (eval_batches is None):
         raise LoraError("fit: pass evaluate= and eval_batches= together, or neither")
-    tx = make_optimizer(config)
-    state = init_state(jax.random.key(config.seed), params, spec, tx)
+    tx = make_optimizer(config) if tx is None else tx
+    state = init_state(jax.random.key(config.seed), params, spec, tx, lora)
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = Checkpoints(checkpoint_dir, params, spec, keep=config.keep_checkpoints)
