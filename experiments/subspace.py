@@ -105,7 +105,7 @@ def amplification(w0: np.ndarray, delta: np.ndarray, r: int, rng: np.random.Gene
         "delta_dirs": delta_dirs,
         "w0_dirs": projection_norm(w0, uw, vw),
         "random_dirs": float(np.mean(random_dirs)),
-        "factor": delta_norm / delta_dirs,
+        "factor": delta_norm / delta_dirs if delta_dirs > 0 else float("inf"),  # dW in directions W0 lacks
     }
 
 
@@ -273,18 +273,20 @@ def plot_similarity(path: Path, maps: dict[str, np.ndarray]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 3.6))
+    image = None
     for ax, (title, values) in zip(axes, maps.items()):
         image = ax.imshow(values, vmin=0, vmax=1, aspect="auto", cmap="viridis", origin="lower")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("j")
         ax.set_ylabel("i")
-    fig.colorbar(image, ax=axes, shrink=0.8)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--full", action="store_true")
     parser.add_argument(
