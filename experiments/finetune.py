@@ -31,6 +31,7 @@ FULL_MAX_LENGTH = {"sst2": 64, "cola": 64, "rte": 96}
 # recipe: on SST-2 (100 steps, seed 0) LoRA scored 80.0 / 81.3 / 82.5 at 1e-3 / 3e-3 / 5e-3, full
 # fine-tuning 83.8 / 83.5 at 1e-4 / 2e-4.
 LEARNING_RATES = {"full": 1e-4, "lora": 5e-3, "bitfit": 2e-3, "head": 2e-3}
+SAVED_METHODS = ("lora", "full")  # their runs keep the trained weights (adapter.safetensors) beside the summary
 
 Prepare = Callable[[Any, PyTree, lj.LoraSpec, training.TrainConfig], tuple[PyTree, lj.LoraSpec, Any, Any]]
 """``(model, params, spec, train_config) -> (params, spec, lora | None, tx | None)``: a variant of a method.
@@ -206,8 +207,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """``python -m experiments.finetune --config JSON --out DIR [--overwrite]``: one run, in its own process.
 
-    Writes ``DIR/summary.json`` and, for LoRA, ``DIR/adapter.safetensors``; an existing one is replaced
-    only with ``--overwrite`` (checked before training).
+    Writes ``DIR/summary.json`` and, for LoRA and full fine-tuning, ``DIR/adapter.safetensors`` (the trained
+    leaves: what experiments.subspace compares); an existing one is replaced only with ``--overwrite``
+    (checked before training).
     """
     import argparse
     import json
@@ -220,10 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = RunConfig(**json.loads(args.config))
     adapter, summary = args.out / "adapter.safetensors", args.out / "summary.json"
-    report.refuse_existing(parser, [adapter, summary] if config.method == "lora" else [summary], args.overwrite)
+    saves_weights = config.method in SAVED_METHODS
+    report.refuse_existing(parser, [adapter, summary] if saves_weights else [summary], args.overwrite)
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(config, progress=args.progress)
-    if config.method == "lora":
+    if saves_weights:
         lj.save_adapter(adapter, result["params"], result["state"]["lora"], result["spec"], overwrite=args.overwrite)
     write_text(summary, json.dumps(summarize(result), indent=1), overwrite=args.overwrite)
 

@@ -5,6 +5,7 @@ import pkgutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,6 +78,7 @@ def test_finetune_minilm_smoke(tmp_path, capsys):
         ("finetune", ["--config", '{"method": "lora"}'], "adapter.safetensors"),
         ("finetune", ["--config", '{"method": "lora"}'], "summary.json"),
         ("finetune", ["--config", '{"method": "head"}'], "summary.json"),
+        ("finetune", ["--config", '{"method": "full"}'], "adapter.safetensors"),  # full FT keeps its weights
         ("finetune_minilm", ["--smoke"], "adapter.safetensors"),
         ("finetune_minilm", ["--smoke"], "finetune_minilm_smoke.md"),
         ("finetune_minilm", [], "finetune_minilm.png"),
@@ -376,3 +378,222 @@ def test_variants_smoke(tmp_path):
         ["--smoke", "--cache", str(cache), "--results-dir", str(results), "--cached-only", "--overwrite"]
     )
     assert again["text"] == out["text"]
+
+
+def test_glue_budget_optimizer_is_adamw_on_the_loop_schedule():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from lora_jax import training
+
+    budget = load("glue_budget")
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
+    grads = [
+        jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params) for _ in range(14)
+    ]
+    for steps, lr in [(10, 3e-3), (40, 1e-4)]:
+        reference = optax.adamw(
+            training.learning_rate_schedule(training.TrainConfig(steps=steps, learning_rate=lr)), weight_decay=0.01
+        )
+        # One jitted update, built with rate 1 and length 1, runs states made for any rate and length.
+        ours = budget.optimizer(1)
+        update = jax.jit(ours.update)
+        p_ref: Any = params
+        p_ours: Any = params
+        s_ref, s_ours = reference.init(params), budget.optimizer(steps, lr).init(params)
+        for g in grads:  # past the end of the schedule too, where the rate is 0
+            u_ref, s_ref = reference.update(g, s_ref, p_ref)
+            p_ref = optax.apply_updates(p_ref, u_ref)
+            u_ours, s_ours = update(g, s_ours, p_ours)
+            p_ours = optax.apply_updates(p_ours, u_ours)
+            for key in params:
+                np.testing.assert_allclose(p_ours[key], p_ref[key], rtol=1e-6, atol=1e-7)
+        assert not np.allclose(p_ours["w"], params["w"])
+    assert update._cache_size() == 1  # pyright: ignore[reportAttributeAccessIssue]
+
+
+def test_glue_budget_heldout_slice_is_disjoint_and_fixed():
+    from lora_jax import data
+
+    budget = load("glue_budget")
+    lengths = np.random.default_rng(1).integers(3, 20, size=100)
+    ids = tuple(np.full(n, i, dtype=np.int32) for i, n in enumerate(lengths))  # each row names its example
+    encoded = data.Encoded(ids, tuple(np.zeros_like(x) for x in ids), np.arange(100) % 2, pad_id=0)
+    train, heldout = budget.split_heldout(encoded, 20)
+    names = lambda part: [int(x[0]) for x in part.input_ids]  # noqa: E731
+    assert len(heldout) == 20 and len(train) == 80
+    assert set(names(train)).isdisjoint(names(heldout)) and set(names(train)) | set(names(heldout)) == set(range(100))
+    assert list(heldout.lengths) == sorted(heldout.lengths)  # sorted for evaluation
+    assert [encoded.labels[i] for i in names(heldout)] == list(heldout.labels)
+    again, heldout_again = budget.split_heldout(encoded, 20, train_limit=30)
+    assert names(heldout_again) == names(heldout)  # the same slice whatever the training limit
+    assert names(again) == names(train)[:30]
+    with pytest.raises(ValueError, match="heldout=100"):
+        budget.split_heldout(encoded, 100)
+
+
+def test_glue_budget_patience_and_choice():
+    budget = load("glue_budget")
+    assert not budget.stopped([50, 52, 51], 2)
+    assert budget.stopped([50, 52, 51, 51], 2)
+    assert budget.stopped([50, 52, 52, 52], 2)  # an equal score is no improvement
+    assert not budget.stopped([50, 52, 52, 53], 2)
+
+    def run(lr, heldout, diverged=False):
+        curve = [{"step": 10, "heldout": heldout[0], "dev": 0.0}, {"step": 20, "heldout": heldout[1], "dev": 0.0}]
+        return {"learning_rate": lr, "curve": curve, "diverged": diverged}
+
+    runs = [run(1e-4, (60, 70)), run(3e-4, (65, 68)), run(1e-3, (90, 99), diverged=True)]
+    assert budget.choose(runs, 20)["learning_rate"] == 1e-4
+    assert budget.choose(runs, 10)["learning_rate"] == 3e-4  # at an earlier step, by what it scored there
+    assert budget.choose(runs, 15)["learning_rate"] == 3e-4  # its last evaluation up to the step
+    assert budget.choose([run(3e-4, (60, 70)), run(1e-4, (60, 70))], 20)["learning_rate"] == 1e-4  # tie: lower
+
+
+def test_glue_budget_goals_say_met_or_missed_by_how_much():
+    budget = load("glue_budget")
+
+    def task(scores):
+        return {"runs": {m: [{"curve": [{"dev": s}]} for s in ss] for m, ss in scores.items()}}
+
+    results = {
+        "rte": task({"full FT": [61.0, 63.0], "LoRA qv r=8": [60.5, 61.5]}),
+        "cola": task({"full FT": [40.0], "LoRA qv r=8": [37.5]}),
+        "sst2": task({"full FT": [90.0], "LoRA qv r=8": [89.5], "LoRA qv r=1": [88.0]}),
+    }
+    lines = budget.goals(results)
+    text = "\n".join(lines)
+    assert len(lines) == 5
+    assert "rte: LoRA qv r=8 61.0 vs full FT 62.0: difference -1.0 points (goal ≥ -1): **met** by 0.0 (n=2/2" in text
+    assert "cola: LoRA qv r=8 37.5 vs full FT 40.0: difference -2.5 MCC points (goal ≥ -2): **missed** by 0.5" in text
+    assert "sst2: LoRA qv r=1 88.0 vs LoRA qv r=8 89.5: difference -1.5 points (goal ≥ -1): **missed** by 0.5" in text
+    assert "one seed" in lines[2] and "seed std up to 1.0" in lines[1]
+    assert "rte: full FT 62.0 (goal ≥ 60): **met** by 2.0 (n=2)" in text
+
+
+def test_glue_budget_smoke(tmp_path):
+    budget = load("glue_budget")
+    cache, results_dir = tmp_path / "cache", tmp_path / "results"
+    args = ["--smoke", "--cache", str(cache), "--results-dir", str(results_dir)]
+    result = budget.main(args)["rte"]
+    full, lora = budget.SMOKE.methods
+    # Full FT chose its rate on held-out at the selection step; the chosen run went on, the other stopped there.
+    for method in (full, lora):
+        grid, chosen, select = (
+            result["search"][method.name],
+            result["chosen"][method.name],
+            result["select"][method.name],
+        )
+        assert [r["learning_rate"] for r in grid] == list(method.learning_rates)
+        assert chosen == budget.choose(grid, select)
+        assert all(r["steps"] == select for r in grid if r["learning_rate"] != chosen["learning_rate"])
+        assert [p["step"] for p in chosen["curve"]][: select // 2] == list(range(2, select + 1, 2))
+    steps = result["chosen"][full.name]["steps"]
+    assert steps == result["steps"] and budget.SMOKE.select_steps <= steps <= budget.SMOKE.max_steps
+    ended = result["chosen"][full.name]["end"]
+    assert ended == "patience" or steps == budget.SMOKE.max_steps
+    assert result["chosen"][lora.name]["steps"] == steps and result["chosen"][lora.name]["end"] is None
+    assert result["chosen"][lora.name]["trainable"] < result["chosen"][full.name]["trainable"]
+    text = (results_dir / "glue_budget_smoke.md").read_text()
+    assert "## The issue's goals" in text and "rte: full FT" in text and "held-out" in text
+    assert (results_dir / "glue_budget_smoke.png").stat().st_size > 1000
+    # A second call reads the cache and trains nothing; so does --cached-only, which leaves out what is missing.
+    assert budget.main([*args, "--cached-only"])["rte"] == result
+    assert (
+        budget.main(
+            ["--cached-only", "--cache", str(tmp_path / "empty"), "--results-dir", str(results_dir), "--tasks", "rte"]
+        )
+        == {}
+    )
+
+
+def _orthonormal(rng, n, r):
+    return np.linalg.qr(rng.normal(size=(n, r)))[0]
+
+
+def test_subspace_amplification_against_numpy():
+    subspace = load("subspace")
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(64, 48))
+    p, q = _orthonormal(rng, 64, 4), _orthonormal(rng, 48, 4)
+    delta = 0.5 * p @ np.diag([4.0, 3.0, 2.0, 1.0]) @ q.T  # planted: rank 4, known directions
+    out = subspace.amplification(w0, delta, 4, np.random.default_rng(1))
+    # U, V span p, q, and ||U^T W0 V||_F does not depend on the basis chosen within them.
+    np.testing.assert_allclose(out["delta_dirs"], np.linalg.norm(p.T @ w0 @ q), rtol=1e-10)
+    np.testing.assert_allclose(out["delta_norm"], 0.5 * np.sqrt(30.0), rtol=1e-12)
+    np.testing.assert_allclose(out["w0_norm"], np.sqrt((w0**2).sum()), rtol=1e-12)
+    s = np.linalg.svd(w0, compute_uv=False)
+    np.testing.assert_allclose(out["w0_dirs"], np.sqrt((s[:4] ** 2).sum()), rtol=1e-10)
+    np.testing.assert_allclose(out["factor"], out["delta_norm"] / out["delta_dirs"], rtol=1e-12)
+    # Random r-dim subspaces: E ||Q1^T W0 Q2||_F^2 = (r/in)(r/out) ||W0||_F^2.
+    expected = np.sqrt(4 / 64 * 4 / 48) * out["w0_norm"]
+    assert 0.7 * expected < out["random_dirs"] < 1.3 * expected
+    # An update along W0's own top directions finds all of them, and amplifies W0 there by s_dW / s_W0.
+    u, sv, vh = np.linalg.svd(w0)
+    along = subspace.amplification(w0, 0.1 * u[:, :4] @ vh[:4], 4, np.random.default_rng(1))
+    np.testing.assert_allclose(along["delta_dirs"], along["w0_dirs"], rtol=1e-10)
+    np.testing.assert_allclose(along["factor"], 0.2 / np.sqrt((sv[:4] ** 2).sum()), rtol=1e-10)
+    # Orthogonal to W0 (W0 zero on a subspace, dW in it): nothing of W0 in dW's directions.
+    w_masked = w0.copy()
+    w_masked[:4] = 0.0
+    w_masked[:, :4] = 0.0
+    basis_in, basis_out = np.eye(64)[:, :4], np.eye(48)[:, :4]
+    hidden = subspace.amplification(w_masked, basis_in @ basis_out.T, 4, np.random.default_rng(1))
+    assert hidden["delta_dirs"] < 1e-12 and hidden["factor"] > 1e10  # inf when exactly 0
+
+
+def test_subspace_energy_against_numpy():
+    subspace = load("subspace")
+    rng = np.random.default_rng(2)
+    p, q = _orthonormal(rng, 30, 5), _orthonormal(rng, 20, 5)
+    planted = p @ np.diag([5.0, 4.0, 3.0, 2.0, 1.0]) @ q.T
+    shares = subspace.energy(planted, (1, 4, 5, 64))
+    np.testing.assert_allclose(shares[1], 25 / 55, rtol=1e-10)
+    np.testing.assert_allclose(shares[4], 54 / 55, rtol=1e-10)
+    np.testing.assert_allclose(shares[5], 1.0, rtol=1e-12)
+    np.testing.assert_allclose(shares[64], 1.0, rtol=1e-12)  # k past the rank: everything
+    noise = rng.normal(size=(30, 20))
+    s = np.linalg.svd(noise, compute_uv=False)
+    np.testing.assert_allclose(subspace.energy(noise, (3,))[3], (s[:3] ** 2).sum() / (s**2).sum(), rtol=1e-10)
+
+
+def test_subspace_deltas_read_lora_and_full_fine_tuning_files(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    import lora_jax as lj
+    from lora_jax import models
+
+    subspace = load("subspace")
+    config = models.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    model = models.BertForSequenceClassification(config, pooling="mean")
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = model.init(jax.random.key(0), ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
+    path = subspace.kernel_path(1, "value")
+    keys = tuple(path.split("/"))
+    rng = np.random.default_rng(3)
+
+    spec = models.method_spec(model, "lora", "qv", rank=2, alpha=6.0)
+    lora = lj.init(jax.random.key(1), params, spec)
+    b = rng.normal(size=np.shape(lora["bert"]["encoder"]["layer_1"]["attention"]["value"]["kernel"]["b"]))
+    lora["bert"]["encoder"]["layer_1"]["attention"]["value"]["kernel"]["b"] = jnp.asarray(b, jnp.float32)
+    (tmp_path / "lora").mkdir()
+    lj.save_adapter(tmp_path / "lora" / "adapter.safetensors", params, lora, spec)
+    a = np.asarray(lora["bert"]["encoder"]["layer_1"]["attention"]["value"]["kernel"]["a"], np.float64)
+    delta = subspace.deltas({"dir": str(tmp_path / "lora")}, params, [path])[path]
+    assert delta.shape == (16, 16)
+    np.testing.assert_allclose(delta, 3.0 * a @ b.reshape(2, -1), rtol=1e-4, atol=1e-6)  # s = alpha / r = 3
+
+    full_spec = models.method_spec(model, "full")
+    trained = jax.tree_util.tree_map(lambda x: x + 0.01 * jnp.ones_like(x), params)
+    (tmp_path / "full").mkdir()
+    lj.save_adapter(tmp_path / "full" / "adapter.safetensors", params, trained, full_spec)
+    full = subspace.deltas({"dir": str(tmp_path / "full")}, params, [path])[path]
+    w_ft = np.asarray(trained["bert"]["encoder"]["layer_1"]["attention"]["value"]["kernel"], np.float64)
+    w0 = np.asarray(params["bert"]["encoder"]["layer_1"]["attention"]["value"]["kernel"], np.float64)
+    np.testing.assert_allclose(full, (w_ft - w0).reshape(16, 16), atol=1e-7)
+    assert keys[-1] == "kernel"
