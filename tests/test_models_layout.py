@@ -217,8 +217,8 @@ def test_generation_with_unmerged_adapters_equals_the_merged_model(name, scan):
     "name,scan,policy",
     [
         ("tiny_bert_cls", False, "nothing_saveable"),
-        ("tiny_gpt2", True, "dots_saveable"),
-        ("tiny_llama", False, "dots_with_no_batch_dims_saveable"),
+        pytest.param("tiny_gpt2", True, "dots_saveable", marks=pytest.mark.slow),
+        pytest.param("tiny_llama", False, "dots_with_no_batch_dims_saveable", marks=pytest.mark.slow),
     ],
 )
 def test_remat_policies_change_memory_not_numbers(name, scan, policy):
