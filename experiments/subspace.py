@@ -109,6 +109,12 @@ def amplification(w0: np.ndarray, delta: np.ndarray, r: int, rng: np.random.Gene
     }
 
 
+def truncated(m: np.ndarray, r: int) -> np.ndarray:
+    """Return the best rank-``r`` approximation of ``m``: its top-``r`` singular triplets."""
+    u, s, v = top_singular(m, r)
+    return (u * s) @ v.T
+
+
 def energy(m: np.ndarray, tops: tuple[int, ...] = ENERGY_TOP) -> dict[int, float]:
     """Return, for each ``k`` in ``tops``, the share of ``m``'s squared singular values held by its top ``k``."""
     s = np.linalg.svd(m.astype(np.float64), compute_uv=False)
@@ -177,12 +183,16 @@ def similarity_section(runs: dict[str, dict], layer: int, small: int, large: int
 def amplification_section(
     w0: dict[str, np.ndarray], lora: dict[int, dict[str, np.ndarray]], full: dict[str, np.ndarray], seed: int = 0
 ) -> tuple[str, list[dict]]:
-    """Section 7.3's Table 7 for every matrix: each LoRA rank's dW, and full fine-tuning's at the same ranks."""
+    """Section 7.3's Table 7 for every matrix: each LoRA rank's dW, and full fine-tuning's cut to the same ranks.
+
+    Full fine-tuning's dW has full rank; its rows take its best rank-r part, so that ‖dW‖_F and the factor are
+    of the update in those r directions, as LoRA's are.
+    """
     rng = np.random.default_rng(seed)
     rows, records = [], []
     for path in w0:
         sources = [(f"LoRA r={r}", lora[r][path], r) for r in sorted(lora)]
-        sources += [(f"full FT, top {r}", full[path], r) for r in sorted(lora)]
+        sources += [(f"full FT, rank-{r} part", truncated(full[path], r), r) for r in sorted(lora)]
         for label, delta, r in sources:
             numbers = amplification(w0[path], delta, r, rng)
             records.append({"path": path, "source": label, **numbers})
@@ -194,6 +204,7 @@ def amplification_section(
                     f"{numbers['delta_dirs']:.3f}",
                     f"{numbers['w0_dirs']:.2f}",
                     f"{numbers['random_dirs']:.3f}",
+                    f"{numbers['delta_dirs'] / numbers['random_dirs']:.1f}",
                     f"{numbers['w0_norm']:.2f}",
                     f"{numbers['factor']:.1f}",
                 ]
@@ -205,10 +216,25 @@ def amplification_section(
         "‖UᵀW0V‖_F, dW's top-r U, V",
         "W0's own top-r",
         f"random (mean of {RANDOM_DRAWS})",
+        "dW's / random",
         "‖W0‖_F",
         "amplification ‖dW‖_F / ‖UᵀW0V‖_F",
     ]
     return report.markdown_table(headers, rows), records
+
+
+def amplification_summary(records: list[dict]) -> list[str]:
+    """One line per source of dW: the range over the matrices of its factor and of its overlap with W0 over random."""
+    lines = []
+    for source in dict.fromkeys(r["source"] for r in records):
+        rows = [r for r in records if r["source"] == source]
+        factors = [r["factor"] for r in rows]
+        ratios = [r["delta_dirs"] / r["random_dirs"] for r in rows]
+        lines.append(
+            f"- {source}: amplification {min(factors):.1f}–{max(factors):.1f}; dW's directions hold "
+            f"{min(ratios):.1f}–{max(ratios):.1f}× as much of W0 as random ones ({len(rows)} matrices)"
+        )
+    return lines
 
 
 def spectrum_section(
@@ -335,8 +361,12 @@ def main(argv: list[str] | None = None) -> dict:
             "## 7.2: subspace similarity of learned A matrices\n\n" + similarity_text,
             f"![phi maps]({name}.png)",
             "## 7.3: how dW relates to W0 (the paper's Table 7)\n\n"
-            "U, V: the top-r singular vectors of dW (for LoRA, of s·A@B; for full fine-tuning, of W_ft − W0). "
-            "The amplification factor is ‖dW‖_F / ‖UᵀW0V‖_F.\n\n" + amplification_text,
+            "U, V: the top-r singular vectors of dW (for LoRA, of s·A@B; for full fine-tuning, of the best rank-r "
+            "part of W_ft − W0). The amplification factor is ‖dW‖_F / ‖UᵀW0V‖_F. The paper, GPT-3's Wq at r=4: "
+            "‖UᵀW0V‖_F 0.32 against 0.02 for random directions (16×), factor 21.5; at r=64 about 1.9.\n\n"
+            + amplification_text
+            + "\n\n"
+            + "\n".join(amplification_summary(records)),
             "## 7.3: is full fine-tuning's update low-rank?\n\n"
             "Share of the squared singular values (%) held by the top k directions; the matrices are "
             f"{w0[paths[0]].shape[0]}x{w0[paths[0]].shape[1]}.\n\n" + spectrum_text,

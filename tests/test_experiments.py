@@ -597,3 +597,13 @@ def test_subspace_deltas_read_lora_and_full_fine_tuning_files(tmp_path):
     w0 = np.asarray(params["bert"]["encoder"]["layer_1"]["attention"]["value"]["kernel"], np.float64)
     np.testing.assert_allclose(full, (w_ft - w0).reshape(16, 16), atol=1e-7)
     assert keys[-1] == "kernel"
+
+
+def test_subspace_truncated_is_the_best_rank_r_part():
+    subspace = load("subspace")
+    rng = np.random.default_rng(4)
+    m = rng.normal(size=(12, 9))
+    u, s, vh = np.linalg.svd(m, full_matrices=False)
+    cut = subspace.truncated(m, 3)
+    np.testing.assert_allclose(cut, u[:, :3] @ np.diag(s[:3]) @ vh[:3], atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(m - cut), np.sqrt((s[3:] ** 2).sum()), rtol=1e-10)  # Eckart-Young
