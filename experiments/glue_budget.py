@@ -510,6 +510,7 @@ def table(results: dict[str, dict]) -> str:
     rows = []
     for task, result in results.items():
         epochs = result["steps"] * result["budget"]["batch_size"] / result["n_train"]
+        why = "patience" if next(iter(result["chosen"].values()))["end"] == "patience" else "cap"
         for name, chosen in result["chosen"].items():
             at = result["select"][name]
             grid = ", ".join(
@@ -522,7 +523,7 @@ def table(results: dict[str, dict]) -> str:
                     name,
                     f"{chosen['learning_rate']:g}",
                     f"{grid} (step {at})",
-                    f"{result['steps']} ({epochs:.1f} ep)",
+                    f"{result['steps']} ({epochs:.1f} ep, {why})",
                     report.mean_std(dev_scores(result, name).tolist()),
                     f"{final(chosen, 'heldout'):.1f}",
                     f"{max(p['dev'] for p in chosen['curve']):.1f}",
@@ -605,6 +606,24 @@ def caveats(results: dict[str, dict], asked: list[str]) -> list[str]:
             f"- {task}: {seeds} seed(s){unresolved}; "
             f"held-out slice of {result['budget']['heldout']} examples, so a choice between rates scoring within a "
             f"few points of each other is itself noisy; {walls / 60:.0f} minutes of training and evaluation in all"
+        )
+    edges: dict[str, list[str]] = {"lowest": [], "highest": []}
+    for task, result in results.items():
+        for name, chosen in result["chosen"].items():
+            rates = [r["learning_rate"] for r in result["search"][name]]
+            if len(rates) > 1 and chosen["learning_rate"] in (min(rates), max(rates)):
+                edge = "lowest" if chosen["learning_rate"] == min(rates) else "highest"
+                edges[edge].append(f"{task} {name} ({chosen['learning_rate']:g})")
+    for edge, chosen_there in edges.items():
+        if chosen_there:
+            lines.append(
+                f"- Chosen at the {edge} rate of its grid (a rate beyond might do better): {'; '.join(chosen_there)}."
+            )
+    capped = [t for t, r in results.items() if next(iter(r["chosen"].values()))["end"] != "patience"]
+    if capped:
+        lines.append(
+            f"- {', '.join(capped)}: full fine-tuning was still improving (by the patience rule) at max_steps, so "
+            "the budget there is the cap, not a plateau."
         )
     lines.append(
         "- The budget is the step where full fine-tuning's dev metric stopped improving (as the issue asks): dev "
