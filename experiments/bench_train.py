@@ -99,6 +99,21 @@ def workload(name: str, length: int, smoke: bool, remat: str | None = None):
     return apply_fn, params, batch, spec, loss
 
 
+def time_steps(step, state, params, batch, repeats: int):
+    """Run ``step`` once to warm up, then ``repeats`` times; return the last state and loss and the seconds each."""
+    import jax
+
+    state, loss_value = step(state, params, batch)
+    jax.block_until_ready(loss_value)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, loss_value = step(state, params, batch)
+        jax.block_until_ready(loss_value)
+        times.append(time.perf_counter() - start)
+    return state, loss_value, times
+
+
 def worker(job: dict) -> dict:
     """One measurement, in this process."""
     import jax
@@ -122,14 +137,7 @@ def worker(job: dict) -> dict:
     compile_s = time.perf_counter() - start
     memory = step.memory_analysis()
     temp_bytes = getattr(memory, "temp_size_in_bytes", float("nan")) if memory is not None else float("nan")
-    state, loss_value = step(state, params, batch)  # warm-up
-    jax.block_until_ready(loss_value)
-    times = []
-    for _ in range(job["repeats"]):
-        start = time.perf_counter()
-        state, loss_value = step(state, params, batch)
-        jax.block_until_ready(loss_value)
-        times.append(time.perf_counter() - start)
+    state, loss_value, times = time_steps(step, state, params, batch, job["repeats"])
     return {
         **job,
         "compile_s": compile_s,

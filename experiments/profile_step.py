@@ -21,7 +21,6 @@ import gzip
 import json
 import re
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -110,14 +109,7 @@ def profile(job: dict) -> dict:
     step = training.state_step(training.train_step(loss, spec, tx, factored=job["method"] == "lora-factored"))
     compiled = step.lower(state, params, batch).compile()
     names = op_names(compiled.as_text())
-    state, value = compiled(state, params, batch)
-    jax.block_until_ready(value)
-    times = []
-    for _ in range(job["repeats"]):
-        start = time.perf_counter()
-        state, value = compiled(state, params, batch)
-        jax.block_until_ready(value)
-        times.append(time.perf_counter() - start)
+    state, value, times = bench_train.time_steps(compiled, state, params, batch, job["repeats"])
     traced = job["traced"]
     with tempfile.TemporaryDirectory() as directory:
         with jax.profiler.trace(directory, create_perfetto_trace=False):
