@@ -29,6 +29,11 @@ from experiments import assets, report
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("full", "lora-combine", "lora-factored")
+MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+"""XLA:CPU's memory-minimizing op order. It is read from ``XLA_FLAGS`` when the backend starts; ``jax.jit``'s
+``compiler_options`` accept the option but do not change the order."""
+LOW_MEMORY = {"method": "lora-factored", "remat": "nothing_saveable", "scheduler": "memory"}
+"""The low-memory LoRA row: every block rematerialized, XLA:CPU's memory-minimizing scheduler (``bench_remat``)."""
 CANDIDATE_FLAGS = {
     "default": "",
     "legacy runtime": "--xla_cpu_use_thunk_runtime=false",
@@ -121,7 +126,7 @@ def worker(job: dict) -> dict:
     import lora_jax as lj
     from lora_jax import training
 
-    _, params, batch, spec, loss = workload(job["workload"], job["length"], job["smoke"])
+    _, params, batch, spec, loss = workload(job["workload"], job["length"], job["smoke"], remat=job.get("remat"))
     method = job["method"]
     values = params  # what the trainable state starts from
     if method == "full":
@@ -151,6 +156,30 @@ def worker(job: dict) -> dict:
     }
 
 
+def row_key(job: dict) -> tuple[str, int, str]:
+    """``(workload, length, method)``: the table row a job's measurement belongs to."""
+    if "model_path" in job:  # a PEFT job
+        return (
+            job["workload"],
+            job["length"],
+            f"PEFT {job['method']}" + (" + torch.compile" if job["compile"] else ""),
+        )
+    if "remat" in job:
+        return (job["workload"], job["length"], f"{job['method']}, remat {job['remat']}, {job['scheduler']} scheduler")
+    return (job["workload"], job["length"], job["method"])
+
+
+def over_rounds(found: list[dict]) -> dict:
+    """Merge one configuration's rounds: the median step time (``step_ms_rounds`` keeps each), the largest peak RSS."""
+    step_ms = [r["step_ms"] for r in found]
+    return {
+        **found[0],
+        "step_ms": float(np.median(step_ms)),
+        "step_ms_rounds": step_ms,
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in found),
+    }
+
+
 def spawn(job: dict, flags: str, python: str = sys.executable, module: str = "experiments.bench_train") -> dict:
     """Run ``job`` in ``python -m module --worker JOB`` from the repository root; return its JSON line."""
     env = {**os.environ, "XLA_FLAGS": flags}
@@ -171,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--shapes", default="minilm:64,minilm:128,gpt2-small:256", help="workload:length pairs, comma-separated"
     )
+    parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in turn")
     parser.add_argument("--no-flag-search", action="store_true", help="time XLA's default settings only")
     args = parser.parse_args(argv)
     if args.worker:
@@ -200,71 +230,95 @@ def main(argv: list[str] | None = None) -> dict:
         if result["step_ms"] < best_ms:
             best_ms, best_flags = result["step_ms"], flags
 
-    results = []
-    jobs = [(w, n, m) for w, n in shapes for m in METHODS]
-    for w, n, m in tqdm(jobs, desc="train steps"):
-        results.append(
-            spawn({"workload": w, "length": n, "method": m, "smoke": args.smoke, "repeats": repeats}, best_flags)
-        )
-
-    peft = []
+    # Every configuration runs once per round, each in its own process, in the same order: a slow
+    # stretch of the machine then falls on all of them alike, and each row's median is over rounds.
+    jobs = [
+        {"workload": w, "length": n, "method": m, "smoke": args.smoke, "repeats": repeats}
+        for w, n in shapes
+        for m in METHODS
+    ] + [{"workload": w, "length": n, **LOW_MEMORY, "smoke": args.smoke, "repeats": repeats} for w, n in shapes]
+    peft_jobs = []
     if Path(args.peft_python).exists() and not args.smoke:
-        for n in sorted({length for name, length in shapes if name == "minilm"}):
-            for m in ("full", "lora"):
-                job = {
-                    "length": n,
-                    "method": m,
-                    "repeats": repeats,
-                    "threads": os.cpu_count(),
-                    "model_path": str(assets.minilm_path()),
-                }
-                try:
-                    peft.append(spawn(job, "", args.peft_python, "experiments.peft_baseline"))
-                except RuntimeError as err:
-                    print(f"PEFT baseline skipped: {err}")
-                    break
+        peft_jobs = [
+            {
+                "workload": "minilm",
+                "length": n,
+                "method": m,
+                "compile": compiled,
+                "repeats": repeats,
+                "threads": os.cpu_count(),
+                "model_path": str(assets.minilm_path()),
+            }
+            for n in sorted({length for name, length in shapes if name == "minilm"})
+            for m in ("full", "lora")
+            for compiled in (False, True)
+        ]
     else:
         print("PEFT baseline skipped: no Python with torch, transformers and peft at --peft-python")
+    runs: dict[tuple, list[dict]] = {}
+    for _ in tqdm(range(args.rounds), desc="rounds"):
+        for job in tqdm(jobs + peft_jobs, desc="configurations", leave=False):
+            if job in peft_jobs:
+                try:
+                    result = spawn(job, "", args.peft_python, "experiments.peft_baseline")
+                except RuntimeError as err:
+                    print(f"PEFT baseline skipped: {err}")
+                    peft_jobs = []
+                    continue
+            else:
+                memory = job.get("scheduler") == "memory"
+                result = spawn(job, f"{best_flags} {MEMORY_SCHEDULER}" if memory else best_flags)
+            runs.setdefault(row_key(job), []).append(result)
+    by_key = {key: over_rounds(found) for key, found in runs.items()}
+    results = [by_key[row_key(job)] for job in jobs]
+    peft = [by_key[row_key(job)] for job in peft_jobs]
 
     rows = []
-    by_key = {(r["workload"], r["length"], r["method"]): r for r in results}
     for w, n in shapes:
         full = by_key[(w, n, "full")]
-        for m in METHODS:
-            r = by_key[(w, n, m)]
+        for key in [k for k in by_key if k[:2] == (w, n)]:
+            r = by_key[key]
+            jax_row = "compile_s" in r
             rows.append(
                 [
                     f"{w} L={n}",
-                    m,
+                    key[2],
                     f"{r['step_ms']:.0f}",
+                    f"{min(r['step_ms_rounds']):.0f}-{max(r['step_ms_rounds']):.0f}",
                     f"{r['step_ms'] / full['step_ms']:.2f}",
-                    f"{r['compile_s']:.1f}",
+                    f"{r['compile_s']:.1f}" if jax_row else "-",
                     f"{r['peak_rss_mib']:.0f}",
                     f"{r['peak_rss_mib'] / full['peak_rss_mib']:.2f}",
-                    f"{r['xla_temp_bytes'] / 2**20:.0f}",
-                    f"{r['trainable_bytes'] / 2**20:.2f}",
-                    f"{r['optimizer_bytes'] / 2**20:.2f}",
+                    f"{r['xla_temp_bytes'] / 2**20:.0f}" if jax_row else "-",
+                    f"{r['trainable_bytes'] / 2**20:.2f}" if jax_row else "-",
+                    f"{r['optimizer_bytes'] / 2**20:.2f}" if jax_row else "-",
                 ]
             )
-        for p in [p for p in peft if w == "minilm" and p["length"] == n]:
-            rows.append(
+    comparisons = []
+    for (w, n, method), r in by_key.items():
+        if not method.startswith("lora-factored"):
+            continue
+        full = by_key[(w, n, "full")]
+        versus = [("own full fine-tuning", full)] + [
+            (peer, by_key[(w, n, peer)])
+            for peer in ("PEFT lora", "PEFT lora + torch.compile")
+            if (w, n, peer) in by_key
+        ]
+        for peer, other in versus:
+            comparisons.append(
                 [
                     f"{w} L={n}",
-                    f"PEFT/PyTorch {p['method']}",
-                    f"{p['step_ms']:.0f}",
-                    f"{p['step_ms'] / full['step_ms']:.2f}",
-                    "-",
-                    f"{p['peak_rss_mib']:.0f}",
-                    f"{p['peak_rss_mib'] / full['peak_rss_mib']:.2f}",
-                    "-",
-                    "-",
-                    "-",
+                    method,
+                    peer,
+                    f"{r['step_ms'] / other['step_ms']:.2f}",
+                    f"{r['peak_rss_mib'] / other['peak_rss_mib']:.2f}",
                 ]
             )
     headers = [
         "workload",
         "method",
         "step ms (median)",
+        "range over rounds",
         "vs full (JAX)",
         "compile s",
         "peak RSS MiB",
@@ -275,9 +329,13 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     text = (
         f"Batch 32 for MiniLM (LoRA q,v r=8 + head), batch 8 for the GPT-2-small-shaped decoder (LoRA on all "
-        f"linear kernels, r=8). Median of {repeats} steps after compilation; each row is its own process. "
-        f"XLA flags chosen: `{best_flags or '(none)'}`.\n\n"
+        f"linear kernels, r=8); AdamW; the models' own dropout (0.1) on in every row, LoRA dropout off. "
+        f"Each row: the median over {args.rounds} rounds of the median of {repeats} steps after compilation, "
+        f"every configuration in its own process once per round, in turn. PEFT rows: Hugging Face PEFT on "
+        f"PyTorch CPU, eager and under `torch.compile`. XLA flags chosen: `{best_flags or '(none)'}`.\n\n"
         + report.markdown_table(headers, rows)
+        + "\n\n## lora_jax's LoRA steps (factored) against the others in this run\n\n"
+        + report.markdown_table(["workload", "LoRA", "against", "step time ratio", "peak RSS ratio"], comparisons)
         + "\n\n## XLA:CPU settings (MiniLM LoRA factored step)\n\n"
         + report.markdown_table(["setting", "XLA_FLAGS", "step ms", "compile s"], flag_rows)
     )

@@ -4,7 +4,9 @@ Run by ``experiments.bench_train`` with a Python that has torch, transformers an
 (``pip install torch==2.13.0 transformers peft``); prints one JSON line.
 
     python -m experiments.peft_baseline --worker '{"length": 64, "method": "lora", "repeats": 8, "threads": 2,
-                                                   "model_path": "..."}'
+                                                   "model_path": "...", "compile": false}'
+
+``"compile": true`` wraps the model in ``torch.compile`` (inductor, which needs a C++ compiler).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def worker(job: dict) -> dict:
         )
         model = get_peft_model(model, config)
     model.train()
+    forward = torch.compile(model) if job.get("compile") else model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     rng = np.random.default_rng(0)
@@ -42,12 +45,12 @@ def worker(job: dict) -> dict:
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = forward(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
         return float(loss)
 
-    step()  # warm-up
+    step()  # warm-up (and, with "compile", torch.compile's tracing and code generation)
     times = []
     for _ in range(job["repeats"]):
         start = time.perf_counter()

@@ -150,11 +150,13 @@ def test_subspace_similarity_reference():
 
 def test_bench_train_smoke(tmp_path):
     out = load("bench_train").main(["--smoke", "--results-dir", str(tmp_path)])
-    by_method = {r["method"]: r for r in out["results"]}
+    by_method = {r["method"]: r for r in out["results"] if "remat" not in r}
     assert set(by_method) == {"full", "lora-combine", "lora-factored"}
     # Adapters and their moments are a small fraction of full fine-tuning's.
     assert by_method["lora-factored"]["optimizer_bytes"] < 0.1 * by_method["full"]["optimizer_bytes"]
     assert by_method["lora-factored"]["trainable_bytes"] == by_method["lora-combine"]["trainable_bytes"]
+    low_memory = [r for r in out["results"] if r.get("remat") == "nothing_saveable"]
+    assert len(low_memory) == 1 and low_memory[0]["xla_temp_bytes"] < by_method["lora-factored"]["xla_temp_bytes"]
     assert all(r["step_ms"] > 0 and np.isfinite(r["loss"]) for r in out["results"])
     assert "XLA flags chosen" in (tmp_path / "bench_train_smoke.md").read_text()
 
@@ -190,6 +192,19 @@ def test_bench_dropout_smoke(tmp_path):
     assert losses["rbg"] != losses["threefry"] and losses["no dropout"] != losses["threefry"]
     assert all(len(t) == 2 and min(t) > 0 for t in out["times"].values())
     assert "threefry unrolled" in (tmp_path / "bench_dropout_smoke.md").read_text()
+
+
+def test_bench_remat_smoke(tmp_path):
+    found = load("bench_remat").main(["--smoke", "--results-dir", str(tmp_path)])["found"]
+    # Under the memory scheduler a policy that saves nothing leaves fewer temporaries than no remat does.
+    for method in ("lora-factored", "full"):
+        assert (
+            found["memory", method, "nothing_saveable"]["temp_bytes"] < found["concurrency", method, None]["temp_bytes"]
+        )
+    # Recomputation changes where values come from, not what they are.
+    for (_, method, _), row in found.items():
+        assert row["loss"] == pytest.approx(found["concurrency", method, None]["loss"], abs=1e-6)
+    assert "memory" in (tmp_path / "bench_remat_smoke.md").read_text()
 
 
 def test_bench_latency_smoke(tmp_path):
