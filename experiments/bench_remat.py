@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import bench_train, report
+from lora_jax.models import MEMORY_SCHEDULER_FLAG
 
 POLICIES = (None, "dots_saveable", "nothing_saveable")
 SCHEDULERS = ("concurrency", "memory")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     job = {"length": length, "smoke": args.smoke, "rounds": rounds}
     found = {}
     for scheduler in tqdm(SCHEDULERS, desc="schedulers"):
-        flags = bench_train.MEMORY_SCHEDULER if scheduler == "memory" else ""
+        flags = MEMORY_SCHEDULER_FLAG if scheduler == "memory" else ""
         for row in bench_train.spawn(job, flags, module="experiments.bench_remat")["rows"]:
             found[scheduler, row["method"], row["policy"]] = row
     rows = []
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     text = (
         f"{report.environment()}\n\nMiniLM{' (smoke size)' if args.smoke else ''}, batch 32 x {length}, LoRA q,v "
         f"r=8 + head or full fine-tuning, AdamW, model dropout 0.1 on. One process per scheduler (`memory`: "
-        f"`XLA_FLAGS={bench_train.MEMORY_SCHEDULER}`); within it, the median of {rounds} interleaved rounds, "
+        f"`XLA_FLAGS={MEMORY_SCHEDULER_FLAG}`); within it, the median of {rounds} interleaved rounds, "
         "so `time vs no remat` compares steps measured side by side, while step times across the two schedulers "
         "come from two processes run one after the other. `temp vs default` is against the concurrency scheduler "
         "without remat. Rematerialization recomputes the same values, so each method's first loss is the same "

@@ -26,12 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from experiments import assets, report
+from lora_jax.models import MEMORY_SCHEDULER_FLAG
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("full", "lora-combine", "lora-factored")
-MEMORY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-"""XLA:CPU's memory-minimizing op order. It is read from ``XLA_FLAGS`` when the backend starts; ``jax.jit``'s
-``compiler_options`` accept the option but do not change the order."""
 LOW_MEMORY = {"method": "lora-factored", "remat": "nothing_saveable", "scheduler": "memory"}
 """The low-memory LoRA row: every block rematerialized, XLA:CPU's memory-minimizing scheduler (``bench_remat``)."""
 CANDIDATE_FLAGS = {
@@ -267,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
             else:
                 memory = job.get("scheduler") == "memory"
-                result = spawn(job, f"{best_flags} {MEMORY_SCHEDULER}" if memory else best_flags)
+                result = spawn(job, f"{best_flags} {MEMORY_SCHEDULER_FLAG}" if memory else best_flags)
             runs.setdefault(row_key(job), []).append(result)
     by_key = {key: over_rounds(found) for key, found in runs.items()}
     results = [by_key[row_key(job)] for job in jobs]

@@ -175,6 +175,13 @@ def test_train_resumes_and_refuses_other_arguments(tmp_path):
     scores = json.loads((run / "run.json").read_text())["scores"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["3", "6"]
 
+    # Rematerialized blocks recompute the same activations: the same adapters, and a word on XLA:CPU's scheduler.
+    assert "not a policy" in refused(*args[:-1], tmp_path / "remat", "--remat", "everything")
+    rematted = lora_jax_cli(*args[:-1], tmp_path / "remat", "--remat", "nothing_saveable")
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in rematted.stderr
+    for key, value in _tensors_and_metadata(tmp_path / "remat" / "adapter.safetensors")[0].items():
+        np.testing.assert_allclose(value, unbroken[0][key], atol=1e-6, err_msg=key)
+
     # A run stopped after step 3 continues from there and ends where the unbroken one did.
     shutil.rmtree(run / "checkpoints" / "6")
     (run / "adapter.safetensors").unlink()

@@ -12,6 +12,7 @@ See :mod:`lora_jax.cli.runs` for what goes into the run directory and how a run 
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ LEARNING_RATES = {"lora": 5e-3, "full": 1e-4, "bitfit": 2e-3, "head": 2e-3}
 DEFAULT_EPOCHS = 3.0
 MIN_LENGTH = 8  # [CLS] a [SEP] b [SEP] with room for text
 # Arguments that change how a run is watched or saved, not its result: a resumed run may change them.
-NOT_COMPARED = ("out", "overwrite", "checkpoint_every", "no_progress", "verb", "run")
+# Not part of what a run computes: a resumed run may change them.
+NOT_COMPARED = ("out", "overwrite", "checkpoint_every", "no_progress", "remat", "verb", "run")
 
 
 def add_train(sub: Subparsers) -> None:
@@ -67,6 +69,13 @@ def add_train(sub: Subparsers) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds the head, the adapters and the data order")
     parser.add_argument("--pooling", choices=("cls", "mean"), help="sentence pooling (default: the checkpoint's)")
+    parser.add_argument(
+        "--remat",
+        metavar="POLICY",
+        help="recompute each block's activations in the backward pass under this jax.checkpoint policy, one of "
+        "lora_jax.models.REMAT_POLICIES such as nothing_saveable (less memory, same results; on CPU only with "
+        "XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false)",
+    )
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory")
     parser.add_argument("--overwrite", action="store_true", help="start afresh, replacing a run in RUN_DIR")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
@@ -113,6 +122,8 @@ def train(args: argparse.Namespace) -> int:
 
     text_columns = split_list(args.text_columns)
     _check(args, text_columns)
+    if args.remat is not None and args.remat not in models.REMAT_POLICIES:
+        raise LoraError(f"--remat {args.remat}: not a policy; use one of {', '.join(models.REMAT_POLICIES)}")
     model_dir, data_dir, run_dir = Path(args.model_dir), Path(args.data_dir), Path(args.out)
     files = [data_dir / name for name in SPLIT_FILES]
     for file in files:
@@ -144,6 +155,14 @@ def train(args: argparse.Namespace) -> int:
         model, params = load_model(
             model_dir, architecture=ARCHITECTURE, key=jax.random.key(args.seed), **record["model"]["options"]
         )
+    if args.remat is not None:
+        model = model.clone(remat=args.remat)
+        flag = models.MEMORY_SCHEDULER_FLAG
+        if jax.default_backend() == "cpu" and flag not in os.environ.get("XLA_FLAGS", ""):
+            say(
+                f"--remat {args.remat}: XLA:CPU's default scheduler keeps every activation live anyway; "
+                f"set XLA_FLAGS={flag} for the memory saving"
+            )
     if args.max_length > model.config.max_position_embeddings:
         raise LoraError(f"--max-length {args.max_length} exceeds the model's {model.config.max_position_embeddings}")
     tokenizer = models.load_tokenizer(model_dir)
