@@ -294,3 +294,39 @@ def test_bundled_model_merge_on_a_2d_mesh():
     merged = dist.sharded_merge(params, jax.device_put(lora, sh.lora), spec)
     _check_tree(merged, sh.params, "merged")
     _close(merged, want)
+
+
+def test_quantized_base_trains_sharded():
+    """An NF4 base trains on a 2x4 mesh as on one device: its kernels replicated, everything else as the rules say."""
+    from lora_jax import quant
+
+    params, lora0, batch = _initial()
+    kernels = r".*/(query|value|key|out|up|down)/kernel"
+    base = quant.quantize(params, [(kernels, "nf4")])
+    mesh = dist.make_mesh((2, 4), ("data", "model"))
+    rules = tm.base_rules(("data", "model"), False)
+    with pytest.raises(dist.ShardingError, match="can only be replicated"):
+        dist.partitions(base, rules, mesh)
+    base_specs = dist.partitions(base, [(kernels, None), *rules], mesh)
+    tx = tm.make_tx()
+    sh = dist.train_shardings(base, tm.lora_spec(False), base_specs, mesh, tx, data_axes="data")
+    runs = []
+    for sharded in (False, True):
+        step = tm.make_step(False, tx, factored=True)
+        if sharded:
+            placed = jax.device_put((base, lora0, batch), (sh.params, sh.lora, sh.batch))
+            opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(placed[1])
+            step = dist.jit_step(step, sh)
+        else:
+            placed = jax.device_put((base, lora0, batch), jax.devices()[0])
+            opt_state = jax.jit(tx.init)(placed[1])
+            step = jax.jit(step)
+        params, lora, batch_on = placed
+        losses = []
+        for _ in range(STEPS):
+            lora, opt_state, loss = step(params, lora, opt_state, batch_on, None)
+            losses.append(float(loss))
+        runs.append((_host(lora), losses))
+    _close(runs[1][0], runs[0][0])
+    np.testing.assert_allclose(runs[1][1], runs[0][1], **TOL)
+    assert runs[0][1][-1] < runs[0][1][0]  # it trains

@@ -546,3 +546,18 @@ def test_minilm_byte_ratios(minilm_dir):
         ratio = quant.nbytes(list(kernels.values())) / quant.nbytes([flat_plain[p] for p in kernels])
         assert ratio <= goal, (fmt, ratio)
         assert quant.nbytes(q) < quant.nbytes(plain)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_partitions_refuse_to_shard_a_quantized_leaf(fmt):
+    from jax.sharding import PartitionSpec
+
+    from lora_jax.distributed import ShardingError, partitions
+
+    params = {"dense": {"kernel": jnp.ones((128, 64)), "bias": jnp.ones(64)}}
+    quantized = quant.quantize(params, [("dense/kernel", fmt)])
+    with pytest.raises(ShardingError, match=r"dense/kernel: a quantized leaf .* can only be replicated"):
+        partitions(quantized, [(".*kernel", PartitionSpec(None, "model"))])
+    # Replicated: one empty partition, which fits each of its arrays; the unquantized bias may be sharded.
+    found = partitions(quantized, [(".*kernel", None), (".*bias", PartitionSpec("model"))])
+    assert found == {"dense": {"kernel": PartitionSpec(), "bias": PartitionSpec("model")}}

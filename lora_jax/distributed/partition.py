@@ -23,6 +23,7 @@ from jax.sharding import AxisType, Mesh, PartitionSpec
 from lora_jax.errors import LoraError
 from lora_jax.paths import PathTuple, Pattern, check_pattern, flatten, matches, path_str
 from lora_jax.plan import abstract_leaf
+from lora_jax.quant.array import is_quantized
 from lora_jax.typing import PyTree
 
 AxisSizes = Mapping[str, int]
@@ -150,8 +151,23 @@ def partitions(
         if not found and strict:
             raise ShardingError(f"{name}: no partition rule matches this path (strict=True)")
         value = found[0] if found else default
-        out.append(check_partition(name, shape, _partition_of(value, name, shape, sizes), sizes))
+        partition = check_partition(name, shape, _partition_of(value, name, shape, sizes), sizes)
+        out.append(_check_quantized(name, leaf, partition))
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_quantized(name: str, leaf: Any, partition: PartitionSpec) -> PartitionSpec:
+    """Return ``partition``, or for a quantized leaf ``PartitionSpec()`` (replicated, whatever its arrays' ranks).
+
+    A partition that shards a quantized leaf is refused: its arrays are packed blocks, not its logical shape.
+    """
+    if is_quantized(leaf) and any(entry is not None for entry in partition):
+        raise ShardingError(
+            f"{name}: a quantized leaf ({type(leaf).__name__}) can only be replicated, but its rule gave {partition}; "
+            "its codes and scales are packed in blocks along the flattened kernel, so a partition of the logical "
+            "shape does not describe them. Replicate it (a rule value of None) or shard the unquantized base"
+        )
+    return PartitionSpec() if is_quantized(leaf) else partition
 
 
 def partitions_by_path(tree: PyTree) -> dict[PathTuple, PartitionSpec]:
@@ -171,7 +187,10 @@ def check_partitions(params: PyTree, partitions: PyTree, mesh: Mesh | Any) -> No
     by_path = partitions_by_path(partitions)
     sizes = axis_sizes(mesh)
     for path, leaf in flatten(params)[0]:
-        check_partition(path_str(path), tuple(abstract_leaf(leaf).shape), lookup(by_path, path), sizes)
+        name = path_str(path)
+        _check_quantized(
+            name, leaf, check_partition(name, tuple(abstract_leaf(leaf).shape), lookup(by_path, path), sizes)
+        )
 
 
 # Rule values ---------------------------------------------------------------
