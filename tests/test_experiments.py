@@ -194,6 +194,7 @@ def test_bench_dropout_smoke(tmp_path):
     assert "threefry unrolled" in (tmp_path / "bench_dropout_smoke.md").read_text()
 
 
+@pytest.mark.slow  # two processes, six compiled training steps each
 def test_bench_remat_smoke(tmp_path):
     found = load("bench_remat").main(["--smoke", "--results-dir", str(tmp_path)])["found"]
     # Under the memory scheduler a policy that saves nothing leaves fewer temporaries than no remat does.
