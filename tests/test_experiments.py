@@ -194,6 +194,16 @@ def test_bench_dropout_smoke(tmp_path):
     assert "threefry unrolled" in (tmp_path / "bench_dropout_smoke.md").read_text()
 
 
+def test_bench_batching_smoke(tmp_path, glue_dir):
+    table = load("bench_batching").main(["--smoke", "--results-dir", str(tmp_path)])
+    fixed, buckets, grouped = (table[way] for way in ("fixed 64", "buckets", "buckets, grouped"))
+    assert fixed["padded"] == 64 and fixed["shapes"] == 1
+    # Buckets pad less than one fixed length, and grouping by length less again.
+    assert grouped["padded"] < buckets["padded"] < fixed["padded"]
+    assert all(0 < row["real"] <= row["padded"] and row["examples_per_s"] > 0 for row in table.values())
+    assert "buckets, grouped" in (tmp_path / "bench_batching_smoke.md").read_text()
+
+
 @pytest.mark.slow  # two processes, six compiled training steps each
 def test_bench_remat_smoke(tmp_path):
     found = load("bench_remat").main(["--smoke", "--results-dir", str(tmp_path)])["found"]
