@@ -5,11 +5,15 @@
 
 Each measurement runs in its own process (so peak RSS is its own): compile time
 apart, then the median of repeated steps; trainable and optimizer-state bytes;
-XLA's own accounting of the step's temporary buffers. Workloads: MiniLM with
-LoRA on query/value (batch 32, lengths 64 and 128) and a GPT-2-small-shaped
-decoder with LoRA on every linear kernel (batch 8, length 256). HF PEFT on
-PyTorch CPU runs as the baseline when a Python with torch, transformers and
-peft is given (``--peft-python``, default ``.venv-ref/bin/python``).
+XLA's own accounting of the step's temporary buffers. ``--rounds N`` runs every
+configuration N times, in turn, and reports the median over rounds, so that a slow
+stretch of the machine falls on all of them alike. Workloads: MiniLM with LoRA on
+query/value (batch 32, lengths 64 and 128) and a GPT-2-small-shaped decoder with
+LoRA on every linear kernel (batch 8, length 256); full fine-tuning, LoRA through
+``combine``, LoRA factored, and LoRA factored with every block rematerialized under
+XLA:CPU's memory scheduler (:data:`LOW_MEMORY`). HF PEFT on PyTorch CPU, eager and
+under ``torch.compile``, runs as the baseline when a Python with torch, transformers
+and peft is given (``--peft-python``, default ``.venv-ref/bin/python``).
 """
 
 from __future__ import annotations
