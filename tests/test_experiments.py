@@ -148,6 +148,7 @@ def test_subspace_similarity_reference():
     np.testing.assert_allclose(subspace.similarity(a, b)[2, 4], expected, rtol=1e-10)
 
 
+@pytest.mark.slow  # four processes, each compiling a training step; CI runs it with the slow tests
 def test_bench_train_smoke(tmp_path):
     out = load("bench_train").main(["--smoke", "--results-dir", str(tmp_path)])
     by_method = {r["method"]: r for r in out["results"] if "remat" not in r}
@@ -161,6 +162,7 @@ def test_bench_train_smoke(tmp_path):
     assert "XLA flags chosen" in (tmp_path / "bench_train_smoke.md").read_text()
 
 
+@pytest.mark.slow  # a traced training step; CI runs it with the slow tests
 def test_profile_step_smoke(tmp_path):
     profile = load("profile_step")
     out = profile.main(["--smoke", "--results-dir", str(tmp_path)])
@@ -184,6 +186,7 @@ def test_profile_parts_and_kinds():
     assert profile.part_of("jit(advance)/bert/encoder/layer_3/attention/Dropout_0/mul") == "attention core"
 
 
+@pytest.mark.slow  # five compiled training steps; CI runs it with the slow tests
 def test_bench_dropout_smoke(tmp_path):
     out = load("bench_dropout").main(["--smoke", "--results-dir", str(tmp_path)])
     losses = out["losses"]
@@ -194,6 +197,7 @@ def test_bench_dropout_smoke(tmp_path):
     assert "threefry unrolled" in (tmp_path / "bench_dropout_smoke.md").read_text()
 
 
+@pytest.mark.slow  # tokenizes all of SST-2's training set; CI runs it with the slow tests
 def test_bench_batching_smoke(tmp_path, glue_dir):
     table = load("bench_batching").main(["--smoke", "--results-dir", str(tmp_path)])
     fixed, buckets, grouped = (table[way] for way in ("fixed 64", "buckets", "buckets, grouped"))
@@ -218,6 +222,7 @@ def test_bench_remat_smoke(tmp_path):
     assert "memory" in (tmp_path / "bench_remat_smoke.md").read_text()
 
 
+@pytest.mark.slow  # compiles each latency configuration; CI runs it with the slow tests
 def test_bench_latency_smoke(tmp_path):
     bench = load("bench_latency")
     out = bench.main(["--smoke", "--results-dir", str(tmp_path)])
@@ -247,6 +252,7 @@ def test_houlsby_adapters_change_the_output():
     assert not np.allclose(base, adapted) and np.allclose(base, adapted, atol=1e-1)
 
 
+@pytest.mark.slow  # runs the tutorial notebook end to end; CI runs it with the slow tests
 def test_quickstart_notebook_runs(monkeypatch):
     import nbclient
     import nbformat
@@ -302,6 +308,7 @@ def test_seed_groups_and_their_summary():
     assert report.mean_std([80.0, 82.0, 84.0]) == f"82.0 ± {np.std([80.0, 82.0, 84.0]):.1f} (n=3)"
 
 
+@pytest.mark.slow  # compiles serving for every batch shape; CI runs it with the slow tests
 def test_bench_serving_smoke(tmp_path, capsys):
     bench = load("bench_serving")
     out = bench.main(["--smoke", "--results-dir", str(tmp_path)])

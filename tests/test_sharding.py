@@ -332,6 +332,7 @@ def test_malformed_partitions():
 # Several devices -------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess compiling about twenty sharded steps; CI runs it with the slow tests
 def test_on_eight_devices():
     """Meshes (8,), (2, 4), (4, 2): shardings, agreement with one device, merge, shard_map, pmap."""
     env = dict(os.environ)
