@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The smoke run groups in pools of 4 batches, so that its few batches show the grouping.
     group = 4 if args.smoke else data.TRAIN_GROUP
     batches = {
-        way: list(data.batches(encoded, BATCH_SIZE, seed=0, limit=None, **kwargs))[:count]
-        for way, kwargs in ways(group).items()
+        way: list(data.batches(encoded, BATCH_SIZE, seed=0, **kwargs))[:count] for way, kwargs in ways(group).items()
     }
     _, params, _, spec, loss = bench_train.workload("minilm", MAX_LENGTH, args.smoke)
     if args.smoke:  # the tiny BERT's vocabulary is smaller than the tokenizer's
