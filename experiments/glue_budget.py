@@ -447,12 +447,7 @@ def run_task(budget: Budget, seeds: int, bases: dict[str, Base] | None = None) -
     for method in others:
         select[method.name] = min(budget.select_steps, steps)
         grid[method.name], chosen[method.name] = search(setup, method, select[method.name], steps)
-    runs = {}
-    for method in budget.methods:
-        lr = chosen[method.name]["learning_rate"]
-        more = [Run(setup, method, lr, seed).train(steps).record() for seed in range(1, seeds)]
-        runs[method.name] = [chosen[method.name], *more]
-    return {
+    result = {
         "task": budget.task,
         "budget": dataclasses.asdict(budget),
         "metric": setup.metric,
@@ -461,8 +456,24 @@ def run_task(budget: Budget, seeds: int, bases: dict[str, Base] | None = None) -
         "select": select,
         "search": grid,
         "chosen": chosen,
-        "runs": runs,
+        "runs": {method.name: [chosen[method.name]] for method in budget.methods},
     }
+    return add_seeds(result, budget, seeds, setup)
+
+
+def add_seeds(result: dict, budget: Budget, seeds: int, setup: Setup) -> dict:
+    """Return ``result`` with every method rerun at its chosen rate for the budget, for seeds up to ``seeds``.
+
+    The runs a result already holds stay; a seed's run depends only on its seed, so extending a result
+    gives what running all seeds at once gives.
+    """
+    runs = {}
+    for method in budget.methods:
+        held = result["runs"][method.name]
+        lr = result["chosen"][method.name]["learning_rate"]
+        more = [Run(setup, method, lr, seed).train(result["steps"]).record() for seed in range(len(held), seeds)]
+        runs[method.name] = [*held, *more]
+    return {**result, "runs": runs}
 
 
 def cached_task(budget: Budget, seeds: int, cache: Path, bases: dict[str, Base], cached_only: bool = False) -> dict:
@@ -476,7 +487,16 @@ def cached_task(budget: Budget, seeds: int, cache: Path, bases: dict[str, Base],
         return json.loads(path.read_text())
     if cached_only:
         raise NotCached(f"{path} does not exist")
-    result = json.loads(json.dumps(run_task(budget, seeds, bases)))  # as a later read gives it: lists, not tuples
+    fewer = [cache / f"{budget.task}-{task_key(budget, n)}.json" for n in range(seeds - 1, 0, -1)]
+    found = next((f for f in fewer if f.exists()), None)
+    if found is None:
+        result = run_task(budget, seeds, bases)
+    else:  # the same budget with fewer seeds: its search and runs stand, only the missing seeds run
+        print(f"{budget.task}: adding seeds to {found}")
+        if budget.model not in bases:
+            bases[budget.model] = load_base(budget.model)
+        result = add_seeds(json.loads(found.read_text()), budget, seeds, load(budget, bases[budget.model]))
+    result = json.loads(json.dumps(result))  # as a later read gives it: lists, not tuples
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(result, indent=1), overwrite=True)
     return result

@@ -542,6 +542,25 @@ def test_glue_budget_smoke(tmp_path):
     )
 
 
+def test_glue_budget_more_seeds_extend_the_cached_result(tmp_path, monkeypatch):
+    budget = load("glue_budget")
+    args = ["--smoke", "--results-dir", str(tmp_path / "results")]
+    one = budget.main([*args, "--cache", str(tmp_path / "a")])["rte"]
+    searches = []
+    monkeypatch.setattr(budget, "search", lambda *a, **k: searches.append(a) or pytest.fail("searched again"))
+    extended = budget.main([*args, "--cache", str(tmp_path / "a"), "--seeds", "2"])["rte"]
+    assert searches == []
+    monkeypatch.undo()
+    fresh = budget.main([*args, "--cache", str(tmp_path / "b"), "--seeds", "2"])["rte"]
+    for method in budget.SMOKE.methods:
+        runs = extended["runs"][method.name]
+        assert [r["seed"] for r in runs] == [0, 1] and runs[0] == one["runs"][method.name][0]
+        # The added seed trains exactly as it does in a run of both seeds at once.
+        assert [p["dev"] for p in runs[1]["curve"]] == [p["dev"] for p in fresh["runs"][method.name][1]["curve"]]
+        assert [p["loss"] for p in runs[1]["curve"]] == [p["loss"] for p in fresh["runs"][method.name][1]["curve"]]
+    assert extended["search"] == one["search"] and extended["steps"] == one["steps"]
+
+
 def _orthonormal(rng, n, r):
     return np.linalg.qr(rng.normal(size=(n, r)))[0]
 
