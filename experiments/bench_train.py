@@ -50,11 +50,14 @@ def tree_bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape"))
 
 
-def workload(name: str, length: int, smoke: bool, remat: str | None = None):
+def workload(name: str, length: int, smoke: bool, remat: str | None = None, dropout: bool = True):
     """(apply_fn, params, batch, lora spec, loss_fn) for a named workload; ``loss_fn(params, batch, rng)``.
 
-    ``remat`` names the blocks' rematerialization policy (``lora_jax.models.REMAT_POLICIES``), None for none.
+    ``remat`` names the blocks' rematerialization policy (``lora_jax.models.REMAT_POLICIES``), None for none;
+    ``dropout=False`` sets the model's dropout rates to zero.
     """
+    import dataclasses
+
     import jax
 
     from lora_jax import models, training
@@ -72,6 +75,9 @@ def workload(name: str, length: int, smoke: bool, remat: str | None = None):
                 assets.minilm_path(), architecture="BertForSequenceClassification", num_labels=2, key=jax.random.key(0)
             )
         model = model.clone(remat=remat)
+        if not dropout:
+            off = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0}
+            model = model.clone(config=dataclasses.replace(model.config, **off))
         batch_size = 32
         vocab = model.config.vocab_size
         batch = {
@@ -88,6 +94,8 @@ def workload(name: str, length: int, smoke: bool, remat: str | None = None):
         loss = training.classification(apply_fn).loss
     else:
         config = models.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512) if smoke else models.GPT2Config()
+        if not dropout:
+            config = dataclasses.replace(config, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = models.GPT2LMHeadModel(config, remat=remat)
         params = model.init(jax.random.key(0), np.ones((1, 8), np.int32))["params"]
         batch_size = 8
@@ -128,7 +136,9 @@ def worker(job: dict) -> dict:
     import lora_jax as lj
     from lora_jax import training
 
-    _, params, batch, spec, loss = workload(job["workload"], job["length"], job["smoke"], remat=job.get("remat"))
+    _, params, batch, spec, loss = workload(
+        job["workload"], job["length"], job["smoke"], remat=job.get("remat"), dropout=job.get("dropout", True)
+    )
     method = job["method"]
     values = params  # what the trainable state starts from
     if method == "full":
@@ -158,17 +168,20 @@ def worker(job: dict) -> dict:
     }
 
 
+DROPOUT_OFF = ", dropout off"
+"""What a row's name ends with when the models' dropout is off (``"dropout": False`` in its job)."""
+
+
 def row_key(job: dict) -> tuple[str, int, str]:
     """``(workload, length, method)``: the table row a job's measurement belongs to."""
+    off = DROPOUT_OFF if job.get("dropout") is False else ""
     if "model_path" in job:  # a PEFT job
-        return (
-            job["workload"],
-            job["length"],
-            f"PEFT {job['method']}" + (" + torch.compile" if job["compile"] else ""),
-        )
-    if "remat" in job:
-        return (job["workload"], job["length"], f"{job['method']}, remat {job['remat']}, {job['scheduler']} scheduler")
-    return (job["workload"], job["length"], job["method"])
+        name = f"PEFT {job['method']}" + (" + torch.compile" if job["compile"] else "")
+    elif "remat" in job:
+        name = f"{job['method']}, remat {job['remat']}, {job['scheduler']} scheduler"
+    else:
+        name = job["method"]
+    return (job["workload"], job["length"], name + off)
 
 
 def over_rounds(found: list[dict]) -> dict:
@@ -239,6 +252,19 @@ def main(argv: list[str] | None = None) -> dict:
         for w, n in shapes
         for m in METHODS
     ] + [{"workload": w, "length": n, **LOW_MEMORY, "smoke": args.smoke, "repeats": repeats} for w, n in shapes]
+    # The issue's own baseline had every dropout off: the first shape runs that way too, in every implementation.
+    first, first_length = shapes[0]
+    jobs += [
+        {
+            "workload": first,
+            "length": first_length,
+            "method": m,
+            "smoke": args.smoke,
+            "repeats": repeats,
+            "dropout": False,
+        }
+        for m in ("full", "lora-factored")
+    ]
     peft_jobs = []
     if Path(args.peft_python).exists() and not args.smoke:
         peft_jobs = [
@@ -255,6 +281,9 @@ def main(argv: list[str] | None = None) -> dict:
             for m in ("full", "lora")
             for compiled in (False, True)
         ]
+        if first == "minilm":
+            peft_jobs += [{**job, "dropout": False} for job in peft_jobs if job["length"] == first_length]
+            peft_jobs = [job for job in peft_jobs if not (job.get("dropout") is False and job["compile"])]
     else:
         print("PEFT baseline skipped: no Python with torch, transformers and peft at --peft-python")
     runs: dict[tuple, list[dict]] = {}
@@ -277,9 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = []
     for w, n in shapes:
-        full = by_key[(w, n, "full")]
         for key in [k for k in by_key if k[:2] == (w, n)]:
             r = by_key[key]
+            full = by_key[(w, n, "full" + (DROPOUT_OFF if key[2].endswith(DROPOUT_OFF) else ""))]
             jax_row = "compile_s" in r
             rows.append(
                 [
@@ -300,10 +329,11 @@ def main(argv: list[str] | None = None) -> dict:
     for (w, n, method), r in by_key.items():
         if not method.startswith("lora-factored"):
             continue
-        full = by_key[(w, n, "full")]
+        off = DROPOUT_OFF if method.endswith(DROPOUT_OFF) else ""
+        full = by_key[(w, n, "full" + off)]
         versus = [("own full fine-tuning", full)] + [
             (peer, by_key[(w, n, peer)])
-            for peer in ("PEFT lora", "PEFT lora + torch.compile")
+            for peer in (f"PEFT lora{off}", f"PEFT lora + torch.compile{off}")
             if (w, n, peer) in by_key
         ]
         for peer, other in versus:
@@ -331,7 +361,9 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     text = (
         f"Batch 32 for MiniLM (LoRA q,v r=8 + head), batch 8 for the GPT-2-small-shaped decoder (LoRA on all "
-        f"linear kernels, r=8); AdamW; the models' own dropout (0.1) on in every row, LoRA dropout off. "
+        f"linear kernels, r=8); AdamW; the models' own dropout (0.1) on in every row but those marked "
+        f"`dropout off` (every dropout rate zero, in every implementation: the issue's own baseline); LoRA "
+        f"dropout off. "
         f"Each row: the median over {args.rounds} rounds of the median of {repeats} steps after compilation, "
         f"every configuration in its own process once per round, in turn. PEFT rows: Hugging Face PEFT on "
         f"PyTorch CPU, eager and under `torch.compile`. XLA flags chosen: `{best_flags or '(none)'}`.\n\n"

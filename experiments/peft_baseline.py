@@ -6,7 +6,8 @@ Run by ``experiments.bench_train`` with a Python that has torch, transformers an
     python -m experiments.peft_baseline --worker '{"length": 64, "method": "lora", "repeats": 8, "threads": 2,
                                                    "model_path": "...", "compile": false}'
 
-``"compile": true`` wraps the model in ``torch.compile`` (inductor, which needs a C++ compiler).
+``"compile": true`` wraps the model in ``torch.compile`` (inductor, which needs a C++ compiler);
+``"dropout": false`` sets the model's dropout rates to zero.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def worker(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     torch.manual_seed(0)
-    model = BertForSequenceClassification.from_pretrained(job["model_path"], num_labels=2)
+    off = {} if job.get("dropout", True) else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = BertForSequenceClassification.from_pretrained(job["model_path"], num_labels=2, **off)
     if job["method"] == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -148,11 +148,25 @@ def test_subspace_similarity_reference():
     np.testing.assert_allclose(subspace.similarity(a, b)[2, 4], expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["minilm", "gpt2-small"])
+def test_bench_train_workload_without_dropout_ignores_the_key(name):
+    import jax
+
+    bench_train = load("bench_train")
+    losses = {}
+    for dropout in (True, False):
+        _, params, batch, _, loss = bench_train.workload(name, 8, smoke=True, dropout=dropout)
+        losses[dropout] = [float(loss(params, batch, jax.random.key(seed))) for seed in (0, 1)]
+    assert losses[True][0] != losses[True][1]  # dropout on: the key changes the masks
+    assert losses[False][0] == losses[False][1]  # every rate zero: nothing random is left
+
+
 @pytest.mark.slow  # four processes, each compiling a training step; CI runs it with the slow tests
 def test_bench_train_smoke(tmp_path):
     out = load("bench_train").main(["--smoke", "--results-dir", str(tmp_path)])
-    by_method = {r["method"]: r for r in out["results"] if "remat" not in r}
+    by_method = {r["method"]: r for r in out["results"] if "remat" not in r and "dropout" not in r}
     assert set(by_method) == {"full", "lora-combine", "lora-factored"}
+    assert sorted(r["method"] for r in out["results"] if r.get("dropout") is False) == ["full", "lora-factored"]
     # Adapters and their moments are a small fraction of full fine-tuning's.
     assert by_method["lora-factored"]["optimizer_bytes"] < 0.1 * by_method["full"]["optimizer_bytes"]
     assert by_method["lora-factored"]["trainable_bytes"] == by_method["lora-combine"]["trainable_bytes"]
