@@ -575,6 +575,27 @@ def test_glue_budget_more_seeds_extend_the_cached_result(tmp_path, monkeypatch):
     assert extended["search"] == one["search"] and extended["steps"] == one["steps"]
 
 
+def test_glue_budget_check_pruning_trains_the_dropped_rates_to_the_budget(tmp_path):
+    budget = load("glue_budget")
+    args = ["--smoke", "--cache", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")]
+    plain = budget.main(args)["rte"]
+    checked = budget.main([*args, "--check-pruning"])["rte"]
+    _, lora = budget.SMOKE.methods
+    dropped = [r for r in plain["search"][lora.name] if r["steps"] < plain["steps"]]
+    extra = checked["unpruned"][lora.name]
+    assert [r["learning_rate"] for r in extra] == [r["learning_rate"] for r in dropped] and extra
+    for before, after in zip(dropped, extra):
+        assert after["steps"] == plain["steps"]
+        # The same run, gone on: its curve up to the selection step is the search's.
+        assert after["curve"][: len(before["curve"])] == before["curve"]
+    assert set(checked["unpruned"]) == {lora.name}  # full FT's end is the budget: nothing to check
+    text = (tmp_path / "results" / "glue_budget_smoke.md").read_text()
+    assert "## Had every rate gone on to the budget" in text and "best held-out at the budget" in text
+    assert "Rates were compared after the selection step only" not in text
+    # Stored with the result: a later call reads it and trains nothing more.
+    assert budget.main([*args, "--cached-only"])["rte"] == checked
+
+
 def _orthonormal(rng, n, r):
     return np.linalg.qr(rng.normal(size=(n, r)))[0]
 
