@@ -2,6 +2,7 @@
 of the training set, learning curves on dev, training until full fine-tuning's dev metric stops improving.
 
     python -m experiments.glue_budget --tasks rte cola sst2 --seeds 1   # the runs (cached under runs/glue_budget)
+    python -m experiments.glue_budget --tasks cola --seeds 3 --check-pruning --name glue_budget_cola
     python -m experiments.glue_budget --smoke                           # seconds, for the tests
 
 The protocol, per task:
@@ -19,7 +20,10 @@ The protocol, per task:
 4. Every other method (LoRA q,v r=8; on SST-2 also r=1) does the same with the budget as its end and no
    patience: each rate to the selection step (or the budget, if sooner), the best on held-out on to the
    budget.
-5. Further seeds rerun each method at its chosen rate for the budget.
+5. Further seeds rerun each method at its chosen rate for the budget. Asking for more seeds than a cached
+   result holds adds only the missing ones: its search and runs stand.
+6. ``--check-pruning`` (a diagnostic, cached with the result): every rate dropped at the selection step
+   trains on to the budget (seed 0), and the report shows which rate held-out would pick there.
 
 Dropping the other rates at the selection step (successive halving) is what lets this fit two CPU cores;
 a run that goes on is exactly the run that would have gone there at once, since the schedule is fixed by
