@@ -3,6 +3,7 @@
 import functools
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -249,3 +250,31 @@ def test_remat_policies_change_memory_not_numbers(name, scan, policy):
         np.testing.assert_allclose(remat_flat, flat, rtol=1e-4, atol=1e-5 * float(np.abs(flat).max()))
     with pytest.raises(models.ConfigError, match="remat='dots'.*nothing_saveable"):
         model.clone(remat="dots").apply({"params": params}, ids)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_is_the_two_pass_layer_norm(dtype):
+    from lora_jax.models.common.layers import LayerNorm
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(3.0 + 2.0 * rng.normal(size=(4, 5, 48)), dtype)
+    norm = LayerNorm(1e-12, dtype=dtype, param_dtype=dtype)
+    params = {"scale": jnp.asarray(rng.normal(size=48), dtype), "bias": jnp.asarray(rng.normal(size=48), dtype)}
+    out = norm.apply({"params": params}, x)
+    # Against numpy in float64 from the same (rounded) inputs.
+    x64, scale, bias = (np.asarray(a, np.float64) for a in (x, params["scale"], params["bias"]))
+    centered = x64 - x64.mean(-1, keepdims=True)
+    want = centered / np.sqrt((centered**2).mean(-1, keepdims=True) + 1e-12) * scale + bias
+    assert out.dtype == dtype
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=tolerance, atol=tolerance)
+    # Its gradient is flax's two-pass LayerNorm's.
+    flax_norm = nn.LayerNorm(epsilon=1e-12, dtype=dtype, param_dtype=dtype, use_fast_variance=False)
+    grads = [
+        jax.grad(lambda v, m=m: jnp.sum(m.apply({"params": params}, v).astype(jnp.float32) ** 2))(x)
+        for m in (norm, flax_norm)
+    ]
+    assert grads[0].dtype == dtype
+    np.testing.assert_allclose(
+        np.asarray(grads[0], np.float32), np.asarray(grads[1], np.float32), rtol=tolerance, atol=10 * tolerance
+    )
