@@ -556,6 +556,7 @@ def test_glue_budget_smoke(tmp_path):
     )
 
 
+@pytest.mark.slow  # the smoke protocol three times over; CI runs it with the slow tests
 def test_glue_budget_more_seeds_extend_the_cached_result(tmp_path, monkeypatch):
     budget = load("glue_budget")
     args = ["--smoke", "--results-dir", str(tmp_path / "results")]
@@ -575,6 +576,7 @@ def test_glue_budget_more_seeds_extend_the_cached_result(tmp_path, monkeypatch):
     assert extended["search"] == one["search"] and extended["steps"] == one["steps"]
 
 
+@pytest.mark.slow  # the smoke protocol three times over; CI runs it with the slow tests
 def test_glue_budget_check_pruning_trains_the_dropped_rates_to_the_budget(tmp_path):
     budget = load("glue_budget")
     args = ["--smoke", "--cache", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")]
