@@ -420,6 +420,29 @@ def search(setup: Setup, method: Method, select: int, until: int, patience: int 
     return records, chosen
 
 
+def setup_for(budget: Budget, bases: dict[str, Base]) -> Setup:
+    """Return the task's :class:`Setup` on its base model, loading the model into ``bases`` once."""
+    if budget.model not in bases:
+        bases[budget.model] = load_base(budget.model)
+    return load(budget, bases[budget.model])
+
+
+def cache_path(cache: Path, budget: Budget, seeds: int) -> Path:
+    """Return where :func:`cached_task` keeps the results of ``budget`` with ``seeds`` seeds."""
+    return cache / f"{budget.task}-{task_key(budget, seeds)}.json"
+
+
+def read_cached(path: Path) -> dict:
+    """Return a cached result, refusing one that is not the JSON this module writes."""
+    try:
+        result = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a cached result ({err}); delete it to run the task again") from err
+    if not isinstance(result, dict) or not {"task", "steps", "search", "chosen", "runs"} <= set(result):
+        raise ValueError(f"{path}: not a cached result (keys missing); delete it to run the task again")
+    return result
+
+
 def task_key(budget: Budget, seeds: int) -> str:
     """Return the cache name of one task's results: a hash of its budget (methods and grids included) and seeds."""
     fields = {"budget": dataclasses.asdict(budget), "seeds": seeds}
@@ -439,10 +462,7 @@ def run_task(budget: Budget, seeds: int, bases: dict[str, Base] | None = None) -
       selection step), "search": {method: [seed-0 records, one per rate]}, "chosen": {method: record},
       "runs": {method: [the chosen rate's records, one per seed]}}``: JSON data.
     """
-    bases = {} if bases is None else bases
-    if budget.model not in bases:
-        bases[budget.model] = load_base(budget.model)
-    setup = load(budget, bases[budget.model])
+    setup = setup_for(budget, {} if bases is None else bases)
     full, others = budget.methods[0], budget.methods[1:]
     grid, chosen, select = {}, {}, {}
     select[full.name] = min(budget.select_steps, budget.max_steps)
@@ -486,20 +506,18 @@ def cached_task(budget: Budget, seeds: int, cache: Path, bases: dict[str, Base],
     Raises:
       NotCached: ``cached_only`` and the cache lacks it.
     """
-    path = cache / f"{budget.task}-{task_key(budget, seeds)}.json"
+    path = cache_path(cache, budget, seeds)
     if path.exists():
-        return json.loads(path.read_text())
+        return read_cached(path)
     if cached_only:
         raise NotCached(f"{path} does not exist")
-    fewer = [cache / f"{budget.task}-{task_key(budget, n)}.json" for n in range(seeds - 1, 0, -1)]
+    fewer = [cache_path(cache, budget, n) for n in range(seeds - 1, 0, -1)]
     found = next((f for f in fewer if f.exists()), None)
     if found is None:
         result = run_task(budget, seeds, bases)
     else:  # the same budget with fewer seeds: its search and runs stand, only the missing seeds run
         print(f"{budget.task}: adding seeds to {found}")
-        if budget.model not in bases:
-            bases[budget.model] = load_base(budget.model)
-        result = add_seeds(json.loads(found.read_text()), budget, seeds, load(budget, bases[budget.model]))
+        result = add_seeds(read_cached(found), budget, seeds, setup_for(budget, bases))
     result = json.loads(json.dumps(result))  # as a later read gives it: lists, not tuples
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(result, indent=1), overwrite=True)
@@ -741,6 +759,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
     parser.add_argument("--name", default=None, help="output file stem (default glue_budget, or glue_budget_smoke)")
     args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds {args.seeds}: give 1 or more")
     budgets = {"smoke": SMOKE} if args.smoke else {task: BUDGETS[task] for task in args.tasks}
     if not args.smoke:  # later processes reuse this one's compilations (same shapes, same rate-free programs)
         jax.config.update("jax_compilation_cache_dir", str((args.cache / "jax-compilation-cache").resolve()))
@@ -752,11 +772,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             print(f"{budget.task}: left out, {missing}")
             continue
         if args.check_pruning and "unpruned" not in results[budget.task]:
-            if budget.model not in bases:
-                bases[budget.model] = load_base(budget.model)
-            checked = check_pruning(results[budget.task], budget, load(budget, bases[budget.model]))
-            path = args.cache / f"{budget.task}-{task_key(budget, args.seeds)}.json"
-            write_text(path, json.dumps(checked, indent=1), overwrite=True)
+            checked = check_pruning(results[budget.task], budget, setup_for(budget, bases))
+            write_text(cache_path(args.cache, budget, args.seeds), json.dumps(checked, indent=1), overwrite=True)
             results[budget.task] = json.loads(json.dumps(checked))
     if not results:
         print("no task to report; nothing written")

@@ -598,6 +598,21 @@ def test_glue_budget_check_pruning_trains_the_dropped_rates_to_the_budget(tmp_pa
     assert budget.main([*args, "--cached-only"])["rte"] == checked
 
 
+def test_glue_budget_refuses_a_damaged_cache_file_and_zero_seeds(tmp_path):
+    budget = load("glue_budget")
+    cache = tmp_path / "cache"
+    path = budget.cache_path(cache, budget.SMOKE, 1)
+    path.parent.mkdir(parents=True)
+    for damaged in ('{"task": "rte"', '{"task": "rte"}', "[1, 2]"):
+        path.write_text(damaged)
+        with pytest.raises(ValueError, match=f"{path}: not a cached result.*delete it"):
+            budget.main(["--smoke", "--cache", str(cache), "--results-dir", str(tmp_path / "results")])
+        assert path.read_text() == damaged  # refused, not replaced
+    with pytest.raises(SystemExit):
+        budget.main(["--smoke", "--seeds", "0", "--cache", str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()
+
+
 def _orthonormal(rng, n, r):
     return np.linalg.qr(rng.normal(size=(n, r)))[0]
 
