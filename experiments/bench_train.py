@@ -50,11 +50,14 @@ def tree_bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape"))
 
 
-def workload(name: str, length: int, smoke: bool, remat: str | None = None, dropout: bool = True):
+def workload(
+    name: str, length: int, smoke: bool, remat: str | None = None, dropout: bool = True, chunk: int | None = None
+):
     """(apply_fn, params, batch, lora spec, loss_fn) for a named workload; ``loss_fn(params, batch, rng)``.
 
     ``remat`` names the blocks' rematerialization policy (``lora_jax.models.REMAT_POLICIES``), None for none;
-    ``dropout=False`` sets the model's dropout rates to zero.
+    ``dropout=False`` sets the model's dropout rates to zero; ``chunk`` (decoders) forms the LM loss's logits
+    that many positions at a time (``lora_jax.training.causal_lm``), None all at once.
     """
     import dataclasses
 
@@ -104,12 +107,8 @@ def workload(name: str, length: int, smoke: bool, remat: str | None = None, drop
             "loss_mask": np.ones((batch_size, length), np.float32),  # every next token counts
         }
 
-        def apply_fn(p, b, r):
-            return model.apply(
-                {"params": p}, b["input_ids"], deterministic=r is None, rngs=None if r is None else {"dropout": r}
-            ).logits
-
-        loss = training.causal_lm(apply_fn).loss
+        apply_fn = models.causal_lm_apply_fn(model)
+        loss = training.causal_lm(models.causal_lm_apply_fn(model, head=chunk is None), chunk).loss
         spec = models.lora_spec(model, "all-linear", rank=8, alpha=16)
     return apply_fn, params, batch, spec, loss
 

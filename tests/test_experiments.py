@@ -291,6 +291,8 @@ def test_bench_memory_smoke(tmp_path):
     for method in ("full", "lora"):  # two moments per trainable scalar, plus step counters
         assert 0 <= out[method]["optimizer_bytes"] - 2 * out[method]["trainable_bytes"] <= 64
     assert out["lora"]["temp_bytes"] < out["full"]["temp_bytes"]
+    for method in ("full", "lora"):  # the chunked LM loss keeps less than the whole logits
+        assert out["decoder"][(method, 64)] < out["decoder"][(method, None)]
 
 
 def test_run_cache_key_follows_the_default_learning_rate(tmp_path):

@@ -281,19 +281,6 @@ def test_classification_on_tiny_bert():
         training.classification(apply_fn, ("auc",))
 
 
-def _lm_apply(model):
-    def apply_fn(params, batch, rng):
-        return model.apply(
-            {"params": params},
-            batch["input_ids"],
-            batch["attention_mask"],
-            deterministic=rng is None,
-            rngs=None if rng is None else {"dropout": rng},
-        ).logits
-
-    return apply_fn
-
-
 def _lm_batch(seed, prompt_lengths, lengths, length=10):
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, 96, (len(lengths), length)).astype(np.int32)
@@ -322,7 +309,7 @@ def _hand_nll(logits, batch):
 def test_causal_lm_on_the_bundled_decoders(name):
     models = pytest.importorskip("lora_jax.models")
     model, params = models.from_pretrained(MODELS / name)
-    apply_fn = _lm_apply(model)
+    apply_fn = models.causal_lm_apply_fn(model)
     task = training.causal_lm(apply_fn)
     batch = _lm_batch(0, prompt_lengths=[3, 5, 2], lengths=[10, 8, 6])
     assert batch["loss_mask"][1].tolist() == [0] * 5 + [1] * 3 + [0] * 2
@@ -345,6 +332,55 @@ def test_causal_lm_on_the_bundled_decoders(name):
     spec = models.lora_spec(model, "all-linear", rank=4)
     _, losses = _steps(task, params, spec, batch, steps=10, lr=2e-2)
     assert losses[-1] < 0.8 * losses[0]
+
+
+# The tied Llama reads its head as GPT-2 does; CI runs it with the slow tests.
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama", pytest.param("tiny_llama_tied", marks=pytest.mark.slow)])
+def test_chunked_causal_lm_equals_the_whole_logits(name):
+    models = pytest.importorskip("lora_jax.models")
+    model, params = models.from_pretrained(MODELS / name)
+    batch = _lm_batch(2, prompt_lengths=[3, 5, 2], lengths=[10, 8, 6])
+    total, count = _hand_nll(models.causal_lm_apply_fn(model)(params, batch, None), batch)
+    split_fn = models.causal_lm_apply_fn(model, head=False)
+    # 27 positions: a chunk that divides them, one that leaves a padded remainder, one chunk for all.
+    for chunk in (9, 4, 4096):
+        loss = jax.jit(training.causal_lm(split_fn, chunk=chunk).loss)
+        np.testing.assert_allclose(loss(params, batch, None), total / count, rtol=1e-5)
+    chunked = training.causal_lm(split_fn, chunk=4)
+    np.testing.assert_allclose(chunked.evaluate(params, [batch])["nll"], total / count, rtol=1e-5)
+
+    # Gradients of the adapters through the factored step, and of every base weight (the tied head included).
+    spec = models.lora_spec(model, "all-linear", rank=4)
+    lora = jax.tree.map(lambda x: x + 0.05, lj.init(jax.random.key(1), params, spec))  # B != 0: adapters count
+
+    def grads(task):
+        step_loss = training.train_step(task.loss, spec, optax.sgd(1.0)).loss
+        return jax.jit(jax.grad(step_loss, argnums=1))(params, lora, batch, None), jax.jit(jax.grad(task.loss))(
+            params, batch, None
+        )
+
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+        grads(chunked),
+        grads(training.causal_lm(models.causal_lm_apply_fn(model))),
+    )
+
+
+def test_chunked_causal_lm_refuses_what_it_cannot_use():
+    models = pytest.importorskip("lora_jax.models")
+    model, params = models.from_pretrained(MODELS / "tiny_gpt2")
+    batch = _lm_batch(0, prompt_lengths=[3], lengths=[10])
+    for chunk in (0, -4, 2.5, True):
+        with pytest.raises(lj.LoraError, match=rf"chunk={chunk!r} must be a positive number of positions"):
+            training.causal_lm(models.causal_lm_apply_fn(model, head=False), chunk=chunk)  # pyright: ignore
+    logits_fn, split_fn = models.causal_lm_apply_fn(model), models.causal_lm_apply_fn(model, head=False)
+    with pytest.raises(lj.LoraError, match=r"with chunk=8, apply_fn must return \(hidden.*not ArrayImpl.*head=False"):
+        training.causal_lm(logits_fn, chunk=8).loss(params, batch, None)
+    with pytest.raises(lj.LoraError, match="apply_fn returned a tuple: return logits"):
+        training.causal_lm(split_fn).loss(params, batch, None)
+    hidden, head = split_fn(params, batch, None)
+    with pytest.raises(lj.LoraError, match=r"hidden \(1, 10, 32\) and head_kernel \(96, 32\) must be"):
+        training.chunked_next_token_nll(hidden, head.T, batch["input_ids"], batch["loss_mask"], 4)
 
 
 # Checkpoints ------------------------------------------------------------------------

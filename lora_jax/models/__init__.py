@@ -32,7 +32,7 @@ from lora_jax.models.bert import (
 from lora_jax.models.bundled import ARCHITECTURES
 from lora_jax.models.common.config import ConfigError
 from lora_jax.models.common.convert import CheckpointError
-from lora_jax.models.common.decoder import CausalLM, DecoderBlock, DecoderOutput
+from lora_jax.models.common.decoder import CausalLM, DecoderBlock, DecoderHidden, DecoderOutput, causal_lm_apply_fn
 from lora_jax.models.common.export import checkpoint_tensors, save_pretrained
 from lora_jax.models.common.generate import cache_for, generate
 from lora_jax.models.common.layers import init_cache
@@ -68,6 +68,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DecoderBlock",
+    "DecoderHidden",
     "DecoderOutput",
     "GPT2Config",
     "GPT2LMHeadModel",
@@ -78,6 +79,7 @@ __all__ = [
     "Registry",
     "build_model",
     "cache_for",
+    "causal_lm_apply_fn",
     "checkpoint_tensors",
     "classifier_apply_fn",
     "checkpoint_files",

@@ -9,7 +9,8 @@ its loss reads:
   cross-entropy; accuracy, F1 and MCC of the argmax predictions.
 - :func:`causal_lm`: ``input_ids [B, T]`` and ``loss_mask [B, T]``; next-token
   cross-entropy over the tokens the mask marks (an answer, not its prompt or
-  padding); perplexity.
+  padding); perplexity. With ``chunk`` it takes ``apply_fn -> (hidden, head_kernel)``
+  and never forms the ``[B, T, V]`` logits (:func:`chunked_next_token_nll`).
 
 ``Objective.loss(params, batch, rng) -> scalar`` is what :func:`lora_jax.training.train_step`
 takes; ``Objective.evaluate(params, batches) -> {name: value}`` scores a plain
@@ -36,6 +37,8 @@ from lora_jax.typing import PyTree
 Batch = Mapping[str, np.ndarray | jax.Array]
 ApplyFn = Callable[[PyTree, Batch, jax.Array | None], jax.Array]
 """``(params, batch, rng | None) -> logits``: the model, reading its inputs from the batch."""
+LmApplyFn = Callable[[PyTree, Batch, jax.Array | None], jax.Array | tuple[jax.Array, jax.Array]]
+""":func:`causal_lm`'s model: ``-> logits [B, T, V]``, or with ``chunk`` ``-> (hidden [B, T, D], head [D, V])``."""
 Evaluate = Callable[[PyTree, Iterable[Batch]], dict[str, float]]
 """``(params, batches) -> {metric: value}`` on a plain (merged) param tree."""
 
@@ -115,6 +118,58 @@ def next_token_nll(logits: jax.Array, input_ids: ArrayLike, loss_mask: ArrayLike
         return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+def _check_chunk(chunk: object) -> None:
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise LoraError(f"chunk={chunk!r} must be a positive number of positions, e.g. 256")
+
+
+def chunked_next_token_nll(
+    hidden: jax.Array, head_kernel: jax.Array, input_ids: ArrayLike, loss_mask: ArrayLike, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """Return :func:`next_token_nll` of the logits ``hidden @ head_kernel``, ``chunk`` positions at a time.
+
+    The logits ``[B, T, V]`` are never formed whole: a scan forms ``[chunk, V]`` of
+    them at a time, in ``hidden``'s dtype and then float32 as the model's head does,
+    and the backward pass forms each chunk again instead of keeping it. With a vocabulary
+    of 50,257 the whole logits of 8 x 256 tokens are 392 MiB in float32, and their
+    gradient as much again.
+
+    Args:
+      hidden: ``[B, T, D]``, the final hidden states (what the LM head reads).
+      head_kernel: ``[D, V]``, the LM head (the token embedding, transposed, when tied).
+      input_ids, loss_mask: ``[B, T]``, as for :func:`next_token_nll`.
+      chunk: positions (over all rows) whose logits are formed at once.
+    """
+    _check_chunk(chunk)
+    if hidden.ndim != 3 or head_kernel.ndim != 2 or head_kernel.shape[0] != hidden.shape[-1]:
+        raise LoraError(
+            f"hidden {tuple(hidden.shape)} and head_kernel {tuple(head_kernel.shape)} must be [B, T, D] and [D, V]"
+        )
+    with jax.named_scope("loss"):
+        width = hidden.shape[-1]
+        x = hidden[:, :-1].reshape(-1, width)
+        targets = jnp.asarray(input_ids)[:, 1:].reshape(-1)
+        mask = jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32).reshape(-1)
+        chunk = min(chunk, x.shape[0])
+        chunks = -(-x.shape[0] // chunk)
+        pad = chunks * chunk - x.shape[0]  # padded positions have mask 0: they add nothing, forward or back
+        x = jnp.pad(x, ((0, pad), (0, 0))).reshape(chunks, chunk, width)
+        targets = jnp.pad(targets, (0, pad)).reshape(chunks, chunk)
+        mask = jnp.pad(mask, (0, pad)).reshape(chunks, chunk)
+        kernel = head_kernel.astype(hidden.dtype)
+
+        @jax.checkpoint  # keep a chunk's hidden states, not its logits
+        def chunk_nll(kernel: jax.Array, x: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+            logits = jnp.dot(x, kernel).astype(jnp.float32)
+            return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask)
+
+        def add_chunk(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
+            return total + chunk_nll(kernel, *xs), None
+
+        total, _ = jax.lax.scan(add_chunk, jnp.zeros((), jnp.float32), (x, targets, mask))
+        return total, jnp.sum(mask)
+
+
 def causal_lm_loss(logits: jax.Array, input_ids: ArrayLike, loss_mask: ArrayLike) -> jax.Array:
     """Return the mean next-token cross-entropy over the tokens ``loss_mask`` marks (see :func:`next_token_nll`)."""
     total, count = next_token_nll(logits, input_ids, loss_mask)
@@ -133,7 +188,7 @@ def completion_mask(prompt_lengths: Sequence[int], lengths: Sequence[int], lengt
     return ((positions >= prompt) & (positions < end)).astype(np.float32)
 
 
-def causal_lm(apply_fn: ApplyFn) -> Objective:
+def causal_lm(apply_fn: LmApplyFn, chunk: int | None = None) -> Objective:
     """Build the causal language modelling task: next-token loss under a prompt mask, perplexity.
 
     Batch keys, besides any other model inputs ``apply_fn`` reads (e.g.
@@ -145,25 +200,43 @@ def causal_lm(apply_fn: ApplyFn) -> Objective:
         :func:`completion_mask`.
 
     Args:
-      apply_fn: ``(params, batch, rng | None) -> logits [B, T, V]``.
+      apply_fn: ``(params, batch, rng | None) -> logits [B, T, V]``; with ``chunk``,
+        ``-> (hidden [B, T, D], head_kernel [D, V])`` instead (see
+        :func:`lora_jax.models.causal_lm_apply_fn`).
+      chunk: form the logits this many positions at a time (:func:`chunked_next_token_nll`),
+        in the loss and in the evaluation; None forms them whole.
 
     Returns:
       ``Objective(loss, evaluate)``; ``loss`` is the mean cross-entropy over the
       marked tokens of the batch, ``evaluate`` returns ``{"nll": mean over
       every marked token of all batches, "perplexity": exp(nll)}``.
     """
+    if chunk is not None:
+        _check_chunk(chunk)
+
+    def sums(params: PyTree, batch: Batch, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        out = apply_fn(params, batch, rng)
+        if chunk is None:
+            if isinstance(out, tuple):
+                raise LoraError("apply_fn returned a tuple: return logits [B, T, V], or pass chunk= to take one")
+            return next_token_nll(out, batch["input_ids"], batch["loss_mask"])
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise LoraError(
+                f"with chunk={chunk}, apply_fn must return (hidden [B, T, D], head_kernel [D, V]), not "
+                f"{type(out).__name__}: build it with lora_jax.models.causal_lm_apply_fn(model, head=False)"
+            )
+        return chunked_next_token_nll(*out, batch["input_ids"], batch["loss_mask"], chunk)
 
     def loss(params: PyTree, batch: Batch, rng: jax.Array | None) -> jax.Array:
-        return causal_lm_loss(apply_fn(params, batch, rng), batch["input_ids"], batch["loss_mask"])
+        total, count = sums(params, batch, rng)
+        return total / jnp.maximum(count, 1.0)
 
-    sums = jax.jit(
-        lambda params, batch: next_token_nll(apply_fn(params, batch, None), batch["input_ids"], batch["loss_mask"])
-    )
+    evaluation_sums = jax.jit(lambda params, batch: sums(params, batch, None))
 
     def evaluate(params: PyTree, batches: Iterable[Batch]) -> dict[str, float]:
         total, count = 0.0, 0.0
         for batch in batches:
-            nll, tokens = sums(params, batch)
+            nll, tokens = evaluation_sums(params, batch)
             total, count = total + float(nll), count + float(tokens)
         nll = total / max(count, 1.0)
         return {"nll": nll, "perplexity": math.exp(nll)}

@@ -4,8 +4,9 @@ A family fills in:
 
 1. its block (:class:`DecoderBlock` hooks ``norm``, ``attention``, ``mlp``, ``residual_dropout``):
    the norm, attention and MLP kinds of a pre-norm block, also used for the final norm;
-2. its ends (:class:`CausalLM` hooks ``embed`` and ``head``): token and position embeddings, and the
-   LM head (tied to the token embedding or its own ``lm_head``).
+2. its ends (:class:`CausalLM` hooks ``embed``, ``head`` and ``head_kernel``): token and position
+   embeddings, and the LM head (tied to the token embedding or its own ``lm_head``), whose kernel
+   ``head_kernel`` reads from a param tree for a loss that applies it in chunks.
 
 Param paths (unrolled; ``scan_layers=True`` gives ``decoder/layers/...`` with a leading layer axis)::
 
@@ -19,6 +20,7 @@ Param paths (unrolled; ``scan_layers=True`` gives ``decoder/layers/...`` with a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
@@ -32,6 +34,13 @@ from lora_jax.models.common.stacking import BlockStack
 class DecoderOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
     cache: Cache | None  # {"key", "value"} each [layers, B, S, K, Dh]
+
+
+class DecoderHidden(NamedTuple):
+    """What :class:`CausalLM` returns with ``head=False``: the head's input instead of its output."""
+
+    hidden: jax.Array  # [B, T, D], the final norm's output
+    cache: Cache | None
 
 
 def positions_and_mask(
@@ -121,6 +130,14 @@ class CausalLM(nn.Module):
         """Hook: final hidden states ``[B, T, D]`` -> logits ``[B, T, V]`` (``tokens.attend`` when tied)."""
         raise NotImplementedError
 
+    def head_kernel(self, params: Any) -> jax.Array:
+        """Hook: the kernel ``head`` multiplies by, ``[D, V]``, read from ``params`` (an unbound call).
+
+        ``hidden @ head_kernel(params)`` in the model's dtype, cast to float32, is the logits; a loss can
+        then form them a few positions at a time (:func:`lora_jax.training.chunked_next_token_nll`).
+        """
+        raise NotImplementedError
+
     @nn.compact
     def __call__(
         self,
@@ -130,7 +147,8 @@ class CausalLM(nn.Module):
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
         position_ids: jax.Array | None = None,
-    ) -> DecoderOutput:
+        head: bool = True,
+    ) -> DecoderOutput | DecoderHidden:
         """Next-token logits.
 
         Args:
@@ -142,6 +160,8 @@ class CausalLM(nn.Module):
           deterministic: False turns dropout on (needs a ``"dropout"`` RNG).
           position_ids: ``[B, T]`` positions (default: the cache slots,
             ``cache_index .. cache_index + T - 1``).
+          head: False skips the LM head and returns :class:`DecoderHidden`, for a loss that forms
+            the logits from the hidden states and :meth:`head_kernel` a chunk at a time.
 
         Returns:
           logits ``[B, T, V]`` and the updated cache (None without one).
@@ -156,4 +176,28 @@ class CausalLM(nn.Module):
         )
         x, cache = decoder(x, mask, positions, cache, cache_index)
         x = self.block.norm(cfg, **kw, name="final_norm")(x)
+        if not head:
+            return DecoderHidden(x, cache)
         return DecoderOutput(self.head(x, tokens).astype(jnp.float32), cache)
+
+
+def causal_lm_apply_fn(model: CausalLM, head: bool = True) -> Callable[..., Any]:
+    """``(params, batch, rng) -> logits [B, T, V]`` for :func:`lora_jax.training.causal_lm`.
+
+    ``batch`` holds ``input_ids`` and may hold ``attention_mask`` ``[B, T]``; dropout is on when ``rng``
+    is a key and off when it is ``None``. ``head=False`` returns ``(hidden [B, T, D], head_kernel [D, V])``
+    instead, for ``causal_lm(apply_fn, chunk=...)``, which never forms the whole logits.
+    """
+
+    def apply_fn(params: Any, batch: Any, rng: jax.Array | None) -> Any:
+        out: Any = model.apply(  # the module's output: DecoderOutput, or DecoderHidden without the head
+            {"params": params},
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            deterministic=rng is None,
+            rngs=None if rng is None else {"dropout": rng},
+            head=head,
+        )
+        return out.logits if head else (out.hidden, model.head_kernel(params))
+
+    return apply_fn

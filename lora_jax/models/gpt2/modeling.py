@@ -17,6 +17,8 @@ leading layer axis)::
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -86,3 +88,6 @@ class GPT2LMHeadModel(CausalLM):
 
     def head(self, x: jax.Array, tokens: nn.Embed) -> jax.Array:
         return tokens.attend(x)
+
+    def head_kernel(self, params: Any) -> jax.Array:
+        return params["token_embeddings"]["embedding"].T  # tied: [V, D] -> [D, V]

@@ -17,6 +17,8 @@ leading layer axis)::
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,3 +89,8 @@ class LlamaForCausalLM(CausalLM):
         init = nn.initializers.normal(cfg.initializer_range)
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         return nn.Dense(cfg.vocab_size, use_bias=False, kernel_init=init, **kw, name="lm_head")(x)
+
+    def head_kernel(self, params: Any) -> jax.Array:
+        if self.config.tie_word_embeddings:
+            return params["token_embeddings"]["embedding"].T  # [V, D] -> [D, V]
+        return params["lm_head"]["kernel"]
