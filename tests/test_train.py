@@ -383,6 +383,19 @@ def test_chunked_causal_lm_refuses_what_it_cannot_use():
         training.chunked_next_token_nll(hidden, head.T, batch["input_ids"], batch["loss_mask"], 4)
 
 
+def test_chunked_nll_against_numpy_and_of_one_token_rows():
+    rng = np.random.default_rng(3)
+    hidden, head = rng.normal(size=(2, 6, 4)).astype(np.float32), rng.normal(size=(4, 7)).astype(np.float32)
+    ids = rng.integers(0, 7, (2, 6)).astype(np.int32)
+    mask = np.array([[0, 1, 1, 0, 1, 1], [1, 1, 1, 1, 1, 0]], np.float32)
+    total, count = _hand_nll(hidden @ head, {"input_ids": ids, "loss_mask": mask})
+    got = training.chunked_next_token_nll(jnp.asarray(hidden), jnp.asarray(head), ids, mask, 3)
+    np.testing.assert_allclose(got, (total, count), rtol=1e-5)
+    # Rows of one token predict nothing: no position, no loss, as with the whole logits.
+    one = training.chunked_next_token_nll(jnp.asarray(hidden[:, :1]), jnp.asarray(head), ids[:, :1], mask[:, :1], 3)
+    assert [float(v) for v in one] == [0.0, 0.0]
+
+
 # Checkpoints ------------------------------------------------------------------------
 
 

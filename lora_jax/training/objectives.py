@@ -150,7 +150,7 @@ def chunked_next_token_nll(
         x = hidden[:, :-1].reshape(-1, width)
         targets = jnp.asarray(input_ids)[:, 1:].reshape(-1)
         mask = jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32).reshape(-1)
-        chunk = min(chunk, x.shape[0])
+        chunk = max(1, min(chunk, x.shape[0]))  # a one-token batch has no position to predict
         chunks = -(-x.shape[0] // chunk)
         pad = chunks * chunk - x.shape[0]  # padded positions have mask 0: they add nothing, forward or back
         x = jnp.pad(x, ((0, pad), (0, 0))).reshape(chunks, chunk, width)
