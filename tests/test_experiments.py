@@ -161,6 +161,17 @@ def test_bench_train_workload_without_dropout_ignores_the_key(name):
     assert losses[False][0] == losses[False][1]  # every rate zero: nothing random is left
 
 
+def test_bench_train_decoder_workload_with_a_chunked_loss_is_the_same_loss():
+    bench_train = load("bench_train")
+    _, params, batch, _, whole = bench_train.workload("gpt2-small", 8, smoke=True)
+    _, _, _, _, chunked = bench_train.workload("gpt2-small", 8, smoke=True, chunk=5)
+    import jax
+
+    np.testing.assert_allclose(jax.jit(chunked)(params, batch, None), jax.jit(whole)(params, batch, None), rtol=1e-5)
+    job = {"workload": "gpt2-small", "length": 256, "method": "lora-factored", "chunk": 256}
+    assert bench_train.row_key(job) == ("gpt2-small", 256, "lora-factored, LM loss in chunks of 256")
+
+
 @pytest.mark.slow  # four processes, each compiling a training step; CI runs it with the slow tests
 def test_bench_train_smoke(tmp_path):
     out = load("bench_train").main(["--smoke", "--results-dir", str(tmp_path)])
