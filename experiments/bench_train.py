@@ -158,6 +158,8 @@ def worker(job: dict) -> dict:
     start = time.perf_counter()
     step = step.lower(state, params, batch).compile()  # tracing (and the factored rewrite) + XLA
     compile_s = time.perf_counter() - start
+    if job.get("release_heap", True):  # as training.fit does after each compile
+        training.release_host_memory()
     memory = step.memory_analysis()
     temp_bytes = getattr(memory, "temp_size_in_bytes", float("nan")) if memory is not None else float("nan")
     state, loss_value, times = time_steps(step, state, params, batch, job["repeats"])

@@ -295,6 +295,7 @@ def test_quickstart_notebook_runs(monkeypatch):
     assert "max |merged - unmerged| =" in text and "KiB" in text
 
 
+@pytest.mark.slow  # compiles eight training steps, four in processes of their own; CI runs it with the slow tests
 def test_bench_memory_smoke(tmp_path):
     out = load("bench_memory").main(["--smoke", "--results-dir", str(tmp_path)])
     assert out["formula"] == out["tree"]  # 2 n d r 4 bytes plus the head, exactly
@@ -304,6 +305,7 @@ def test_bench_memory_smoke(tmp_path):
     assert out["lora"]["temp_bytes"] < out["full"]["temp_bytes"]
     for method in ("full", "lora"):  # the chunked LM loss keeps less than the whole logits
         assert out["decoder"][(method, 64)] < out["decoder"][(method, None)]
+    assert all(out["heap"][(method, True)] > 0 for method in ("full", "lora-factored"))
 
 
 def test_run_cache_key_follows_the_default_learning_rate(tmp_path):

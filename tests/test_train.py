@@ -396,6 +396,48 @@ def test_chunked_nll_against_numpy_and_of_one_token_rows():
     assert [float(v) for v in one] == [0.0, 0.0]
 
 
+def _resident_mib():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc (Linux)")
+def test_release_host_memory_hands_back_freed_heap():
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(64 * 1024) for _ in range(2400)]  # 150 MiB of heap, each block below mmap's threshold
+    for block in blocks:
+        ctypes.memset(block, 1, 64 * 1024)  # resident
+    for block in blocks[:-1]:  # the last stays: free() cannot shrink the heap from its top
+        libc.free(block)
+    held = _resident_mib()
+    assert training.release_host_memory()
+    assert _resident_mib() < held - 100  # the freed 150 MiB, less what malloc keeps
+    libc.free(blocks[-1])
+
+
+def test_fit_releases_the_heap_after_each_compile_and_evaluation(monkeypatch):
+    params, batch, loss_fn, spec = _plain_problem()
+    calls = []
+    monkeypatch.setattr(training.loop, "release_host_memory", lambda: calls.append(1) or True)
+    short = {k: v[:16] for k, v in batch.items()}
+    config = training.TrainConfig(steps=6, learning_rate=1e-2, eval_every=4)
+    training.fit(
+        loss_fn,
+        params,
+        spec,
+        config,
+        lambda epoch: [batch, short],  # two batch shapes: two compilations of the step
+        2,
+        evaluate=lambda p, bs: {"loss": float(np.mean([loss_fn(p, b, None) for b in bs]))},
+        eval_batches=lambda: [batch],
+        progress=False,
+    )
+    assert len(calls) == 2 + 2  # the two shapes, and the evaluations at steps 4 and 6
+
+
 # Checkpoints ------------------------------------------------------------------------
 
 

@@ -7,11 +7,13 @@
 - :mod:`~lora_jax.training.objectives`: :func:`classification` and :func:`causal_lm`.
 - :mod:`~lora_jax.training.checkpoints`: :class:`Checkpoints`, orbax with the spec signature.
 - :mod:`~lora_jax.training.metrics`: accuracy, F1, MCC on numpy predictions.
+- :mod:`~lora_jax.training.heap`: :func:`release_host_memory`, the heap compiling left, back to the OS.
 
 orbax and tqdm are imported when a checkpoint is opened or a loop runs, not here.
 """
 
 from lora_jax.training.checkpoints import Checkpoints, signature_differences
+from lora_jax.training.heap import release_host_memory
 from lora_jax.training.loop import (
     TrainConfig,
     fit,
@@ -53,6 +55,7 @@ __all__ = [
     "learning_rate_schedule",
     "make_optimizer",
     "next_token_nll",
+    "release_host_memory",
     "signature_differences",
     "state_step",
     "steps_for",

@@ -35,6 +35,7 @@ from lora_jax.plan import plan
 from lora_jax.prng import unrolled
 from lora_jax.spec import LoraSpec
 from lora_jax.training.checkpoints import Checkpoints
+from lora_jax.training.heap import release_host_memory
 from lora_jax.training.objectives import Batch, Evaluate
 from lora_jax.training.step import LossFn, TrainStep, train_step
 from lora_jax.typing import PathLike, PyTree
@@ -297,6 +298,7 @@ def fit(
         if evaluate is not None and eval_batches is not None:
             merged = jax.jit(merge, static_argnums=2)(params, state["lora"], spec)
             record({"step": step, "split": "eval", **evaluate(merged, eval_batches())})
+            release_host_memory()  # what compiling the evaluation left
 
     try:
         if checkpoints is not None:
@@ -319,9 +321,14 @@ def fit(
         # this check and a read of every step's own loss all cost the same within noise. The stop comes one step
         # late and names the first bad step; log and checkpoint steps read their own loss, fetched anyway.
         unchecked: tuple[int, jax.Array] | None = None
+        compiled: set[tuple] = set()  # batch shapes the step has compiled for
         for step in range(start + 1, config.steps + 1):
             batch = next(batches)
             state, loss = advance(state, params, batch)
+            shapes = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
+            if shapes not in compiled:  # this step compiled: hand back the heap the compiler freed
+                compiled.add(shapes)
+                release_host_memory()
             if unchecked is not None:
                 divergence.loss(*unchecked)
             unchecked = (step, loss)
