@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -171,7 +170,7 @@ def worker(job: dict) -> dict:
         "trainable_bytes": tree_bytes(state["lora"]),
         "optimizer_bytes": tree_bytes(state["opt_state"]),
         "xla_temp_bytes": temp_bytes,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": report.peak_rss_mib(),
         "loss": float(loss_value),
     }
 

@@ -188,8 +188,6 @@ def run(
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """The JSON-able part of a :func:`run` result."""
-    import resource
-
     return {
         "config": dataclasses.asdict(result["config"].with_defaults()),
         "metric": result["metric"],
@@ -199,7 +197,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "base": result["base"],
         "seconds": result["seconds"],
         "step_ms": result["step_ms"],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": report.peak_rss_mib(),
         "losses": [r["loss"] for r in result["records"] if r["split"] == "train"],
     }
 

@@ -27,6 +27,22 @@ def refuse_existing(parser: argparse.ArgumentParser, paths: Iterable[Path], over
             parser.error(f"{path} exists; pass --overwrite to replace it, or choose another output")
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory in MiB: Linux's ``VmHWM``, else ``ru_maxrss``.
+
+    ``VmHWM`` starts afresh when a process execs; ``ru_maxrss`` keeps the high-water mark of the process that
+    forked it, so a worker spawned by a process that had grown larger would report its parent's peak.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def environment() -> str:
     """One line naming the machine and the versions that shape the numbers."""
     import flax

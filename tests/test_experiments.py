@@ -295,6 +295,15 @@ def test_quickstart_notebook_runs(monkeypatch):
     assert "max |merged - unmerged| =" in text and "KiB" in text
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_peak_rss_of_a_worker_is_its_own_not_its_parents():
+    grown = np.ones(2**30 // 8)  # 1 GiB resident in this process, the parent
+    code = "from experiments import report; print(report.peak_rss_mib())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert float(out.stdout) < 700 < load("report").peak_rss_mib()
+    del grown
+
+
 @pytest.mark.slow  # compiles eight training steps, four in processes of their own; CI runs it with the slow tests
 def test_bench_memory_smoke(tmp_path):
     out = load("bench_memory").main(["--smoke", "--results-dir", str(tmp_path)])
