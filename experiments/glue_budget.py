@@ -630,7 +630,7 @@ def plot(path: Path, results: dict[str, dict]) -> None:
                 held = [p["heldout"] for p in run["curve"]]
                 ax.plot(steps, held, color=color, linestyle="--", alpha=0.7, label="held-out (train slice)")
         ax.axvline(result["steps"], color="grey", linestyle=":", label="budget")
-        ax.set_title(f"{task} ({result['metric']}); faint: the other rate")
+        ax.set_title(f"{task} ({result['metric']}); faint: the other rates")
         ax.set_xlabel("step")
         ax.set_ylabel("score x100")
         ax.legend(fontsize=7)
