@@ -136,7 +136,10 @@ class CausalLM(nn.Module):
         ``hidden @ head_kernel(params)`` in the model's dtype, cast to float32, is the logits; a loss can
         then form them a few positions at a time (:func:`lora_jax.training.chunked_next_token_nll`).
         """
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} does not say where its LM head's kernel is: implement head_kernel(params) -> "
+            "[D, V], or train with the whole logits (causal_lm_apply_fn(model), no chunk)"
+        )
 
     @nn.compact
     def __call__(
