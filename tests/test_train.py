@@ -381,6 +381,9 @@ def test_chunked_causal_lm_refuses_what_it_cannot_use():
     hidden, head = split_fn(params, batch, None)
     with pytest.raises(lj.LoraError, match=r"hidden \(1, 10, 32\) and head_kernel \(96, 32\) must be"):
         training.chunked_next_token_nll(hidden, head.T, batch["input_ids"], batch["loss_mask"], 4)
+    # A decoder family that does not say where its head's kernel is, says what to implement.
+    with pytest.raises(NotImplementedError, match=r"GPT2LMHeadModel does not say .* implement head_kernel"):
+        models.CausalLM.head_kernel(model, params)
 
 
 def test_chunked_nll_against_numpy_and_of_one_token_rows():
