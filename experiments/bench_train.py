@@ -35,8 +35,8 @@ HERE = Path(__file__).resolve().parent
 METHODS = ("full", "lora-combine", "lora-factored")
 LOW_MEMORY = {"method": "lora-factored", "remat": "nothing_saveable", "scheduler": "memory"}
 """The low-memory LoRA row: every block rematerialized, XLA:CPU's memory-minimizing scheduler (``bench_remat``)."""
-LM_CHUNK = 256
-"""The decoder rows with a chunked LM loss form the logits this many positions at a time (``"chunk"`` in a job)."""
+LM_CHUNK = 32
+"""Decoder rows with a chunked LM loss form the logits of this many positions of each row at a time (``"chunk"``)."""
 CANDIDATE_FLAGS = {
     "default": "",
     "legacy runtime": "--xla_cpu_use_thunk_runtime=false",

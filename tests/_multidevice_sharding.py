@@ -330,3 +330,30 @@ def test_quantized_base_trains_sharded():
     _close(runs[1][0], runs[0][0])
     np.testing.assert_allclose(runs[1][1], runs[0][1], **TOL)
     assert runs[0][1][-1] < runs[0][1][0]  # it trains
+
+
+def test_chunked_lm_loss_keeps_the_batch_sharded():
+    from lora_jax import training
+
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(16, 33, 8)).astype(np.float32)
+    head = rng.normal(size=(8, 50)).astype(np.float32)
+    ids = rng.integers(0, 50, (16, 33)).astype(np.int32)
+    mask = (rng.random((16, 33)) > 0.2).astype(np.float32)
+
+    def loss(hidden, head, ids, mask):
+        total, count = training.chunked_next_token_nll(hidden, head, ids, mask, 5)  # 32 positions: a remainder
+        return total / count
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    expected = grad(hidden, head, ids, mask)
+    mesh = dist.make_mesh((8,), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    placed = jax.device_put((hidden, ids, mask), rows)
+    compiled = grad.lower(placed[0], head, placed[1], placed[2]).compile()
+    # The chunks run along the positions: no row moves between devices, only the sums are reduced.
+    assert "all-gather" not in compiled.as_text() and "all-to-all" not in compiled.as_text()
+    got = compiled(placed[0], head, placed[1], placed[2])
+    np.testing.assert_allclose(got[0], expected[0], rtol=1e-5)
+    _close(jax.device_get(got[1]), jax.device_get(expected[1]))
+    assert got[1][0].sharding.is_equivalent_to(rows, 3)

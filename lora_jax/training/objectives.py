@@ -120,25 +120,25 @@ def next_token_nll(logits: jax.Array, input_ids: ArrayLike, loss_mask: ArrayLike
 
 def _check_chunk(chunk: object) -> None:
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise LoraError(f"chunk={chunk!r} must be a positive number of positions, e.g. 256")
+        raise LoraError(f"chunk={chunk!r} must be a positive number of positions, e.g. 32")
 
 
 def chunked_next_token_nll(
     hidden: jax.Array, head_kernel: jax.Array, input_ids: ArrayLike, loss_mask: ArrayLike, chunk: int
 ) -> tuple[jax.Array, jax.Array]:
-    """Return :func:`next_token_nll` of the logits ``hidden @ head_kernel``, ``chunk`` positions at a time.
+    """Return :func:`next_token_nll` of the logits ``hidden @ head_kernel``, ``chunk`` positions of each row at a time.
 
-    The logits ``[B, T, V]`` are never formed whole: a scan forms ``[chunk, V]`` of
-    them at a time, in ``hidden``'s dtype and then float32 as the model's head does,
-    and the backward pass forms each chunk again instead of keeping it. With a vocabulary
-    of 50,257 the whole logits of 8 x 256 tokens are 392 MiB in float32, and their
-    gradient as much again.
+    The logits ``[B, T, V]`` are never formed whole: a scan over the positions forms ``[B, chunk, V]``
+    of them at a time, in ``hidden``'s dtype and then float32 as the model's head does, and the backward
+    pass forms each chunk again instead of keeping it. With a vocabulary of 50,257 the whole logits of
+    8 x 256 tokens are 392 MiB in float32, and their gradient as much again. Chunks run along the
+    positions, never across rows, so a batch sharded over devices stays sharded.
 
     Args:
       hidden: ``[B, T, D]``, the final hidden states (what the LM head reads).
       head_kernel: ``[D, V]``, the LM head (the token embedding, transposed, when tied).
       input_ids, loss_mask: ``[B, T]``, as for :func:`next_token_nll`.
-      chunk: positions (over all rows) whose logits are formed at once.
+      chunk: positions of each row whose logits are formed at once.
     """
     _check_chunk(chunk)
     if hidden.ndim != 3 or head_kernel.ndim != 2 or head_kernel.shape[0] != hidden.shape[-1]:
@@ -146,21 +146,24 @@ def chunked_next_token_nll(
             f"hidden {tuple(hidden.shape)} and head_kernel {tuple(head_kernel.shape)} must be [B, T, D] and [D, V]"
         )
     with jax.named_scope("loss"):
-        width = hidden.shape[-1]
-        x = hidden[:, :-1].reshape(-1, width)
-        targets = jnp.asarray(input_ids)[:, 1:].reshape(-1)
-        mask = jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32).reshape(-1)
-        chunk = max(1, min(chunk, x.shape[0]))  # a one-token batch has no position to predict
-        chunks = -(-x.shape[0] // chunk)
-        pad = chunks * chunk - x.shape[0]  # padded positions have mask 0: they add nothing, forward or back
-        x = jnp.pad(x, ((0, pad), (0, 0))).reshape(chunks, chunk, width)
-        targets = jnp.pad(targets, (0, pad)).reshape(chunks, chunk)
-        mask = jnp.pad(mask, (0, pad)).reshape(chunks, chunk)
+        rows, positions = hidden.shape[0], hidden.shape[1] - 1
+        chunk = max(1, min(chunk, positions))  # rows of one token have no position to predict
+        chunks = -(-positions // chunk)
+        pad = chunks * chunk - positions  # padded positions have mask 0: they add nothing, forward or back
+
+        def by_chunk(a: jax.Array) -> jax.Array:
+            """``[B, T - 1, ...]`` -> ``[chunks, B, chunk, ...]``, padded along the positions."""
+            a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+            return jnp.swapaxes(a.reshape(rows, chunks, chunk, *a.shape[2:]), 0, 1)
+
+        x = by_chunk(hidden[:, :-1])
+        targets = by_chunk(jnp.asarray(input_ids)[:, 1:])
+        mask = by_chunk(jnp.asarray(loss_mask)[:, 1:].astype(jnp.float32))
         kernel = head_kernel.astype(hidden.dtype)
 
         @jax.checkpoint  # keep a chunk's hidden states, not its logits
         def chunk_nll(kernel: jax.Array, x: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-            logits = jnp.dot(x, kernel).astype(jnp.float32)
+            logits = jnp.dot(x, kernel).astype(jnp.float32)  # [B, chunk, V]
             return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, targets) * mask)
 
         def add_chunk(total: jax.Array, xs: tuple[jax.Array, ...]) -> tuple[jax.Array, None]:
@@ -203,7 +206,7 @@ def causal_lm(apply_fn: LmApplyFn, chunk: int | None = None) -> Objective:
       apply_fn: ``(params, batch, rng | None) -> logits [B, T, V]``; with ``chunk``,
         ``-> (hidden [B, T, D], head_kernel [D, V])`` instead (see
         :func:`lora_jax.models.causal_lm_apply_fn`).
-      chunk: form the logits this many positions at a time (:func:`chunked_next_token_nll`),
+      chunk: form the logits this many positions of each row at a time (:func:`chunked_next_token_nll`),
         in the loss and in the evaluation; None forms them whole.
 
     Returns:
