@@ -66,8 +66,11 @@ SLOW_HERE = frozenset(
         "tests/test_serve.py::test_kv_cache_generation_with_an_adapter_per_row[gpt2]",
         "tests/test_serve.py::test_kv_cache_generation_with_an_adapter_per_row[llama-scanned]",
         "tests/test_slices.py::test_merge_equals_separate_adapters_per_slice_and_leaves_the_rest_exactly",
+        "tests/test_train.py::test_causal_lm_on_the_bundled_decoders[tiny_gpt2]",
+        "tests/test_train.py::test_classification_on_tiny_bert",
         "tests/test_train.py::test_fit_reduces_loss_and_logs[False]",
         "tests/test_train.py::test_fit_reduces_loss_and_logs[True]",
+        "tests/test_train.py::test_killed_run_resumes_to_the_same_parameters",
     }
 )
 
