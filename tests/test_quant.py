@@ -443,6 +443,36 @@ def test_an_nf4_base_holds_fewer_step_argument_bytes():
     assert arguments(params) - arguments(q) >= saving
 
 
+def test_the_backward_pass_keeps_codes_not_dequantized_kernels():
+    """What the factored step keeps from forward to backward: the NF4 codes of each kernel, adapted or not.
+
+    Kept float copies of the base would cost more than the base saved; on a float base the same step does keep
+    the kernels (they are what ``dx = dy W0ᵀ`` needs), so this tells the two apart.
+    """
+    params = _mlp_params()
+    spec = lj.LoraSpec([lj.Rule("hidden/kernel", rank=4)])
+    q = quant.quantize(params, [(r"(hidden|mid)/kernel", "nf4")])
+    lora = _nonzero_lora(q, spec)
+    x = jax.random.normal(jax.random.key(3), (8, 32))
+    kernel_shapes = {(32, 128), (128, 64)}
+
+    def kept(base):
+        _, backward = jax.vjp(lambda lora, x: lj.factored(_mlp, spec)(base, lora, x), lora, x)
+        return [(leaf.shape, leaf.dtype) for leaf in jax.tree_util.tree_leaves(backward)]
+
+    assert {shape for shape, dtype in kept(params) if dtype == jnp.float32} >= kernel_shapes
+    on_codes = kept(q)
+    assert not any(shape in kernel_shapes for shape, _ in on_codes)
+    assert sum(1 for _, dtype in on_codes if dtype == jnp.uint8) >= 2
+    # The same gradients as on the dequantized copy of the base.
+    grads = [
+        jax.grad(lambda lora, base: jnp.sum(lj.factored(_mlp, spec)(base, lora, x) ** 2))(lora, base)
+        for base in (q, quant.dequantize(q))
+    ]
+    for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_merge_a_quantized_base_to_a_plain_tree_and_quantize_again():
     q = quant.quantize(_mlp_params(), RULES)
     lora = _nonzero_lora(q)

@@ -29,7 +29,7 @@ from lora_jax.factored.handlers import DEFAULT_HANDLERS, MATRIX_PRIMITIVES, STRU
 from lora_jax.factored.kernel import LowRankKernel
 from lora_jax.paths import flatten
 from lora_jax.plan import KernelLayout, Target, abstract_leaf
-from lora_jax.quant.array import as_array
+from lora_jax.quant.array import as_array, is_quantized, recompute_dequantized
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 from lora_jax.variants import variant_of
@@ -359,12 +359,10 @@ class Factored:
         fn = self.fn
         pairs = bind(params, lora, self.spec)
         flat_params, treedef = flatten(params)
-        leaves = [as_array(leaf) for _, leaf in flat_params]  # a quantized base dequantized here, inside the step
-        index = {path: i for i, (path, _) in enumerate(flat_params)}
-        inputs: list[Any] = list(leaves)
-        for target, value in pairs:
-            i = index[target.path]
-            inputs[i] = variant_of(target).factored(target, leaves[i], value, dropout_rng)
+        stored = [leaf for _, leaf in flat_params]
+        index = {target.path: index for index, (target, _) in enumerate(pairs)}
+        positions = [index.get(path) for path, _ in flat_params]
+        targets = [target for target, _ in pairs]
         # Array keyword arguments are traced like positional ones; the rest (flags such as
         # deterministic=True, strings, None) stay Python values, as fn's own code expects.
         traced = {k: v for k, v in kwargs.items() if _is_array(v)}
@@ -373,16 +371,30 @@ class Factored:
         def flat_fn(param_leaves: list[Any], args: tuple[Any, ...], traced: dict[str, Any]) -> Any:
             return fn(jax.tree_util.tree_unflatten(treedef, param_leaves), *args, **traced, **static)
 
-        abstract = [abstract_leaf(x) for x in leaves]
+        abstract = [abstract_leaf(x) for x in stored]
         closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(abstract, args, traced)
-        arg_leaves = jax.tree_util.tree_leaves((args, traced))
-        adapted = [target for target, _ in pairs if target.layout is not None]
+        adapted = [target for target in targets if target.layout is not None]
         layouts = {target.name: target.layout for target in adapted if target.layout is not None}
         interpreter = Interpreter(self.handlers, getattr(closed.jaxpr, "debug_info", None), layouts)
-        for value in inputs:
-            if not isinstance(value, LowRankKernel):
-                interpreter.mark_weight(value)
-        outs = interpreter.run(closed.jaxpr, list(closed.consts), [*inputs, *arg_leaves])
+
+        def evaluate(stored: list[Any], values: list[Any], rng: jax.Array | None, arg_leaves: list[Any]) -> Any:
+            leaves = [as_array(leaf) for leaf in stored]
+            inputs: list[Any] = list(leaves)
+            for i, position in enumerate(positions):
+                if position is not None:
+                    target = targets[position]
+                    inputs[i] = variant_of(target).factored(target, leaves[i], values[position], rng)
+            for value in inputs:
+                if not isinstance(value, LowRankKernel):
+                    interpreter.mark_weight(value)
+            return interpreter.run(closed.jaxpr, list(closed.consts), [*inputs, *arg_leaves])
+
+        if any(is_quantized(leaf) for leaf in stored):
+            # The dequantized kernels are recomputed from their codes for the backward pass instead of being
+            # kept from the forward one: a whole-precision copy of the base would erase QLoRA's saving.
+            evaluate = jax.checkpoint(evaluate, policy=recompute_dequantized)
+        arg_leaves = jax.tree_util.tree_leaves((args, traced))
+        outs = evaluate(stored, [value for _, value in pairs], dropout_rng, arg_leaves)
         for message in _fallback_warnings(interpreter, adapted):
             _warn_once(message, self.warned)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)

@@ -57,7 +57,31 @@ def as_array(leaf: Any, dtype: Any = None) -> Any:
     return _dequantize(leaf, None if dtype is None else np.dtype(dtype)) if isinstance(leaf, QuantizedArray) else leaf
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _dequantize(leaf: QuantizedArray, dtype: np.dtype | None) -> jax.Array:
-    # Compiled once per format, shape and dtype; inside a caller's jit it is inlined.
+    # One `custom_jvp_call` equation in a caller's trace, which is how recompute_dequantized finds it (a `jit`
+    # equation would be looked into, its last step saved); the compiled body runs once per format and shape.
+    return _dequantize_compiled(leaf, dtype)
+
+
+@_dequantize.defjvp
+def _dequantize_jvp(dtype: np.dtype | None, primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> Any:
+    return jax.jvp(lambda leaf: _dequantize_compiled(leaf, dtype), primals, tangents)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize_compiled(leaf: QuantizedArray, dtype: np.dtype | None) -> jax.Array:
     return leaf.dequantize(dtype)
+
+
+def recompute_dequantized(primitive: Any, *_: Any, **params: Any) -> bool:
+    """A ``jax.checkpoint`` policy: save every value for the backward pass but the dequantized kernels.
+
+    Under it, the backward pass dequantizes each kernel again from its codes (which it keeps) instead of
+    keeping a whole-precision copy of the base alive from the forward pass, which would erase the saving of a
+    quantized base.
+    """
+    if primitive.name != "custom_jvp_call":
+        return True
+    info = params["call_jaxpr"].jaxpr.debug_info
+    return info is None or info.func_name != _dequantize.__name__
