@@ -7,7 +7,9 @@
     lora_jax.quant.nbytes(qparams) / lora_jax.quant.nbytes(params)
 
 - ``array``: :class:`QuantizedArray`, the pytree node that stands for one array; :func:`as_array`, the
-  one place a quantized leaf becomes an array.
+  one place a quantized leaf becomes an array; :func:`recompute_dequantized`, the ``jax.checkpoint`` policy
+  under which the backward pass dequantizes again instead of keeping the dequantized kernels (the factored
+  path applies it by itself).
 - ``nf4``: :class:`Nf4` (blocks of 64, the 16 NormalFloat levels, block absmax double-quantized to 8 bits
   in blocks of 256, as bitsandbytes) and :class:`Nf4Array`.
 - ``int8``: :class:`Int8` (symmetric, a scale per output channel) and :class:`Int8Array`.
@@ -16,7 +18,7 @@
 Needs jax and numpy only, like the core.
 """
 
-from lora_jax.quant.array import QuantizedArray, as_array, is_quantized
+from lora_jax.quant.array import QuantizedArray, as_array, is_quantized, recompute_dequantized
 from lora_jax.quant.errors import QuantError
 from lora_jax.quant.int8 import Int8, Int8Array
 from lora_jax.quant.nf4 import NF4_LEVELS, Nf4, Nf4Array, absmax_code
@@ -41,4 +43,5 @@ __all__ = [
     "nbytes",
     "quantize",
     "quantize_array",
+    "recompute_dequantized",
 ]
