@@ -464,6 +464,14 @@ def test_the_backward_pass_keeps_codes_not_dequantized_kernels():
     on_codes = kept(q)
     assert not any(shape in kernel_shapes for shape, _ in on_codes)
     assert sum(1 for _, dtype in on_codes if dtype == jnp.uint8) >= 2
+    # Through combine (train_step's factored=False) the frozen kernel, whose dx the adapter below needs, is
+    # dequantized again too.
+    for factored in (True, False):
+        step = lj.training.train_step(
+            lambda p, b, rng: jnp.sum(_mlp(p, b) ** 2), spec, optax.sgd(0.1), factored=factored
+        )
+        _, backward = jax.vjp(lambda lora: step.loss(q, lora, x, None), lora)
+        assert (128, 64) not in [leaf.shape for leaf in jax.tree_util.tree_leaves(backward)]
     # The same gradients as on the dequantized copy of the base.
     grads = [
         jax.grad(lambda lora, base: jnp.sum(lj.factored(_mlp, spec)(base, lora, x) ** 2))(lora, base)

@@ -28,6 +28,7 @@ import optax
 from lora_jax.combine import combine
 from lora_jax.factored import factored as factored_apply
 from lora_jax.prng import unrolled
+from lora_jax.quant.array import is_quantized, recompute_dequantized
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 
@@ -67,7 +68,15 @@ class TrainStep:
         model_rng, lora_rng = (None, None) if rng is None else tuple(jax.random.split(rng))
         if self.factored:
             return factored_apply(self.loss_fn, self.spec)(params, lora, batch, model_rng, dropout_rng=lora_rng)
-        return self.loss_fn(combine(params, lora, self.spec), batch, model_rng)
+
+        def on_combined(lora: PyTree) -> jax.Array:
+            return self.loss_fn(combine(params, lora, self.spec), batch, model_rng)
+
+        if any(is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_quantized)):
+            # The frozen kernels are dequantized again for the backward pass rather than kept (as on the factored
+            # path); an adapted kernel's W0 + s A B is still kept, which is what the factored path avoids.
+            on_combined = jax.checkpoint(on_combined, policy=recompute_dequantized)
+        return on_combined(lora)
 
     def __call__(
         self, params: PyTree, lora: PyTree, opt_state: PyTree, batch: PyTree, rng: jax.Array | None
