@@ -565,6 +565,69 @@ def test_quantized_model_runs_close_to_the_full_precision_one():
     assert errors["int8"] < errors["nf4"] / 5
 
 
+def test_layers_of_a_stack_dequantize_to_its_slices():
+    stack = jax.random.normal(jax.random.key(4), (3, 32, 64))
+    for fmt in (Nf4(absmax_block_size=8), Int8(channel_axes=(0, 2)), Int8()):
+        q = quant.quantize_array(stack, fmt)
+        whole = q.dequantize()
+        per_layer = jax.lax.map(lambda layer: layer.dequantize(), q.layers())
+        np.testing.assert_allclose(per_layer, whole, rtol=1e-6, err_msg=str(fmt))  # FMA may round apart
+    # Blocks of absmax codes that straddle two layers do not split: the stack is dequantized whole.
+    assert quant.quantize_array(stack, Nf4()).layers() is None  # 32 blocks a layer, absmax blocks of 256
+    assert quant.quantize_array(stack[0], Nf4(absmax_block_size=8)).layers() is None  # a row: one block
+    assert quant.quantize_array(jnp.ones((4, 512)), Nf4(absmax_block_size=8)).layers() is not None  # eight
+    assert quant.quantize_array(jnp.ones((3, 40)), Nf4(absmax_block_size=1)).layers() is None  # 40 per layer
+
+
+@pytest.mark.parametrize("fmt", ["int8", Nf4(absmax_block_size=16)], ids=["int8", "nf4"])
+def test_a_scanned_quantized_stack_is_dequantized_a_layer_at_a_time(fmt):
+    """Inside the scan each step dequantizes its own layer: no float stack is formed, nor kept for the backward pass.
+
+    (The tiny model's 64 x 64 kernels hold 64 NF4 blocks a layer, so absmax blocks of 16 split at layers.)
+    """
+    ids = jnp.asarray(np.load(FIXTURES / "models" / "tiny_llama" / "expected.npz")["input_ids"])
+    model, scanned = _load("tiny_llama", scan_layers=True)
+    q = quant.quantize(scanned, models.quant_rules(model, fmt))
+    spec = models.lora_spec(model, "qv", rank=2)
+    lora = _nonzero_lora(q, spec)
+    loss = lambda p, x: jnp.sum(model.apply({"params": p}, x).logits ** 2)  # noqa: E731
+    stacks = {leaf.shape for _, leaf in lj.paths.flatten(q)[0] if quant.is_quantized(leaf)}
+    assert stacks and all(shape[0] == model.config.num_hidden_layers for shape in stacks)
+    layer_shapes = {shape[1:] for shape in stacks}
+
+    def float_values(base):
+        forward = functools.partial(lj.factored(loss, spec), base, x=ids)
+        jaxpr = jax.make_jaxpr(lambda lora: jax.vjp(forward, lora))(lora)
+        found = set()
+
+        def visit(jaxpr):
+            for eqn in jaxpr.eqns:
+                found.update(tuple(v.aval.shape) for v in eqn.outvars if v.aval.dtype == jnp.float32)
+                for param in eqn.params.values():
+                    for sub in param if isinstance(param, (tuple, list)) else [param]:
+                        inner = getattr(sub, "jaxpr", sub)
+                        if isinstance(inner, jax.extend.core.Jaxpr):
+                            visit(inner)
+
+        visit(jaxpr.jaxpr)
+        return found, jax.tree_util.tree_leaves(jax.vjp(forward, lora)[1])
+
+    formed, kept = float_values(q)
+    assert not formed & stacks  # never a whole float stack
+    assert formed & layer_shapes  # one layer at a time
+    assert not any(leaf.shape in stacks and leaf.dtype == jnp.float32 for leaf in kept)
+    plain_formed, plain_kept = float_values(quant.dequantize(q))
+    assert any(leaf.shape in stacks and leaf.dtype == jnp.float32 for leaf in plain_kept)
+    # The same loss and gradients as on the dequantized copy of the base.
+    grads = [
+        jax.value_and_grad(lambda adapters, b: lj.factored(loss, spec)(b, adapters, ids))(lora, b)
+        for b in (q, quant.dequantize(q))
+    ]
+    np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(grads[0][1]), jax.tree_util.tree_leaves(grads[1][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_from_pretrained_refuses_an_unknown_format():
     with pytest.raises(QuantError, match="unknown quantization format 'int4'"):
         models.from_pretrained(FIXTURES / "models" / "tiny_llama", quantize="int4")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from lora_jax.factored.kernel import LowRankKernel
+from lora_jax.quant.array import as_array
 
 if TYPE_CHECKING:
     from lora_jax.factored.interpret import Interpreter
@@ -321,8 +322,16 @@ def scan(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[An
     if any(isinstance(c, LowRankKernel) for c in carry):
         return None
     sliced: dict[int, tuple[Any, ...]] = {}
+    layered: set[int] = set()  # xs whose W0 enters as quantized layers, dequantized in the body
     for i, x in enumerate(xs):
+        base = x.base if isinstance(x, LowRankKernel) else x
+        source = interp.quantized_source(base)
+        layers = None if source is None else source.layers()
+        if layers is not None:
+            layered.add(i)
+            base = layers
         if not isinstance(x, LowRankKernel):
+            xs[i] = base
             continue
         role, position = x.roles[0]
         if role != "s":
@@ -332,13 +341,16 @@ def scan(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[An
         inner_roles = tuple((r, k - (r == "s" and k > position)) for r, k in x.roles[1:])
         sliced[i] = (inner_roles, x)
         g = None if x.output_scale is None else jnp.moveaxis(x.output_scale, position, 0)
-        xs[i] = (x.base, jnp.moveaxis(x.a, position, 0), jnp.moveaxis(x.b, position, 0), rng, g)
+        xs[i] = (base, jnp.moveaxis(x.a, position, 0), jnp.moveaxis(x.b, position, 0), rng, g)
     closed = p["jaxpr"]
 
     def body(carry: list[Any], xs_t: list[Any]) -> tuple[list[Any], list[Any]]:
         xs_t = list(xs_t)
+        for i in layered - set(sliced):
+            xs_t[i] = as_array(xs_t[i])
         for i, (roles, x) in sliced.items():
             base, a, b, rng, g = xs_t[i]
+            base = as_array(base) if i in layered else base
             xs_t[i] = LowRankKernel(base, a, b, rng, roles, x.scale, x.dropout, x.name, g)
         outs = interp.run(closed.jaxpr, list(closed.consts), [*consts, *carry, *xs_t])
         return outs[:n_carry], outs[n_carry:]

@@ -29,7 +29,7 @@ from lora_jax.factored.handlers import DEFAULT_HANDLERS, MATRIX_PRIMITIVES, STRU
 from lora_jax.factored.kernel import LowRankKernel
 from lora_jax.paths import flatten
 from lora_jax.plan import KernelLayout, Target, abstract_leaf
-from lora_jax.quant.array import as_array, is_quantized, recompute_dequantized
+from lora_jax.quant.array import QuantizedArray, as_array, is_quantized, recompute_dequantized
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 from lora_jax.variants import variant_of
@@ -81,6 +81,17 @@ class Interpreter:
         # Values that depend on params only (no argument of fn), by id, with the kernels they come from; the
         # value itself is kept so its id is not reused.
         self._weights: dict[int, tuple[Any, frozenset[str]]] = {}
+        # Base leaves that are a quantized leaf dequantized, by id, with that leaf (for a scan to slice).
+        self._dequantized: dict[int, tuple[Any, QuantizedArray]] = {}
+
+    def note_dequantized(self, value: Any, leaf: QuantizedArray) -> None:
+        """Record that ``value`` is ``as_array(leaf)``, so a scan over it can dequantize a layer at a time."""
+        self._dequantized[id(value)] = (value, leaf)
+
+    def quantized_source(self, value: Any) -> QuantizedArray | None:
+        """Return the quantized leaf that ``value`` is the dequantized form of, or None."""
+        entry = self._dequantized.get(id(value))
+        return None if entry is None else entry[1]
 
     def next_use(self) -> int:
         """Return the number of this kernel use (from 1), folded into the kernel's dropout key."""
@@ -384,9 +395,11 @@ class Factored:
                 if position is not None:
                     target = targets[position]
                     inputs[i] = variant_of(target).factored(target, leaves[i], values[position], rng)
-            for value in inputs:
+            for value, leaf in zip(inputs, stored):
                 if not isinstance(value, LowRankKernel):
                     interpreter.mark_weight(value)
+                if is_quantized(leaf):
+                    interpreter.note_dequantized(value.base if isinstance(value, LowRankKernel) else value, leaf)
             return interpreter.run(closed.jaxpr, list(closed.consts), [*inputs, *arg_leaves])
 
         if any(is_quantized(leaf) for leaf in stored):

@@ -34,6 +34,15 @@ class QuantizedArray(abc.ABC):
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """Return the array ``[*shape]`` this leaf stands for, in ``dtype`` (default its own ``dtype``)."""
 
+    def layers(self) -> QuantizedArray | None:
+        """Return this stack ``[L, *rest]`` as one leaf of shape ``rest`` whose children have a leading ``L`` axis.
+
+        ``jax.lax.scan`` over it gives each step a leaf that dequantizes to one layer ``[*rest]``, so a scanned
+        stack is dequantized a layer at a time. None where a layer's codes or scales do not split apart (the
+        default).
+        """
+        return None
+
     @property
     def ndim(self) -> int:
         return len(self.shape)

@@ -81,6 +81,13 @@ class Int8Array(QuantizedArray):
     dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
     fmt: Int8 = dataclasses.field(default=Int8(), metadata=dict(static=True))
 
+    def layers(self) -> Int8Array | None:
+        if len(self.shape) < 2:
+            return None
+        # A scale shared by the layers (axis 0 not a channel axis) is repeated for each.
+        scales = jnp.broadcast_to(self.scales, (self.shape[0], *self.scales.shape[1:]))
+        return Int8Array(self.codes, scales, self.shape[1:], self.dtype, self.fmt)
+
     def dequantize(self, dtype: Any = None) -> jax.Array:
         values = self.codes.astype(jnp.float32) * self.scales
         return values.astype(self.dtype if dtype is None else dtype)

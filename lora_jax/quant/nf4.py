@@ -153,6 +153,23 @@ class Nf4Array(QuantizedArray):
         scales = jnp.repeat(self.absmax_scales, self.fmt.absmax_block_size)[:blocks]
         return jnp.asarray(absmax_code())[self.absmax_codes] * scales + self.offset
 
+    def layers(self) -> Nf4Array | None:
+        # A layer must hold whole blocks of codes and whole blocks of absmax codes; the offset is shared.
+        n_layers = self.shape[0] if self.shape else 0
+        per_layer = self.size // n_layers if n_layers else 0
+        blocks = per_layer // self.fmt.block_size
+        if not per_layer or per_layer % self.fmt.block_size or blocks % self.fmt.absmax_block_size:
+            return None
+        return Nf4Array(
+            self.codes.reshape(n_layers, per_layer // 2),
+            self.absmax_codes.reshape(n_layers, blocks),
+            self.absmax_scales.reshape(n_layers, blocks // self.fmt.absmax_block_size),
+            jnp.broadcast_to(self.offset, (n_layers,)),
+            self.shape[1:],
+            self.dtype,
+            self.fmt,
+        )
+
     def dequantize(self, dtype: Any = None) -> jax.Array:
         codes = jnp.stack([self.codes >> 4, self.codes & 0x0F], axis=-1).reshape(-1, self.fmt.block_size)
         values = jnp.asarray(NF4_LEVELS)[codes] * self.absmax()[:, None]
