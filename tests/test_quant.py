@@ -510,13 +510,15 @@ def _load(name: str, quantize: str | None = None, scan_layers: bool = False):
     return models.from_pretrained(FIXTURES / "models" / name, quantize=quantize, scan_layers=scan_layers)
 
 
-@pytest.mark.parametrize(("name", "fmt"), [("tiny_llama", "nf4"), ("tiny_llama", "int8"), ("tiny_bert_cls", "int8")])
+@pytest.mark.parametrize(
+    ("name", "fmt"), [("tiny_llama", "nf4"), ("tiny_llama", "int8"), ("tiny_bert_cls", "int8"), ("tiny_gpt2", "nf4")]
+)
 def test_from_pretrained_quantizes_the_linear_kernels(name, fmt):
     model, plain = _load(name)
     _, q = _load(name, fmt)
     linears = {t.path for t in lj.plan(plain, models.lora_spec(model, "all-linear"))}
     found = {path: leaf for path, leaf in lj.paths.flatten(q)[0] if quant.is_quantized(leaf)}
-    assert set(found) == linears and len(found) == 2 * len(models.ARCHITECTURES.of(model).linears)
+    assert set(found) == linears and len(found) == 2 * len(models.ARCHITECTURES.of(model).linears_for(model.config))
     assert all(leaf.fmt.name == fmt for leaf in found.values())
     # Everything else (embeddings, norms, biases, heads) loads as it does unquantized.
     flat_plain = dict(lj.paths.flatten(plain)[0])
@@ -533,6 +535,16 @@ def test_from_pretrained_quantizes_the_linear_kernels(name, fmt):
         query = next(leaf for path, leaf in found.items() if "query" in path)
         out = next(leaf for path, leaf in found.items() if path[-3:] == ("attention", "out", "kernel"))
         assert query.scales.shape == (1, heads, head_dim) and out.scales.shape == (1, 1, model.config.hidden_size)
+
+
+def test_quant_rules_follow_the_layout():
+    """GPT-2's registry lists the fused qkv kernel beside q, k and v: each layout gets rules for its own kernels."""
+    for fused in (False, True):
+        model, plain = models.from_pretrained(FIXTURES / "models" / "tiny_gpt2", fused_qkv=fused)
+        q = quant.quantize(plain, models.quant_rules(model, "nf4"))  # a rule that matched nothing would raise
+        names = {lj.paths.path_str(path) for path, leaf in lj.paths.flatten(q)[0] if quant.is_quantized(leaf)}
+        assert any("attention/qkv" in name for name in names) == fused
+        assert any("attention/query" in name for name in names) != fused
 
 
 def test_from_pretrained_int8_scanned_equals_unrolled():

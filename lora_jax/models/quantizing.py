@@ -48,4 +48,5 @@ def quant_rules(
     chosen = as_format(fmt)
     arch = registry.of(model_or_config)
     scan = is_scanned(model_or_config, scan_layers)
-    return tuple((kernel_pattern(arch, linear, scan), _format(chosen, linear, scan)) for linear in arch.linears)
+    present = arch.linears_for(getattr(model_or_config, "config", model_or_config))  # this layout's kernels only
+    return tuple((kernel_pattern(arch, linear, scan), _format(chosen, linear, scan)) for linear in present)
