@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -33,11 +34,13 @@ def compiled_memory(
     chunk: int | None = None,
     quantized: str | None = None,
     dropout: bool = True,
+    recompute: bool | None = None,
 ) -> dict:
     """XLA's buffers for one compiled training step of ``workload(name)`` (MiniLM at 64 tokens, GPT-2 at 256).
 
     ``quantized`` names a format (``"nf4"``) for the encoder's linear kernels of a frozen base (QLoRA);
-    ``dropout=False`` sets the model's dropout rates to zero.
+    ``dropout=False`` sets the model's dropout rates to zero; ``recompute`` is ``train_step``'s
+    ``recompute_dequantized``.
     """
     length = (16 if smoke else 64) if name == "minilm" else (32 if smoke else 256)
     _, params, batch, spec, loss = workload(name, length, smoke, chunk=chunk, dropout=dropout)
@@ -49,7 +52,9 @@ def compiled_memory(
         params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     tx = training.make_optimizer(training.TrainConfig(steps=100))
     state = jax.eval_shape(lambda v: training.init_state(jax.random.key(0), v, spec, tx), values)
-    step = training.state_step(training.train_step(loss, spec, tx, factored=method != "full"))
+    step = training.state_step(
+        training.train_step(loss, spec, tx, factored=method != "full", recompute_dequantized=recompute)
+    )
     memory = step.lower(state, params, batch).compile().memory_analysis()
     return {
         "spec": spec,
@@ -179,13 +184,14 @@ def main(argv: list[str] | None = None) -> dict:
     # 5. A quantized base: what the factored step keeps for the backward pass is the codes, not the kernels.
     rows, qlora = [], {}
     for dropout in (True, False):
-        for fmt in (None, "nf4"):
-            m = compiled_memory("lora", args.smoke, quantized=fmt, dropout=dropout)
-            qlora[(fmt, dropout)] = m
+        for fmt, recompute in ((None, False), ("nf4", False), ("nf4", True)):
+            m = compiled_memory("lora", args.smoke, quantized=fmt, dropout=dropout, recompute=recompute)
+            qlora[(fmt, recompute, dropout)] = m
             rows.append(
                 [
                     "on" if dropout else "off",
                     "float32" if fmt is None else f"{fmt} encoder kernels",
+                    "-" if fmt is None else ("dequantized again" if recompute else "kept"),
                     f"{m['base_bytes'] / MIB:.1f}",
                     f"{m['argument_bytes'] / MIB:.1f}",
                     f"{m['temp_bytes'] / MIB:.1f}",
@@ -195,19 +201,21 @@ def main(argv: list[str] | None = None) -> dict:
     headers = [
         "dropout",
         "frozen base",
+        "backward pass's kernels",
         "base MiB",
         "XLA arguments MiB",
         "XLA temporaries MiB",
         "arguments + temporaries MiB",
     ]
+    flags = os.environ.get("XLA_FLAGS", "") or "(none)"
     text += (
-        "\n\n## A quantized base (QLoRA), MiniLM LoRA step\n\n"
+        f"\n\n## A quantized base (QLoRA), MiniLM LoRA step (`XLA_FLAGS`: `{flags}`)\n\n"
         + report.markdown_table(headers, rows)
-        + "\n\nThe factored step dequantizes each kernel where it is used and again in the backward pass "
-        "(`jax.checkpoint` under `quant.recompute_dequantized`): what it keeps from the forward pass is each "
-        "kernel's codes, not a float32 copy (tested on the saved residuals). XLA:CPU's default scheduler may "
-        "still run dequantizations early, since they depend on the parameters alone, so the temporaries need "
-        "not fall by the kernels' bytes. The embeddings stay float32."
+        + "\n\n`recompute_dequantized=True` dequantizes each kernel again in the backward pass (`jax.checkpoint` "
+        "under `quant.recompute_dequantized`), so the step keeps each kernel's codes from the forward pass, not a "
+        "float32 copy (tested on the saved residuals); `False` keeps the dequantized kernels. The default (None) "
+        "recomputes on GPU and TPU and, on CPU, only under `MEMORY_SCHEDULER_FLAG`: XLA:CPU's default scheduler "
+        "runs the recomputation early, where it can cost memory instead. The embeddings stay float32."
     )
     results["qlora"] = qlora
     print(text)

@@ -15,7 +15,7 @@ extra is named when it is needed.
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lora_jax import quant
+from lora_jax import quant, scheduling
 from lora_jax.adapters import trainable_count
 from lora_jax.combine import combine
 from lora_jax.describe import Description, describe
@@ -69,6 +69,7 @@ __all__ = [
     "load_adapter",
     "models",
     "quant",
+    "scheduling",
     "save_adapter",
     "serve",
     "training",

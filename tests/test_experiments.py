@@ -315,7 +315,7 @@ def test_bench_memory_smoke(tmp_path):
     for method in ("full", "lora"):  # the chunked LM loss keeps less than the whole logits
         assert out["decoder"][(method, 8)] < out["decoder"][(method, None)]
     assert all(out["heap"][(method, True)] > 0 for method in ("full", "lora-factored"))
-    nf4, plain = out["qlora"][("nf4", True)], out["qlora"][(None, True)]
+    nf4, plain = out["qlora"][("nf4", True, True)], out["qlora"][(None, False, True)]
     assert nf4["base_bytes"] < plain["base_bytes"] and nf4["argument_bytes"] < plain["argument_bytes"]
 
 

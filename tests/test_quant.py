@@ -456,25 +456,33 @@ def test_the_backward_pass_keeps_codes_not_dequantized_kernels():
     x = jax.random.normal(jax.random.key(3), (8, 32))
     kernel_shapes = {(32, 128), (128, 64)}
 
-    def kept(base):
-        _, backward = jax.vjp(lambda lora, x: lj.factored(_mlp, spec)(base, lora, x), lora, x)
+    def kept(base, recompute=True):
+        forward = lj.factored(_mlp, spec, recompute_dequantized=recompute)
+        _, backward = jax.vjp(lambda lora, x: forward(base, lora, x), lora, x)
         return [(leaf.shape, leaf.dtype) for leaf in jax.tree_util.tree_leaves(backward)]
 
     assert {shape for shape, dtype in kept(params) if dtype == jnp.float32} >= kernel_shapes
     on_codes = kept(q)
     assert not any(shape in kernel_shapes for shape, _ in on_codes)
     assert sum(1 for _, dtype in on_codes if dtype == jnp.uint8) >= 2
+    # Asked not to (as the default does where XLA:CPU's scheduler would recompute early), it keeps the kernels.
+    assert {shape for shape, dtype in kept(q, False) if dtype == jnp.float32} >= kernel_shapes
     # Through combine (train_step's factored=False) the frozen kernel, whose dx the adapter below needs, is
     # dequantized again too.
     for factored in (True, False):
         step = lj.training.train_step(
-            lambda p, b, rng: jnp.sum(_mlp(p, b) ** 2), spec, optax.sgd(0.1), factored=factored
+            lambda p, b, rng: jnp.sum(_mlp(p, b) ** 2),
+            spec,
+            optax.sgd(0.1),
+            factored=factored,
+            recompute_dequantized=True,
         )
         _, backward = jax.vjp(lambda lora: step.loss(q, lora, x, None), lora)
         assert (128, 64) not in [leaf.shape for leaf in jax.tree_util.tree_leaves(backward)]
     # The same gradients as on the dequantized copy of the base.
+    forward = lj.factored(_mlp, spec, recompute_dequantized=True)
     grads = [
-        jax.grad(lambda lora, base: jnp.sum(lj.factored(_mlp, spec)(base, lora, x) ** 2))(lora, base)
+        jax.grad(lambda lora, base: jnp.sum(forward(base, lora, x) ** 2))(lora, base)
         for base in (q, quant.dequantize(q))
     ]
     for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
@@ -577,6 +585,20 @@ def test_quantized_model_runs_close_to_the_full_precision_one():
     assert errors["int8"] < errors["nf4"] / 5
 
 
+def test_recomputation_by_default_where_the_scheduler_runs_it_late(monkeypatch):
+    """None decides by the backend: not under XLA:CPU's default scheduler, which would run it early."""
+    from lora_jax import scheduling
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert not scheduling.recomputation_saves_memory()
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=2 {models.MEMORY_SCHEDULER_FLAG}")
+    assert scheduling.recomputation_saves_memory()
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert scheduling.recomputation_saves_memory()
+
+
 def test_layers_of_a_stack_dequantize_to_its_slices():
     stack = jax.random.normal(jax.random.key(4), (3, 32, 64))
     for fmt in (Nf4(absmax_block_size=8), Int8(channel_axes=(0, 2)), Int8()):
@@ -608,7 +630,7 @@ def test_a_scanned_quantized_stack_is_dequantized_a_layer_at_a_time(fmt):
     layer_shapes = {shape[1:] for shape in stacks}
 
     def float_values(base):
-        forward = functools.partial(lj.factored(loss, spec), base, x=ids)
+        forward = functools.partial(lj.factored(loss, spec, recompute_dequantized=True), base, x=ids)
         jaxpr = jax.make_jaxpr(lambda lora: jax.vjp(forward, lora))(lora)
         found = set()
 

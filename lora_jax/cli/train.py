@@ -12,7 +12,6 @@ See :mod:`lora_jax.cli.runs` for what goes into the run directory and how a run 
 from __future__ import annotations
 
 import argparse
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from lora_jax.cli import runs
 from lora_jax.cli.common import load_model, say, split_list, targets_arg
 from lora_jax.cli.verbs import TARGETS_HELP, Subparsers
 from lora_jax.errors import LoraError
+from lora_jax.scheduling import recomputation_saves_memory
 
 ARCHITECTURE = "BertForSequenceClassification"
 SPLIT_FILES = ("train.tsv", "dev.tsv")
@@ -157,11 +157,10 @@ def train(args: argparse.Namespace) -> int:
         )
     if args.remat is not None:
         model = model.clone(remat=args.remat)
-        flag = models.MEMORY_SCHEDULER_FLAG
-        if jax.default_backend() == "cpu" and flag not in os.environ.get("XLA_FLAGS", ""):
+        if not recomputation_saves_memory():
             say(
                 f"--remat {args.remat}: XLA:CPU's default scheduler keeps every activation live anyway; "
-                f"set XLA_FLAGS={flag} for the memory saving"
+                f"set XLA_FLAGS={models.MEMORY_SCHEDULER_FLAG} for the memory saving"
             )
     if args.max_length > model.config.max_position_embeddings:
         raise LoraError(f"--max-length {args.max_length} exceeds the model's {model.config.max_position_embeddings}")

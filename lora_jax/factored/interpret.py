@@ -30,6 +30,7 @@ from lora_jax.factored.kernel import LowRankKernel
 from lora_jax.paths import flatten
 from lora_jax.plan import KernelLayout, Target, abstract_leaf
 from lora_jax.quant.array import QuantizedArray, as_array, is_quantized, recompute_dequantized
+from lora_jax.scheduling import recomputation_saves_memory
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 from lora_jax.variants import variant_of
@@ -316,7 +317,11 @@ def handler_table(handlers: Mapping[str, Handler | None] | None = None) -> Mappi
 
 
 def factored(
-    fn: Callable[..., Any], spec: LoraSpec, *, handlers: Mapping[str, Handler | None] | None = None
+    fn: Callable[..., Any],
+    spec: LoraSpec,
+    *,
+    handlers: Mapping[str, Handler | None] | None = None,
+    recompute_dequantized: bool | None = None,
 ) -> Factored:
     """Wrap ``fn(params, *args)`` to run with adapters in factored form: ``x W0 + s * dropout(x) A B``.
 
@@ -335,6 +340,12 @@ def factored(
         reason by this function and points at the caller's line. A kernel that is never an operand of
         ``dot_general``, ``conv_general_dilated`` or ``gather`` (a bias or norm scale matched by a broad
         pattern) gets one warning that it is not used as a matrix.
+      recompute_dequantized: on a quantized base, dequantize each kernel again for the backward pass (under
+        ``jax.checkpoint`` with :func:`lora_jax.quant.recompute_dequantized`) instead of keeping it from the
+        forward pass, so the step keeps codes, not a float copy of the base. None decides by
+        :func:`lora_jax.scheduling.recomputation_saves_memory`: on GPU and TPU, and on CPU under
+        ``MEMORY_SCHEDULER_FLAG``; XLA:CPU's default scheduler runs the recomputation early, where it costs
+        memory instead.
 
     Returns:
       A :class:`Factored` callable ``g(params, lora, *args, dropout_rng=None, **kwargs)`` equal to
@@ -346,7 +357,7 @@ def factored(
     Raises:
       LoraError: ``handlers`` holds something other than handlers or None.
     """
-    return Factored(fn, spec, handler_table(handlers))
+    return Factored(fn, spec, handler_table(handlers), recompute_dequantized)
 
 
 class Factored:
@@ -357,10 +368,17 @@ class Factored:
         trace (``jax.jit`` traces again for each new input shape).
     """
 
-    def __init__(self, fn: Callable[..., Any], spec: LoraSpec, handlers: Mapping[str, Handler]) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        spec: LoraSpec,
+        handlers: Mapping[str, Handler],
+        recompute_dequantized: bool | None = None,
+    ) -> None:
         self.fn = fn
         self.spec = spec
         self.handlers = handlers
+        self.recompute_dequantized = recompute_dequantized
         self.warned: set[str] = set()
 
     def __call__(
@@ -402,7 +420,8 @@ class Factored:
                     interpreter.note_dequantized(value.base if isinstance(value, LowRankKernel) else value, leaf)
             return interpreter.run(closed.jaxpr, list(closed.consts), [*inputs, *arg_leaves])
 
-        if any(is_quantized(leaf) for leaf in stored):
+        recompute = self.recompute_dequantized
+        if (recomputation_saves_memory() if recompute is None else recompute) and any(map(is_quantized, stored)):
             # The dequantized kernels are recomputed from their codes for the backward pass instead of being
             # kept from the forward one: a whole-precision copy of the base would erase QLoRA's saving.
             evaluate = jax.checkpoint(evaluate, policy=recompute_dequantized)

@@ -37,7 +37,7 @@ from lora_jax.models.common.export import checkpoint_tensors, save_pretrained
 from lora_jax.models.common.generate import cache_for, generate
 from lora_jax.models.common.layers import init_cache
 from lora_jax.models.common.loading import build_model, checkpoint_files, from_pretrained, hf_names, load_params
-from lora_jax.models.common.stacking import MEMORY_SCHEDULER_FLAG, REMAT_POLICIES, stack_layers, unstack_layers
+from lora_jax.models.common.stacking import REMAT_POLICIES, stack_layers, unstack_layers
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from lora_jax.models.partitioning import partition_rules, tensor_parallel_rules
@@ -51,6 +51,7 @@ from lora_jax.models.text import (
     load_tokenizer,
     sentence_embeddings,
 )
+from lora_jax.scheduling import MEMORY_SCHEDULER_FLAG
 
 __all__ = [
     "MEMORY_SCHEDULER_FLAG",

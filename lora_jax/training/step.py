@@ -29,6 +29,7 @@ from lora_jax.combine import combine
 from lora_jax.factored import factored as factored_apply
 from lora_jax.prng import unrolled
 from lora_jax.quant.array import is_quantized, recompute_dequantized
+from lora_jax.scheduling import recomputation_saves_memory
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 
@@ -57,6 +58,7 @@ class TrainStep:
     factored: bool = True
     axis_name: AxisName | None = None
     mark_varying: bool = False
+    recompute_dequantized: bool | None = None
 
     def loss(self, params: PyTree, lora: PyTree, batch: PyTree, rng: jax.Array | None) -> jax.Array:
         """Return the loss of base plus adapters on ``batch``, on this step's path.
@@ -66,13 +68,17 @@ class TrainStep:
         ``factored=False``.
         """
         model_rng, lora_rng = (None, None) if rng is None else tuple(jax.random.split(rng))
+        recompute = self.recompute_dequantized
         if self.factored:
-            return factored_apply(self.loss_fn, self.spec)(params, lora, batch, model_rng, dropout_rng=lora_rng)
+            apply = factored_apply(self.loss_fn, self.spec, recompute_dequantized=recompute)
+            return apply(params, lora, batch, model_rng, dropout_rng=lora_rng)
 
         def on_combined(lora: PyTree) -> jax.Array:
             return self.loss_fn(combine(params, lora, self.spec), batch, model_rng)
 
-        if any(is_quantized(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_quantized)):
+        if recompute is None:
+            recompute = recomputation_saves_memory()
+        if recompute and any(map(is_quantized, jax.tree_util.tree_leaves(params, is_leaf=is_quantized))):
             # The frozen kernels are dequantized again for the backward pass rather than kept (as on the factored
             # path); an adapted kernel's W0 + s A B is still kept, which is what the factored path avoids.
             on_combined = jax.checkpoint(on_combined, policy=recompute_dequantized)
@@ -118,6 +124,7 @@ def train_step(
     factored: bool = True,
     axis_name: AxisName | None = None,
     mark_varying: bool = False,
+    recompute_dequantized: bool | None = None,
 ) -> TrainStep:
     """Build the train step ``(params, lora, opt_state, batch, rng) -> (lora, opt_state, loss)``.
 
@@ -136,9 +143,12 @@ def train_step(
         the gradient of a replicated value would otherwise come back summed.
         The factored path needs ``check_vma=False`` and no marking, which is
         what :func:`lora_jax.distributed.shard_map_step` uses for it.
+      recompute_dequantized: on a quantized base, dequantize the kernels again for the backward pass instead of
+        keeping them (see :func:`lora_jax.factored`; through ``combine``, the frozen kernels only); None
+        decides by :func:`lora_jax.scheduling.recomputation_saves_memory`.
 
     Returns:
       The step, unjitted: wrap it in ``jax.jit`` (see
       :func:`lora_jax.distributed.jit_step`), ``shard_map`` or ``pmap``.
     """
-    return TrainStep(loss_fn, spec, tx, factored, axis_name, mark_varying)
+    return TrainStep(loss_fn, spec, tx, factored, axis_name, mark_varying, recompute_dequantized)

@@ -78,14 +78,6 @@ REMAT_POLICIES = (
 )
 """The policies ``remat=`` takes: from least memory (recompute every block's forward) to none saved."""
 
-MEMORY_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-"""The ``XLA_FLAGS`` entry under which ``remat=`` saves memory on CPU.
-
-XLA:CPU orders ops for concurrency by default and then runs a block's recomputation as early as its forward
-pass, which keeps every activation live (``experiments/results/bench_remat.md``). The flag is read when the
-backend starts: set it in the environment before JAX first runs; ``jax.jit``'s ``compiler_options`` accept
-it but do not change the order."""
-
 
 def remat_policy(name: str) -> Any:
     """Return the ``jax.checkpoint_policies`` policy called ``name``; refuse any other name."""
