@@ -29,8 +29,7 @@ from lora_jax.factored.handlers import DEFAULT_HANDLERS, MATRIX_PRIMITIVES, STRU
 from lora_jax.factored.kernel import LowRankKernel
 from lora_jax.paths import flatten
 from lora_jax.plan import KernelLayout, Target, abstract_leaf
-from lora_jax.quant.array import QuantizedArray, as_array, is_quantized, recompute_dequantized
-from lora_jax.scheduling import recomputation_saves_memory
+from lora_jax.quant.array import QuantizedArray, as_array, is_quantized, keep_codes
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 from lora_jax.variants import variant_of
@@ -389,8 +388,8 @@ class Factored:
         pairs = bind(params, lora, self.spec)
         flat_params, treedef = flatten(params)
         stored = [leaf for _, leaf in flat_params]
-        index = {target.path: index for index, (target, _) in enumerate(pairs)}
-        positions = [index.get(path) for path, _ in flat_params]
+        position_of = {target.path: position for position, (target, _) in enumerate(pairs)}
+        positions = [position_of.get(path) for path, _ in flat_params]
         targets = [target for target, _ in pairs]
         # Array keyword arguments are traced like positional ones; the rest (flags such as
         # deterministic=True, strings, None) stay Python values, as fn's own code expects.
@@ -420,11 +419,9 @@ class Factored:
                     interpreter.note_dequantized(value.base if isinstance(value, LowRankKernel) else value, leaf)
             return interpreter.run(closed.jaxpr, list(closed.consts), [*inputs, *arg_leaves])
 
-        recompute = self.recompute_dequantized
-        if (recomputation_saves_memory() if recompute is None else recompute) and any(map(is_quantized, stored)):
-            # The dequantized kernels are recomputed from their codes for the backward pass instead of being
-            # kept from the forward one: a whole-precision copy of the base would erase QLoRA's saving.
-            evaluate = jax.checkpoint(evaluate, policy=recompute_dequantized)
+        # A quantized base's kernels are dequantized again for the backward pass rather than kept from the
+        # forward one: a whole-precision copy of the base would erase QLoRA's saving.
+        evaluate = keep_codes(evaluate, stored, self.recompute_dequantized)
         arg_leaves = jax.tree_util.tree_leaves((args, traced))
         outs = evaluate(stored, [value for _, value in pairs], dropout_rng, arg_leaves)
         for message in _fallback_warnings(interpreter, adapted):

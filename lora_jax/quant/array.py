@@ -12,10 +12,13 @@ from __future__ import annotations
 import abc
 import functools
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import numpy as np
+
+from lora_jax.scheduling import recomputation_saves_memory
 
 
 class QuantizedArray(abc.ABC):
@@ -94,3 +97,13 @@ def recompute_dequantized(primitive: Any, *_: Any, **params: Any) -> bool:
         return True
     info = params["call_jaxpr"].jaxpr.debug_info
     return info is None or info.func_name != _dequantize.__name__
+
+
+def keep_codes(fn: Callable[..., Any], base_leaves: Iterable[Any], recompute: bool | None) -> Callable[..., Any]:
+    """Return ``fn`` under ``jax.checkpoint`` with :func:`recompute_dequantized` where that keeps codes, else ``fn``.
+
+    It does so when ``base_leaves`` hold a quantized leaf and ``recompute`` is True, or None and
+    :func:`lora_jax.scheduling.recomputation_saves_memory` says the backend runs the recomputation late.
+    """
+    wanted = recomputation_saves_memory() if recompute is None else recompute
+    return jax.checkpoint(fn, policy=recompute_dequantized) if wanted and any(map(is_quantized, base_leaves)) else fn

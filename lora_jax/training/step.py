@@ -28,8 +28,7 @@ import optax
 from lora_jax.combine import combine
 from lora_jax.factored import factored as factored_apply
 from lora_jax.prng import unrolled
-from lora_jax.quant.array import is_quantized, recompute_dequantized
-from lora_jax.scheduling import recomputation_saves_memory
+from lora_jax.quant.array import is_quantized, keep_codes
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 
@@ -76,13 +75,10 @@ class TrainStep:
         def on_combined(lora: PyTree) -> jax.Array:
             return self.loss_fn(combine(params, lora, self.spec), batch, model_rng)
 
-        if recompute is None:
-            recompute = recomputation_saves_memory()
-        if recompute and any(map(is_quantized, jax.tree_util.tree_leaves(params, is_leaf=is_quantized))):
-            # The frozen kernels are dequantized again for the backward pass rather than kept (as on the factored
-            # path); an adapted kernel's W0 + s A B is still kept, which is what the factored path avoids.
-            on_combined = jax.checkpoint(on_combined, policy=recompute_dequantized)
-        return on_combined(lora)
+        # The frozen kernels are dequantized again for the backward pass rather than kept (as on the factored
+        # path); an adapted kernel's W0 + s A B is still kept, which is what the factored path avoids.
+        base_leaves = jax.tree_util.tree_leaves(params, is_leaf=is_quantized)
+        return keep_codes(on_combined, base_leaves, recompute)(lora)
 
     def __call__(
         self, params: PyTree, lora: PyTree, opt_state: PyTree, batch: PyTree, rng: jax.Array | None
