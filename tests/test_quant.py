@@ -599,6 +599,14 @@ def test_recomputation_by_default_where_the_scheduler_runs_it_late(monkeypatch):
     assert scheduling.recomputation_saves_memory()
 
 
+@pytest.mark.parametrize("value", ["yes", 1, 0.0])
+def test_recompute_dequantized_must_be_a_bool_or_none(value):
+    with pytest.raises(QuantError, match=r"factored: recompute_dequantized=.*give True, False or None"):
+        lj.factored(_mlp, SPEC, recompute_dequantized=value)
+    with pytest.raises(QuantError, match=r"train_step: recompute_dequantized=.*give True, False or None"):
+        lj.training.train_step(lambda p, b, rng: 0.0, SPEC, optax.sgd(0.1), recompute_dequantized=value)
+
+
 def test_layers_of_a_stack_dequantize_to_its_slices():
     stack = jax.random.normal(jax.random.key(4), (3, 32, 64))
     for fmt in (Nf4(absmax_block_size=8), Int8(channel_axes=(0, 2)), Int8()):

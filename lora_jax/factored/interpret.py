@@ -29,7 +29,7 @@ from lora_jax.factored.handlers import DEFAULT_HANDLERS, MATRIX_PRIMITIVES, STRU
 from lora_jax.factored.kernel import LowRankKernel
 from lora_jax.paths import flatten
 from lora_jax.plan import KernelLayout, Target, abstract_leaf
-from lora_jax.quant.array import QuantizedArray, as_array, is_quantized, keep_codes
+from lora_jax.quant.array import QuantizedArray, as_array, check_recompute, is_quantized, keep_codes
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 from lora_jax.variants import variant_of
@@ -354,8 +354,10 @@ def factored(
       reach ``fn`` as they are.
 
     Raises:
-      LoraError: ``handlers`` holds something other than handlers or None.
+      LoraError: ``handlers`` holds something other than handlers or None, or ``recompute_dequantized`` is
+        neither a bool nor None.
     """
+    check_recompute(recompute_dequantized, "factored")
     return Factored(fn, spec, handler_table(handlers), recompute_dequantized)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lora_jax.quant.errors import QuantError
 from lora_jax.scheduling import recomputation_saves_memory
 
 
@@ -97,6 +98,16 @@ def recompute_dequantized(primitive: Any, *_: Any, **params: Any) -> bool:
         return True
     info = params["call_jaxpr"].jaxpr.debug_info
     return info is None or info.func_name != _dequantize.__name__
+
+
+def check_recompute(value: Any, where: str) -> None:
+    """Refuse a ``recompute_dequantized`` argument that is not True, False or None.
+
+    Raises:
+      QuantError: naming ``where`` (the function it was given to) and the value.
+    """
+    if value is not None and not isinstance(value, bool):
+        raise QuantError(f"{where}: recompute_dequantized={value!r}; give True, False or None (decide by the backend)")
 
 
 def keep_codes(fn: Callable[..., Any], base_leaves: Iterable[Any], recompute: bool | None) -> Callable[..., Any]:

@@ -28,7 +28,7 @@ import optax
 from lora_jax.combine import combine
 from lora_jax.factored import factored as factored_apply
 from lora_jax.prng import unrolled
-from lora_jax.quant.array import is_quantized, keep_codes
+from lora_jax.quant.array import check_recompute, is_quantized, keep_codes
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 
@@ -141,10 +141,12 @@ def train_step(
         what :func:`lora_jax.distributed.shard_map_step` uses for it.
       recompute_dequantized: on a quantized base, dequantize the kernels again for the backward pass instead of
         keeping them (see :func:`lora_jax.factored`; through ``combine``, the frozen kernels only); None
-        decides by :func:`lora_jax.scheduling.recomputation_saves_memory`.
+        decides by :func:`lora_jax.scheduling.recomputation_saves_memory`; anything else is refused
+        (``QuantError``).
 
     Returns:
       The step, unjitted: wrap it in ``jax.jit`` (see
       :func:`lora_jax.distributed.jit_step`), ``shard_map`` or ``pmap``.
     """
+    check_recompute(recompute_dequantized, "train_step")
     return TrainStep(loss_fn, spec, tx, factored, axis_name, mark_varying, recompute_dequantized)
