@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     headers = ["batching", "padded tokens / example", "real tokens / example", "distinct lengths", "median step ms",
                "examples / s", f"vs {base}"]  # fmt: skip
     text = (
-        f"{report.environment()}\n\n{'A tiny BERT (smoke size)' if args.smoke else 'MiniLM'}, LoRA q,v r=8 + head, "
+        f"{'A tiny BERT (smoke size)' if args.smoke else 'MiniLM'}, LoRA q,v r=8 + head, "
         f"AdamW, model dropout on; the first {count} batches of {BATCH_SIZE} of SST-2's shuffled training epoch 0, "
         f"tokenized to at most {MAX_LENGTH} tokens; timed interleaved, batch by batch, in one process, after one "
         "compilation per length.\n\n" + report.markdown_table(headers, rows)

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         ms = 1000 * float(np.median(times[kind]))
         rows.append([kind, f"{ms:.0f}", f"{ms - 1000 * floor:+.0f}", f"{losses[kind]:.6f}"])
     text = (
-        f"{report.environment()}\n\nMiniLM{' (smoke size)' if args.smoke else ''}, LoRA q,v r=8 + head, batch 32 x "
+        f"MiniLM{' (smoke size)' if args.smoke else ''}, LoRA q,v r=8 + head, batch 32 x "
         f"{length}, model dropout 0.1 on; median of {rounds} interleaved rounds, one process.\n\n"
         + report.markdown_table(["dropout keys", "step ms", "vs no dropout (ms)", "first loss"], rows)
         + "\n\nThe two Threefry rows draw the same masks (equal first loss); the default of the training step is "

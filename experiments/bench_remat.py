@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     headers = ["method", "scheduler", "remat policy", "XLA temp MiB", "temp vs default", "step ms",
                "time vs no remat", "first loss"]  # fmt: skip
     text = (
-        f"{report.environment()}\n\nMiniLM{' (smoke size)' if args.smoke else ''}, batch 32 x {length}, LoRA q,v "
+        f"MiniLM{' (smoke size)' if args.smoke else ''}, batch 32 x {length}, LoRA q,v "
         f"r=8 + head or full fine-tuning, AdamW, model dropout 0.1 on. One process per scheduler (`memory`: "
         f"`XLA_FLAGS={MEMORY_SCHEDULER_FLAG}`); within it, the median of {rounds} interleaved rounds, "
         "so `time vs no remat` compares steps measured side by side, while step times across the two schedulers "

@@ -71,8 +71,15 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def write_markdown(path: Path, title: str, body: str) -> Path:
-    """Write ``# title``, the environment line and ``body`` to ``path`` (atomically, replacing it)."""
-    return write_text(path, f"# {title}\n\n{environment()}\n\n{body.rstrip()}\n", overwrite=True)
+    """Write ``# title``, the environment line and ``body`` to ``path`` (atomically, replacing it).
+
+    Raises:
+      ValueError: ``body`` holds the environment line already (it would appear twice).
+    """
+    line = environment()
+    if line in body:
+        raise ValueError(f"{path}: the body repeats the environment line, which write_markdown adds; leave it out")
+    return write_text(path, f"# {title}\n\n{line}\n\n{body.rstrip()}\n", overwrite=True)
 
 
 def plot_lines(path: Path, series: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str) -> Path:

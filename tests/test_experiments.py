@@ -339,6 +339,15 @@ def test_rank_sweep_seeds_the_rank_one_comparison():
     assert len(seeds) == len(rank_sweep.RANKS) * len(rank_sweep.TARGETS)
 
 
+def test_results_files_name_the_environment_once(tmp_path):
+    report = load("report")
+    path = report.write_markdown(tmp_path / "r.md", "Title", "a table")
+    assert path.read_text().count(report.environment()) == 1
+    with pytest.raises(ValueError, match="repeats the environment line"):
+        report.write_markdown(tmp_path / "s.md", "Title", f"{report.environment()}\n\na table")
+    assert not (tmp_path / "s.md").exists()
+
+
 def test_seed_groups_and_their_summary():
     sweep, report = load("sweep"), load("report")
     runs = [{"config": {"targets": t, "rank": r, "seed": s}} for t, r, s in [("q", 1, 0), ("qv", 1, 0), ("q", 1, 1)]]
