@@ -443,6 +443,20 @@ def test_an_nf4_base_holds_fewer_step_argument_bytes():
     assert arguments(params) - arguments(q) >= saving
 
 
+def _mlp_transposed(params, x):
+    """``_mlp`` reading the mid kernel through a transpose: a use that is not a product with the kernel itself."""
+    h = jax.nn.gelu(x @ params["hidden"]["kernel"] + params["hidden"]["bias"])
+    h = jax.nn.gelu(jnp.einsum("bi,oi->bo", h, params["mid"]["kernel"].T) + params["mid"]["bias"])
+    return (h @ params["out"]["kernel"] + params["out"]["bias"])[:, 0]
+
+
+def _kept(fn, base, lora, spec, x, recompute):
+    """The shapes and dtypes the factored ``fn`` keeps from its forward pass for its backward pass."""
+    forward = lj.factored(fn, spec, recompute_dequantized=recompute)
+    _, backward = jax.vjp(lambda lora, x: forward(base, lora, x), lora, x)
+    return [(leaf.shape, leaf.dtype) for leaf in jax.tree_util.tree_leaves(backward)]
+
+
 def test_the_backward_pass_keeps_codes_not_dequantized_kernels():
     """What the factored step keeps from forward to backward: the NF4 codes of each kernel, adapted or not.
 
@@ -456,17 +470,18 @@ def test_the_backward_pass_keeps_codes_not_dequantized_kernels():
     x = jax.random.normal(jax.random.key(3), (8, 32))
     kernel_shapes = {(32, 128), (128, 64)}
 
-    def kept(base, recompute=True):
-        forward = lj.factored(_mlp, spec, recompute_dequantized=recompute)
-        _, backward = jax.vjp(lambda lora, x: forward(base, lora, x), lora, x)
-        return [(leaf.shape, leaf.dtype) for leaf in jax.tree_util.tree_leaves(backward)]
+    def floats(kept):
+        return {shape for shape, dtype in kept if dtype == jnp.float32}
 
-    assert {shape for shape, dtype in kept(params) if dtype == jnp.float32} >= kernel_shapes
-    on_codes = kept(q)
-    assert not any(shape in kernel_shapes for shape, _ in on_codes)
-    assert sum(1 for _, dtype in on_codes if dtype == jnp.uint8) >= 2
-    # Asked not to (as the default does where XLA:CPU's scheduler would recompute early), it keeps the kernels.
-    assert {shape for shape, dtype in kept(q, False) if dtype == jnp.float32} >= kernel_shapes
+    assert floats(_kept(_mlp, params, lora, spec, x, True)) >= kernel_shapes
+    # A product with a quantized kernel keeps its codes, whether or not the step recomputes the rest.
+    for recompute in (True, False):
+        on_codes = _kept(_mlp, q, lora, spec, x, recompute)
+        assert not any(shape in kernel_shapes for shape, _ in on_codes)
+        assert sum(1 for _, dtype in on_codes if dtype == jnp.uint8) >= 2
+    # A kernel that reaches its product through another operation (here a transpose) is read as an array: the
+    # step keeps that array, a float copy.
+    assert (64, 128) in floats(_kept(_mlp_transposed, q, lora, spec, x, False))
     # Through combine (train_step's factored=False) the frozen kernel, whose dx the adapter below needs, is
     # dequantized again too.
     for factored in (True, False):
@@ -479,14 +494,64 @@ def test_the_backward_pass_keeps_codes_not_dequantized_kernels():
         )
         _, backward = jax.vjp(lambda lora: step.loss(q, lora, x, None), lora)
         assert (128, 64) not in [leaf.shape for leaf in jax.tree_util.tree_leaves(backward)]
-    # The same gradients as on the dequantized copy of the base.
-    forward = lj.factored(_mlp, spec, recompute_dequantized=True)
-    grads = [
-        jax.grad(lambda lora, base: jnp.sum(forward(base, lora, x) ** 2))(lora, base)
-        for base in (q, quant.dequantize(q))
-    ]
-    for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # The same gradients as on the dequantized copy of the base, whichever way the kernel is read.
+    for fn, recompute in ((_mlp, False), (_mlp, True), (_mlp_transposed, False), (_mlp_transposed, True)):
+        forward = lj.factored(fn, spec, recompute_dequantized=recompute)
+        grads = [
+            jax.grad(lambda lora, x, base: jnp.sum(forward(base, lora, x) ** 2), argnums=(0, 1))(lora, x, base)
+            for base in (q, quant.dequantize(q))
+        ]
+        for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_a_quantized_kernel_is_dequantized_next_to_its_product(fmt):
+    """XLA's temporaries of a factored training step on a deep quantized MLP hold about one float kernel.
+
+    Dequantizing each kernel at its product, after its input (forward) or its output's cotangent (backward)
+    exists, keeps the float copies from all being alive at once: with twelve 4 MiB kernels, all twelve would be
+    48 MiB (XLA:CPU's default scheduler runs a dequantization that waits for nothing first).
+    """
+    width, depth = 1024, 12
+    keys = jax.random.split(jax.random.key(0), depth)
+    params = {f"l{i}": {"kernel": 0.03 * jax.random.normal(keys[i], (width, width))} for i in range(depth)}
+
+    def deep(params, x):
+        for i in range(depth):
+            x = jnp.tanh(x @ params[f"l{i}"]["kernel"])
+        return x
+
+    spec = lj.LoraSpec([lj.Rule(r"l\d+/kernel", rank=4)])
+    q = quant.quantize(params, [(r".*kernel", fmt)])
+    lora = lj.init(jax.random.key(1), params, spec)
+    x = jnp.ones((64, width))
+    forward = lj.factored(deep, spec, recompute_dequantized=False)
+    grad = jax.jit(jax.grad(lambda lora, base: jnp.sum(forward(base, lora, x))))
+    temp = grad.lower(lora, q).compile().memory_analysis().temp_size_in_bytes
+    kernel = width * width * 4
+    assert temp < 3 * kernel, f"{temp / kernel:.1f} kernels of temporaries"
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_a_non_finite_input_never_gives_finite_wrong_rows(fmt):
+    """Each row of a product with a quantized kernel is the dequantized copy's row, or NaN: never a wrong number.
+
+    (The dequantization waits for the input through a value that is 0 for a finite input; a NaN or infinity
+    where it looks makes the whole product NaN, so no row is computed from altered codes.)
+    """
+    params = _mlp_params()
+    spec = lj.LoraSpec([lj.Rule("hidden/kernel", rank=4)])
+    q = quant.quantize(params, [(r"(hidden|mid)/kernel", fmt)])
+    lora = _nonzero_lora(q, spec)
+    forward = lj.factored(_mlp, spec)
+    for bad in (jnp.nan, jnp.inf):
+        x = jax.random.normal(jax.random.key(3), (8, 32)).at[0, 0].set(bad)
+        got = np.asarray(forward(q, lora, x))
+        want = np.asarray(forward(quant.dequantize(q), lora, x))
+        finite = np.isfinite(got)
+        np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+        assert not np.isfinite(got[0])
 
 
 def test_merge_a_quantized_base_to_a_plain_tree_and_quantize_again():

@@ -86,6 +86,37 @@ def test_each_row_equals_its_own_merged_model(name, targets, head, scan):
         assert not np.allclose(heads[0], heads[1])
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_rows_on_a_quantized_base_dequantize_each_kernel_once(scan):
+    """Serving on an int8 base: each row equals its merged model on the dequantized base, and no kernel is
+    dequantized once per row (no float array of a kernel's shape with a leading row axis is formed)."""
+    model, plain = models.from_pretrained(FIXTURES / "tiny_llama", scan_layers=scan)
+    q = lj.quantize(plain, models.quant_rules(model, "int8"))
+    base = lj.dequantize(q)
+    loras = _adapters(model, plain, "all-linear")
+    lora_set = serve.adapter_set(plain, loras, capacity=3)
+    adapter_ids = jnp.array([0, 1, 2, -1, 1])
+    ids, mask = _inputs(model, len(adapter_ids))
+    fn = _logits(model)
+    forward = serve.per_example(fn)
+    out = jax.jit(forward)(q, lora_set, adapter_ids, ids, mask)
+    reference = jax.jit(fn)
+    for row, k in enumerate(adapter_ids.tolist()):
+        expected = reference(_merged(base, loras, k), ids, mask)[row]
+        np.testing.assert_allclose(out[row], expected, rtol=0, atol=1e-5, err_msg=f"row {row}, adapter {k}")
+    kernels = {
+        leaf.shape
+        for leaf in jax.tree_util.tree_leaves(q, is_leaf=lj.quant.is_quantized)
+        if lj.quant.is_quantized(leaf)
+    }
+    per_row = {(len(adapter_ids), *shape) for shape in kernels} | {
+        shape[:1] + (len(adapter_ids),) + shape[1:] for shape in kernels
+    }
+    text = str(jax.make_jaxpr(forward)(q, lora_set, adapter_ids, ids, mask))
+    for shape in per_row:
+        assert f"f32[{','.join(map(str, shape))}]" not in text, f"a kernel dequantized per row: {shape}"
+
+
 def test_padding_to_the_set_rank_adds_zeros_and_scales_are_data():
     model, params = models.from_pretrained(FIXTURES / "tiny_gpt2")
     loras = _adapters(model, params, "qv")

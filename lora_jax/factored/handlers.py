@@ -24,7 +24,6 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from lora_jax.factored.kernel import LowRankKernel
-from lora_jax.quant.array import as_array
 
 if TYPE_CHECKING:
     from lora_jax.factored.interpret import Interpreter
@@ -347,10 +346,10 @@ def scan(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[An
     def body(carry: list[Any], xs_t: list[Any]) -> tuple[list[Any], list[Any]]:
         xs_t = list(xs_t)
         for i in layered - set(sliced):
-            xs_t[i] = as_array(xs_t[i])
+            xs_t[i] = interp.dequantized(xs_t[i])
         for i, (roles, x) in sliced.items():
             base, a, b, rng, g = xs_t[i]
-            base = as_array(base) if i in layered else base
+            base = interp.dequantized(base) if i in layered else base
             xs_t[i] = LowRankKernel(base, a, b, rng, roles, x.scale, x.dropout, x.name, g)
         outs = interp.run(closed.jaxpr, list(closed.consts), [*consts, *carry, *xs_t])
         return outs[:n_carry], outs[n_carry:]

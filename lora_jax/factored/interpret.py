@@ -30,6 +30,7 @@ from lora_jax.factored.kernel import LowRankKernel
 from lora_jax.paths import flatten
 from lora_jax.plan import KernelLayout, Target, abstract_leaf
 from lora_jax.quant.array import QuantizedArray, as_array, check_recompute, is_quantized, keep_codes
+from lora_jax.quant.product import product_of, quantized_dot
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 from lora_jax.variants import variant_of
@@ -85,8 +86,15 @@ class Interpreter:
         self._dequantized: dict[int, tuple[Any, QuantizedArray]] = {}
 
     def note_dequantized(self, value: Any, leaf: QuantizedArray) -> None:
-        """Record that ``value`` is ``as_array(leaf)``, so a scan over it can dequantize a layer at a time."""
+        """Record that ``value`` is ``as_array(leaf)``: a product with it then keeps the codes
+        (:func:`~lora_jax.quant.product.quantized_dot`), and a scan over it dequantizes a layer at a time."""
         self._dequantized[id(value)] = (value, leaf)
+
+    def dequantized(self, leaf: QuantizedArray) -> jax.Array:
+        """Return ``as_array(leaf)``, recorded as :meth:`note_dequantized` does."""
+        value = as_array(leaf)
+        self.note_dequantized(value, leaf)
+        return value
 
     def quantized_source(self, value: Any) -> QuantizedArray | None:
         """Return the quantized leaf that ``value`` is the dequantized form of, or None."""
@@ -203,7 +211,17 @@ class Interpreter:
         return self.run_plain(eqn, concrete)
 
     def run_plain(self, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any]:
-        """Evaluate one equation as it stands (array inputs only), as a one-equation jaxpr."""
+        """Evaluate one equation as it stands (array inputs only), as a one-equation jaxpr.
+
+        A ``dot_general`` of an activation and a dequantized kernel runs as :func:`quantized_dot`, which keeps
+        the kernel's codes for the backward pass and dequantizes next to the product in each pass.
+        """
+        if eqn.primitive.name == "dot_general" and len(values) == 2:
+            sources = [self.quantized_source(value) for value in values]
+            for side, source in enumerate(sources):
+                x = values[1 - side]
+                if source is not None and sources[1 - side] is None and self._origin(x) is None:
+                    return [quantized_dot(product_of(eqn.params, side, x), x, source)]
         invars, inputs, seen = [], [], set()
         for var, value in zip(eqn.invars, values):
             if not isinstance(var, jcore.Literal) and var not in seen:
@@ -339,9 +357,11 @@ def factored(
         reason by this function and points at the caller's line. A kernel that is never an operand of
         ``dot_general``, ``conv_general_dilated`` or ``gather`` (a bias or norm scale matched by a broad
         pattern) gets one warning that it is not used as a matrix.
-      recompute_dequantized: on a quantized base, dequantize each kernel again for the backward pass (under
-        ``jax.checkpoint`` with :func:`lora_jax.quant.recompute_dequantized`) instead of keeping it from the
-        forward pass, so the step keeps codes, not a float copy of the base. None decides by
+      recompute_dequantized: on a quantized base, dequantize again for the backward pass (under
+        ``jax.checkpoint`` with :func:`lora_jax.quant.recompute_dequantized`) the kernels that are read as
+        arrays, instead of keeping them from the forward pass. (A ``dot_general`` of an activation and a
+        quantized kernel keeps the codes whatever this says: :func:`lora_jax.quant.product.quantized_dot`; the
+        kernels read as arrays are those that reach their product through another operation.) None decides by
         :func:`lora_jax.scheduling.recomputation_saves_memory`: on GPU and TPU, and on CPU under
         ``MEMORY_SCHEDULER_FLAG``; XLA:CPU's default scheduler runs the recomputation early, where it costs
         memory instead.
@@ -421,8 +441,8 @@ class Factored:
                     interpreter.note_dequantized(value.base if isinstance(value, LowRankKernel) else value, leaf)
             return interpreter.run(closed.jaxpr, list(closed.consts), [*inputs, *arg_leaves])
 
-        # A quantized base's kernels are dequantized again for the backward pass rather than kept from the
-        # forward one: a whole-precision copy of the base would erase QLoRA's saving.
+        # Kernels read as arrays (not straight into a product, which keeps codes by itself) are dequantized again
+        # for the backward pass rather than kept: a whole-precision copy of the base would erase QLoRA's saving.
         evaluate = keep_codes(evaluate, stored, self.recompute_dequantized)
         arg_leaves = jax.tree_util.tree_leaves((args, traced))
         outs = evaluate(stored, [value for _, value in pairs], dropout_rng, arg_leaves)

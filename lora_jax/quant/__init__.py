@@ -6,10 +6,13 @@
     serving = lora_jax.merge(qparams, lora, spec, dtype=jnp.bfloat16)   # a plain tree
     lora_jax.quant.nbytes(qparams) / lora_jax.quant.nbytes(params)
 
-- ``array``: :class:`QuantizedArray`, the pytree node that stands for one array; :func:`as_array`, the
-  one place a quantized leaf becomes an array; :func:`recompute_dequantized`, the ``jax.checkpoint`` policy
-  under which the backward pass dequantizes again instead of keeping the dequantized kernels (the factored
-  path applies it by itself).
+- ``array``: :class:`QuantizedArray`, the pytree node that stands for one array; :func:`as_array`, where
+  a quantized leaf is read as an array; :func:`recompute_dequantized`, the ``jax.checkpoint`` policy under
+  which the backward pass dequantizes those again instead of keeping them (the factored path applies it by
+  itself).
+- ``product``: :func:`~lora_jax.quant.product.quantized_dot`, the factored path's product of an activation
+  and a quantized kernel: it keeps the codes for the backward pass and dequantizes next to the product in each
+  pass.
 - ``nf4``: :class:`Nf4` (blocks of 64, the 16 NormalFloat levels, block absmax double-quantized to 8 bits
   in blocks of 256, as bitsandbytes) and :class:`Nf4Array`.
 - ``int8``: :class:`Int8` (symmetric, a scale per output channel) and :class:`Int8Array`.

@@ -35,8 +35,13 @@ class QuantizedArray(abc.ABC):
     """Its format (:class:`~lora_jax.quant.nf4.Nf4` or :class:`~lora_jax.quant.int8.Int8`); ``fmt.name`` names it."""
 
     @abc.abstractmethod
-    def dequantize(self, dtype: Any = None) -> jax.Array:
-        """Return the array ``[*shape]`` this leaf stands for, in ``dtype`` (default its own ``dtype``)."""
+    def dequantize(self, dtype: Any = None, anchor: jax.Array | None = None) -> jax.Array:
+        """Return the array ``[*shape]`` this leaf stands for, in ``dtype`` (default its own ``dtype``).
+
+        ``anchor``, a float32 scalar that is 0 (see :mod:`lora_jax.quant.product`), enters the first operation
+        that reads the codes, so no part of the dequantization can run before the anchor exists. A NaN anchor
+        makes the whole result NaN.
+        """
 
     def layers(self) -> QuantizedArray | None:
         """Return this stack ``[L, *rest]`` as one leaf of shape ``rest`` whose children have a leading ``L`` axis.
@@ -64,8 +69,9 @@ def is_quantized(leaf: Any) -> bool:
 def as_array(leaf: Any, dtype: Any = None) -> Any:
     """Return a quantized leaf dequantized (in ``dtype``, default its own), any other leaf as it is.
 
-    The one place where a quantized base leaf becomes an array: ``combine``, ``merge``, the factored
-    path and ``init`` pass each base leaf through it, inside the caller's ``jit``.
+    Where ``combine``, ``merge``, the factored path and ``init`` read a base leaf, inside the caller's ``jit``
+    (a product with a quantized kernel on the factored path dequantizes by itself:
+    :func:`lora_jax.quant.product.quantized_dot`).
     """
     return _dequantize(leaf, None if dtype is None else np.dtype(dtype)) if isinstance(leaf, QuantizedArray) else leaf
 

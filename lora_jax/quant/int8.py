@@ -88,6 +88,7 @@ class Int8Array(QuantizedArray):
         scales = jnp.broadcast_to(self.scales, (self.shape[0], *self.scales.shape[1:]))
         return Int8Array(self.codes, scales, self.shape[1:], self.dtype, self.fmt)
 
-    def dequantize(self, dtype: Any = None) -> jax.Array:
-        values = self.codes.astype(jnp.float32) * self.scales
+    def dequantize(self, dtype: Any = None, anchor: jax.Array | None = None) -> jax.Array:
+        scales = self.scales if anchor is None else self.scales + anchor
+        values = self.codes.astype(jnp.float32) * scales
         return values.astype(self.dtype if dtype is None else dtype)

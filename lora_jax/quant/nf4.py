@@ -147,11 +147,11 @@ class Nf4Array(QuantizedArray):
     dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
     fmt: Nf4 = dataclasses.field(default=Nf4(), metadata=dict(static=True))
 
-    def absmax(self) -> jax.Array:
+    def absmax(self, anchor: jax.Array | None = None) -> jax.Array:
         """Return the block absmax values ``float32 [blocks]`` after double quantization."""
         blocks = self.absmax_codes.shape[0]
         scales = jnp.repeat(self.absmax_scales, self.fmt.absmax_block_size)[:blocks]
-        return jnp.asarray(absmax_code())[self.absmax_codes] * scales + self.offset
+        return _table(absmax_code(), anchor)[_anchored(self.absmax_codes, anchor)] * scales + self.offset
 
     def layers(self) -> Nf4Array | None:
         # A layer must hold whole blocks of codes and whole blocks of absmax codes; the offset is shared.
@@ -170,7 +170,18 @@ class Nf4Array(QuantizedArray):
             self.fmt,
         )
 
-    def dequantize(self, dtype: Any = None) -> jax.Array:
-        codes = jnp.stack([self.codes >> 4, self.codes & 0x0F], axis=-1).reshape(-1, self.fmt.block_size)
-        values = jnp.asarray(NF4_LEVELS)[codes] * self.absmax()[:, None]
+    def dequantize(self, dtype: Any = None, anchor: jax.Array | None = None) -> jax.Array:
+        packed = _anchored(self.codes, anchor)
+        codes = jnp.stack([packed >> 4, packed & 0x0F], axis=-1).reshape(-1, self.fmt.block_size)
+        values = _table(NF4_LEVELS, anchor)[codes] * self.absmax(anchor)[:, None]
         return values.reshape(-1)[: self.size].reshape(self.shape).astype(self.dtype if dtype is None else dtype)
+
+
+def _table(values: np.ndarray, anchor: jax.Array | None) -> jax.Array:
+    """Return the lookup table ``values``, plus ``anchor`` when given (a NaN anchor makes every entry NaN)."""
+    return jnp.asarray(values) if anchor is None else jnp.asarray(values) + anchor
+
+
+def _anchored(codes: jax.Array, anchor: jax.Array | None) -> jax.Array:
+    """Return ``codes``, read only once ``anchor`` exists (unchanged unless the anchor is NaN; see ``_table``)."""
+    return codes if anchor is None else codes | (anchor != 0).astype(codes.dtype)

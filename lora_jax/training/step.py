@@ -75,8 +75,8 @@ class TrainStep:
         def on_combined(lora: PyTree) -> jax.Array:
             return self.loss_fn(combine(params, lora, self.spec), batch, model_rng)
 
-        # The frozen kernels are dequantized again for the backward pass rather than kept (as on the factored
-        # path); an adapted kernel's W0 + s A B is still kept, which is what the factored path avoids.
+        # The frozen kernels are dequantized again for the backward pass rather than kept (the factored path
+        # keeps codes at each product); an adapted kernel's W0 + s A B is still kept, which that path avoids.
         base_leaves = jax.tree_util.tree_leaves(params, is_leaf=is_quantized)
         return keep_codes(on_combined, base_leaves, recompute)(lora)
 
