@@ -24,7 +24,8 @@ from experiments.bench_train import spawn, tree_bytes, workload
 from lora_jax import training
 
 MIB = 2**20
-ENCODER_KERNELS = r"bert/encoder/.*/kernel"
+QUANTIZED_KERNELS = {"minilm": r"bert/encoder/.*/kernel", "gpt2-small": r".*/(attention|mlp)/.*/kernel"}
+"""The linear kernels of each workload that a quantized base holds in fewer bits (never embeddings or heads)."""
 
 
 def compiled_memory(
@@ -38,14 +39,14 @@ def compiled_memory(
 ) -> dict:
     """XLA's buffers for one compiled training step of ``workload(name)`` (MiniLM at 64 tokens, GPT-2 at 256).
 
-    ``quantized`` names a format (``"nf4"``) for the encoder's linear kernels of a frozen base (QLoRA);
+    ``quantized`` names a format (``"nf4"``) for the linear kernels of a frozen base (QLoRA, `QUANTIZED_KERNELS`);
     ``dropout=False`` sets the model's dropout rates to zero; ``recompute`` is ``train_step``'s
     ``recompute_dequantized``.
     """
     length = (16 if smoke else 64) if name == "minilm" else (32 if smoke else 256)
     _, params, batch, spec, loss = workload(name, length, smoke, chunk=chunk, dropout=dropout)
     if quantized is not None:
-        params = lj.quantize(params, [(ENCODER_KERNELS, quantized)])
+        params = lj.quantize(params, [(QUANTIZED_KERNELS[name], quantized)])
     values = params
     if method == "full":
         spec = lj.LoraSpec([lj.trainable(".*")])
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
     args = parser.parse_args(argv)
+    from tqdm import tqdm
 
     # 1. Adapter bytes.
     _, params, _, spec, _ = workload("minilm", 16, args.smoke)
@@ -181,17 +183,19 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results["heap"] = heap
 
-    # 5. A quantized base: what the factored step keeps for the backward pass is the codes, not the kernels.
+    # 5. A quantized base: a product keeps the codes for the backward pass, not a float copy of its kernel.
     rows, qlora = [], {}
-    for dropout in (True, False):
+    cases = [("minilm", True), ("minilm", False), ("gpt2-small", False)]
+    for name, dropout in tqdm(cases, desc="quantized bases"):
         for fmt, recompute in ((None, False), ("nf4", False), ("nf4", True)):
-            m = compiled_memory("lora", args.smoke, quantized=fmt, dropout=dropout, recompute=recompute)
-            qlora[(fmt, recompute, dropout)] = m
+            m = compiled_memory("lora", args.smoke, name, quantized=fmt, dropout=dropout, recompute=recompute)
+            qlora[(name, fmt, recompute, dropout)] = m
             rows.append(
                 [
+                    name,
                     "on" if dropout else "off",
-                    "float32" if fmt is None else f"{fmt} encoder kernels",
-                    "-" if fmt is None else ("dequantized again" if recompute else "kept"),
+                    "float32" if fmt is None else f"{fmt} linear kernels",
+                    "-" if fmt is None else str(recompute),
                     f"{m['base_bytes'] / MIB:.1f}",
                     f"{m['argument_bytes'] / MIB:.1f}",
                     f"{m['temp_bytes'] / MIB:.1f}",
@@ -199,9 +203,10 @@ def main(argv: list[str] | None = None) -> dict:
                 ]
             )
     headers = [
+        "workload",
         "dropout",
         "frozen base",
-        "backward pass's kernels",
+        "recompute_dequantized",
         "base MiB",
         "XLA arguments MiB",
         "XLA temporaries MiB",
@@ -209,13 +214,15 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     flags = os.environ.get("XLA_FLAGS", "") or "(none)"
     text += (
-        f"\n\n## A quantized base (QLoRA), MiniLM LoRA step (`XLA_FLAGS`: `{flags}`)\n\n"
+        f"\n\n## A quantized base (QLoRA), LoRA step (`XLA_FLAGS`: `{flags}`)\n\n"
         + report.markdown_table(headers, rows)
-        + "\n\n`recompute_dequantized=True` dequantizes each kernel again in the backward pass (`jax.checkpoint` "
-        "under `quant.recompute_dequantized`), so the step keeps each kernel's codes from the forward pass, not a "
-        "float32 copy (tested on the saved residuals); `False` keeps the dequantized kernels. The default (None) "
-        "recomputes on GPU and TPU and, on CPU, only under `MEMORY_SCHEDULER_FLAG`: XLA:CPU's default scheduler "
-        "runs the recomputation early, where it can cost memory instead. The embeddings stay float32."
+        + "\n\nMiniLM: LoRA q,v r=8 + head, batch 32 x 64; GPT-2-small shape: LoRA all-linear r=8, batch 8 x 256. "
+        "On the factored path each product of an activation and a quantized kernel keeps the kernel's codes for "
+        "the backward pass and dequantizes next to the product in each pass (`quant.product.quantized_dot`; "
+        "tested on the saved residuals), whatever `recompute_dequantized` says. That option makes the step "
+        "dequantize again, under `jax.checkpoint`, the kernels read as arrays (none in these models); its "
+        "default (None) is on for GPU and TPU and, on CPU, only under `MEMORY_SCHEDULER_FLAG`. The embeddings "
+        "stay float32."
     )
     results["qlora"] = qlora
     print(text)

@@ -315,8 +315,9 @@ def test_bench_memory_smoke(tmp_path):
     for method in ("full", "lora"):  # the chunked LM loss keeps less than the whole logits
         assert out["decoder"][(method, 8)] < out["decoder"][(method, None)]
     assert all(out["heap"][(method, True)] > 0 for method in ("full", "lora-factored"))
-    nf4, plain = out["qlora"][("nf4", True, True)], out["qlora"][(None, False, True)]
-    assert nf4["base_bytes"] < plain["base_bytes"] and nf4["argument_bytes"] < plain["argument_bytes"]
+    for name in ("minilm", "gpt2-small"):
+        nf4, plain = out["qlora"][(name, "nf4", False, False)], out["qlora"][(name, None, False, False)]
+        assert nf4["base_bytes"] < plain["base_bytes"] and nf4["argument_bytes"] < plain["argument_bytes"]
 
 
 def test_run_cache_key_follows_the_default_learning_rate(tmp_path):
