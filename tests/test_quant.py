@@ -6,6 +6,7 @@ fixed matrix (``tests/fixtures/nf4``, made by ``scripts/make_nf4_fixture.py``).
 """
 
 import functools
+import itertools
 from pathlib import Path
 from statistics import NormalDist
 
@@ -450,6 +451,14 @@ def _mlp_transposed(params, x):
     return (h @ params["out"]["kernel"] + params["out"]["bias"])[:, 0]
 
 
+def _mlp_bfloat16(params, x):
+    """``_mlp`` computing in bfloat16 from float32 params: each kernel is cast before its product."""
+    bf16 = jnp.bfloat16
+    h = jax.nn.gelu(x.astype(bf16) @ params["hidden"]["kernel"].astype(bf16) + params["hidden"]["bias"].astype(bf16))
+    h = jax.nn.gelu(h @ params["mid"]["kernel"].astype(bf16) + params["mid"]["bias"].astype(bf16))
+    return (h.astype(jnp.float32) @ params["out"]["kernel"] + params["out"]["bias"])[:, 0]
+
+
 def _kept(fn, base, lora, spec, x, recompute):
     """The shapes and dtypes the factored ``fn`` keeps from its forward pass for its backward pass."""
     forward = lj.factored(fn, spec, recompute_dequantized=recompute)
@@ -474,11 +483,13 @@ def test_the_backward_pass_keeps_codes_not_dequantized_kernels():
         return {shape for shape, dtype in kept if dtype == jnp.float32}
 
     assert floats(_kept(_mlp, params, lora, spec, x, True)) >= kernel_shapes
-    # A product with a quantized kernel keeps its codes, whether or not the step recomputes the rest.
-    for recompute in (True, False):
-        on_codes = _kept(_mlp, q, lora, spec, x, recompute)
-        assert not any(shape in kernel_shapes for shape, _ in on_codes)
-        assert sum(1 for _, dtype in on_codes if dtype == jnp.uint8) >= 2
+    # A product with a quantized kernel keeps its codes, whether or not the step recomputes the rest, and when
+    # the kernel is cast to the compute dtype first.
+    for fn in (_mlp, _mlp_bfloat16):
+        for recompute in (True, False):
+            on_codes = _kept(fn, q, lora, spec, x, recompute)
+            assert not any(shape in kernel_shapes for shape, _ in on_codes)
+            assert sum(1 for _, dtype in on_codes if dtype == jnp.uint8) >= 2
     # A kernel that reaches its product through another operation (here a transpose) is read as an array: the
     # step keeps that array, a float copy.
     assert (64, 128) in floats(_kept(_mlp_transposed, q, lora, spec, x, False))
@@ -495,7 +506,7 @@ def test_the_backward_pass_keeps_codes_not_dequantized_kernels():
         _, backward = jax.vjp(lambda lora: step.loss(q, lora, x, None), lora)
         assert (128, 64) not in [leaf.shape for leaf in jax.tree_util.tree_leaves(backward)]
     # The same gradients as on the dequantized copy of the base, whichever way the kernel is read.
-    for fn, recompute in ((_mlp, False), (_mlp, True), (_mlp_transposed, False), (_mlp_transposed, True)):
+    for fn, recompute in itertools.product((_mlp, _mlp_transposed, _mlp_bfloat16), (False, True)):
         forward = lj.factored(fn, spec, recompute_dequantized=recompute)
         grads = [
             jax.grad(lambda lora, x, base: jnp.sum(forward(base, lora, x) ** 2), argnums=(0, 1))(lora, x, base)

@@ -41,7 +41,7 @@ MATRIX_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated", "gather"})
 def convert_element_type(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:
     """Cast ``W0``; the factors keep their dtype and are cast where they are used."""
     (w,) = values
-    return [dataclasses.replace(w, base=w.base.astype(eqn.params["new_dtype"]))]
+    return [dataclasses.replace(w, base=interp.cast(w.base, eqn.params["new_dtype"]))]
 
 
 def transpose(interp: Interpreter, eqn: jcore.JaxprEqn, values: list[Any]) -> list[Any] | None:

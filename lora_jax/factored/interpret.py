@@ -82,13 +82,13 @@ class Interpreter:
         # Values that depend on params only (no argument of fn), by id, with the kernels they come from; the
         # value itself is kept so its id is not reused.
         self._weights: dict[int, tuple[Any, frozenset[str]]] = {}
-        # Base leaves that are a quantized leaf dequantized, by id, with that leaf (for a scan to slice).
-        self._dequantized: dict[int, tuple[Any, QuantizedArray]] = {}
+        # Base values that are a quantized leaf dequantized (and cast to a dtype, or None), by id.
+        self._dequantized: dict[int, tuple[Any, QuantizedArray, Any]] = {}
 
-    def note_dequantized(self, value: Any, leaf: QuantizedArray) -> None:
-        """Record that ``value`` is ``as_array(leaf)``: a product with it then keeps the codes
+    def note_dequantized(self, value: Any, leaf: QuantizedArray, dtype: Any = None) -> None:
+        """Record that ``value`` is ``as_array(leaf, dtype)``: a product with it then keeps the codes
         (:func:`~lora_jax.quant.product.quantized_dot`), and a scan over it dequantizes a layer at a time."""
-        self._dequantized[id(value)] = (value, leaf)
+        self._dequantized[id(value)] = (value, leaf, dtype)
 
     def dequantized(self, leaf: QuantizedArray) -> jax.Array:
         """Return ``as_array(leaf)``, recorded as :meth:`note_dequantized` does."""
@@ -96,10 +96,26 @@ class Interpreter:
         self.note_dequantized(value, leaf)
         return value
 
-    def quantized_source(self, value: Any) -> QuantizedArray | None:
-        """Return the quantized leaf that ``value`` is the dequantized form of, or None."""
+    def cast(self, value: jax.Array, dtype: Any) -> jax.Array:
+        """Return ``value`` cast to ``dtype``; a dequantized float32 kernel stays recorded as its leaf, in ``dtype``.
+
+        (Dequantizing straight to ``dtype`` rounds once, as the cast does; from a lower precision it would not.)
+        """
+        out = value.astype(dtype)
         entry = self._dequantized.get(id(value))
-        return None if entry is None else entry[1]
+        if entry is not None and entry[2] is None and entry[1].dtype == np.float32:
+            self.note_dequantized(out, entry[1], np.dtype(dtype))
+        return out
+
+    def quantized_source(self, value: Any) -> QuantizedArray | None:
+        """Return the quantized leaf that ``value`` is, dequantized in its own dtype, or None."""
+        entry = self._dequantized.get(id(value))
+        return None if entry is None or entry[2] is not None else entry[1]
+
+    def dequantized_as(self, value: Any) -> tuple[QuantizedArray, Any] | None:
+        """Return the quantized leaf that ``value`` is, dequantized, and the dtype it was cast to (or None)."""
+        entry = self._dequantized.get(id(value))
+        return None if entry is None else (entry[1], entry[2])
 
     def next_use(self) -> int:
         """Return the number of this kernel use (from 1), folded into the kernel's dropout key."""
@@ -216,12 +232,16 @@ class Interpreter:
         A ``dot_general`` of an activation and a dequantized kernel runs as :func:`quantized_dot`, which keeps
         the kernel's codes for the backward pass and dequantizes next to the product in each pass.
         """
-        if eqn.primitive.name == "dot_general" and len(values) == 2:
-            sources = [self.quantized_source(value) for value in values]
+        name = eqn.primitive.name
+        if name == "dot_general" and len(values) == 2:
+            sources = [self.dequantized_as(value) for value in values]
             for side, source in enumerate(sources):
                 x = values[1 - side]
                 if source is not None and sources[1 - side] is None and self._origin(x) is None:
-                    return [quantized_dot(product_of(eqn.params, side, x), x, source)]
+                    leaf, dtype = source
+                    return [quantized_dot(product_of(eqn.params, side, x, dtype), x, leaf)]
+        if name == "convert_element_type" and self.dequantized_as(values[0]) is not None:
+            return [self.cast(values[0], eqn.params["new_dtype"])]
         invars, inputs, seen = [], [], set()
         for var, value in zip(eqn.invars, values):
             if not isinstance(var, jcore.Literal) and var not in seen:

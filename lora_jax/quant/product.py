@@ -31,12 +31,14 @@ class Product(NamedTuple):
         as sorted ``(name, value)`` pairs.
       kernel_side: 0 when the kernel is the left operand, 1 when it is the right.
       x_shape, x_dtype: the other operand's shape and dtype.
+      kernel_dtype: the dtype the kernel is dequantized to (None: its own).
     """
 
     params: tuple[tuple[str, Any], ...]
     kernel_side: int
     x_shape: tuple[int, ...]
     x_dtype: np.dtype
+    kernel_dtype: np.dtype | None = None
 
     def apply(self, x: jax.Array, w: jax.Array) -> jax.Array:
         """Return the equation's output for input ``x`` and kernel ``w``."""
@@ -44,9 +46,9 @@ class Product(NamedTuple):
         return jax.lax.dot_general_p.bind(lhs, rhs, **dict(self.params))
 
 
-def _after(leaf: QuantizedArray, value: jax.Array) -> jax.Array:
-    """Return ``leaf`` dequantized, computed after ``value`` exists."""
-    return _dequantize_anchored(leaf, _anchor(value))
+def _after(leaf: QuantizedArray, value: jax.Array, dtype: np.dtype | None) -> jax.Array:
+    """Return ``leaf`` dequantized in ``dtype`` (None: its own), computed after ``value`` exists."""
+    return _dequantize_anchored(leaf, _anchor(value), dtype)
 
 
 @jax.custom_batching.custom_vmap
@@ -68,9 +70,9 @@ def _anchor_rows(axis_size: int, in_batched: list[bool], value: jax.Array) -> tu
     return _anchor(value[0] if batched else value), False
 
 
-@jax.jit
-def _dequantize_anchored(leaf: QuantizedArray, anchor: jax.Array) -> jax.Array:
-    return leaf.dequantize(None, anchor)
+@functools.partial(jax.jit, static_argnums=2)
+def _dequantize_anchored(leaf: QuantizedArray, anchor: jax.Array, dtype: np.dtype | None) -> jax.Array:
+    return leaf.dequantize(dtype, anchor)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -82,15 +84,15 @@ def quantized_dot(product: Product, x: jax.Array, leaf: QuantizedArray) -> jax.A
       x: the activation operand, ``[*product.x_shape]``.
       leaf: the frozen quantized kernel.
     """
-    return product.apply(x, _after(leaf, x))
+    return product.apply(x, _after(leaf, x, product.kernel_dtype))
 
 
 def _forward(product: Product, x: jax.Array, leaf: QuantizedArray) -> tuple[jax.Array, QuantizedArray]:
-    return product.apply(x, _after(leaf, x)), leaf
+    return product.apply(x, _after(leaf, x, product.kernel_dtype)), leaf
 
 
 def _backward(product: Product, leaf: QuantizedArray, dy: jax.Array) -> tuple[jax.Array, None]:
-    w = _after(leaf, dy)
+    w = _after(leaf, dy, product.kernel_dtype)
     (dx,) = jax.linear_transpose(lambda x: product.apply(x, w), jax.ShapeDtypeStruct(product.x_shape, product.x_dtype))(
         dy
     )
@@ -100,7 +102,9 @@ def _backward(product: Product, leaf: QuantizedArray, dy: jax.Array) -> tuple[ja
 quantized_dot.defvjp(_forward, _backward)
 
 
-def product_of(params: dict[str, Any], kernel_side: int, x: jax.Array) -> Product:
-    """Return the :class:`Product` of a ``dot_general`` with ``params`` whose kernel is operand ``kernel_side``."""
+def product_of(params: dict[str, Any], kernel_side: int, x: jax.Array, kernel_dtype: Any = None) -> Product:
+    """Return the :class:`Product` of a ``dot_general`` with ``params`` whose kernel is operand ``kernel_side``,
+    dequantized in ``kernel_dtype`` (None: the leaf's own)."""
     shape, dtype = jax.numpy.shape(x), jax.numpy.result_type(x)
-    return Product(tuple(sorted(params.items())), kernel_side, tuple(shape), np.dtype(dtype))
+    kernel_dtype = None if kernel_dtype is None else np.dtype(kernel_dtype)
+    return Product(tuple(sorted(params.items())), kernel_side, tuple(shape), np.dtype(dtype), kernel_dtype)
