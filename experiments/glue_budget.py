@@ -558,8 +558,14 @@ def goals(results: dict[str, dict]) -> list[str]:
         a, b = dev_scores(results[task], method), dev_scores(results[task], reference)
         diff = float(a.mean() - b.mean())
         verdict = "met" if diff >= allowed else "missed"
-        spread = max(a.std(), b.std()) if min(len(a), len(b)) > 1 else None
-        noise = f"seed std up to {spread:.1f}" if spread is not None else "one seed: seed-to-seed spread not measured"
+        if min(len(a), len(b)) > 1:
+            # The difference of two means of a few seeds: its standard error says whether the margin means anything.
+            error = float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+            noise = f"seed std up to {max(a.std(), b.std()):.1f}; standard error of the difference {error:.1f}"
+            if abs(diff - allowed) < error:
+                noise += ", more than the margin: not resolved by these seeds"
+        else:
+            noise = "one seed: seed-to-seed spread not measured"
         lines.append(
             f"- {task}: {method} {a.mean():.1f} vs {reference} {b.mean():.1f}: difference {diff:+.1f} {unit} "
             f"(goal ≥ {allowed:+.0f}): **{verdict}** by {abs(diff - allowed):.1f} (n={len(a)}/{len(b)}; {noise})"

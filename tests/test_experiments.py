@@ -544,7 +544,7 @@ def test_glue_budget_goals_say_met_or_missed_by_how_much():
     results = {
         "rte": task({"full FT": [61.0, 63.0], "LoRA qv r=8": [60.5, 61.5]}),
         "cola": task({"full FT": [40.0], "LoRA qv r=8": [37.5]}),
-        "sst2": task({"full FT": [90.0], "LoRA qv r=8": [89.5], "LoRA qv r=1": [88.0]}),
+        "sst2": task({"full FT": [90.0, 90.0], "LoRA qv r=8": [89.4, 89.6], "LoRA qv r=1": [87.9, 88.1]}),
     }
     lines = budget.goals(results)
     text = "\n".join(lines)
@@ -553,6 +553,9 @@ def test_glue_budget_goals_say_met_or_missed_by_how_much():
     assert "cola: LoRA qv r=8 37.5 vs full FT 40.0: difference -2.5 MCC points (goal ≥ -2): **missed** by 0.5" in text
     assert "sst2: LoRA qv r=1 88.0 vs LoRA qv r=8 89.5: difference -1.5 points (goal ≥ -1): **missed** by 0.5" in text
     assert "one seed" in lines[2] and "seed std up to 1.0" in lines[1]
+    # rte's margin (0.0) is inside the difference's standard error (1.1); sst2's margins (0.5) are far outside it.
+    assert "standard error of the difference 1.1, more than the margin: not resolved" in lines[1]
+    assert "standard error of the difference 0.1)" in lines[0] and "not resolved" not in lines[0] + lines[3]
     assert "rte: full FT 62.0 (goal ≥ 60): **met** by 2.0 (n=2)" in text
 
 
