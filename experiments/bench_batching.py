@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
     args = parser.parse_args(argv)
     name = "bench_batching_smoke" if args.smoke else "bench_batching"
-    path = args.results_dir / f"{name}.md"
-    report.refuse_existing(parser, [path], args.overwrite)
+    (path,) = report.outputs(parser, args.results_dir, name, (".md",), args.overwrite)
 
     import jax
     from tqdm import tqdm

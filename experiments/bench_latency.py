@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
+    name = "bench_latency_smoke" if args.smoke else "bench_latency"
+    md, png = report.outputs(parser, args.results_dir, name, (".md", ".png"), args.overwrite)
     if args.smoke:
         config = models.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=512)
         sizes, bottlenecks, repeats = [(1, 16), (4, 32)], (8, 32), args.repeats or 3
@@ -128,8 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         + report.markdown_table(headers, rows)
     )
     print(text)
-    name = "bench_latency_smoke" if args.smoke else "bench_latency"
-    report.write_markdown(args.results_dir / f"{name}.md", "Inference latency", text)
+    report.write_markdown(md, "Inference latency", text)
 
     import matplotlib
 
@@ -147,8 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     ax.axhline(0, color="black", linewidth=0.5)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.results_dir / f"{name}.png", dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, png)
     return {"table": table}
 
 

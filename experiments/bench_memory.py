@@ -73,7 +73,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
+    name = "bench_memory_smoke" if args.smoke else "bench_memory"
+    (md,) = report.outputs(parser, args.results_dir, name, (".md",), args.overwrite)
     from tqdm import tqdm
 
     # 1. Adapter bytes.
@@ -226,8 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results["qlora"] = qlora
     print(text)
-    name = "bench_memory_smoke" if args.smoke else "bench_memory"
-    report.write_markdown(args.results_dir / f"{name}.md", "Memory accounting", text)
+    report.write_markdown(md, "Memory accounting", text)
     return {"formula": formula, "tree": lj.io.adapter_bytes(lora), "file": file_bytes, **results}
 
 

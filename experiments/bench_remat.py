@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(worker(json.loads(args.worker))))
         return {}
     name = "bench_remat_smoke" if args.smoke else "bench_remat"
-    path = args.results_dir / f"{name}.md"
-    report.refuse_existing(parser, [path], args.overwrite)
+    (path,) = report.outputs(parser, args.results_dir, name, (".md",), args.overwrite)
 
     from tqdm import tqdm
 

@@ -359,8 +359,7 @@ def _plot(path: Path, cls: dict, gen: dict) -> None:
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -371,8 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
     name = "bench_serving_smoke" if args.smoke else "bench_serving"
-    outputs = [args.results_dir / f"{name}.md", args.results_dir / f"{name}.png"]
-    report.refuse_existing(parser, outputs, args.overwrite)
+    outputs = report.outputs(parser, args.results_dir, name, (".md", ".png"), args.overwrite)
     print(report.environment())
     counts = (1, 4) if args.smoke else COUNTS
     repeats = args.repeats or (2 if args.smoke else 5)

@@ -225,10 +225,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, in turn")
     parser.add_argument("--no-flag-search", action="store_true", help="time XLA's default settings only")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return {}
+    name = "bench_train_smoke" if args.smoke else "bench_train"
+    md, png = report.outputs(parser, args.results_dir, name, (".md", ".png"), args.overwrite)
 
     from tqdm import tqdm
 
@@ -390,8 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         + report.markdown_table(["setting", "XLA_FLAGS", "step ms", "compile s"], flag_rows)
     )
     print(text)
-    name = "bench_train_smoke" if args.smoke else "bench_train"
-    report.write_markdown(args.results_dir / f"{name}.md", "Training step cost", text)
+    report.write_markdown(md, "Training step cost", text)
 
     import matplotlib
 
@@ -409,8 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(args.results_dir / f"{name}.png", dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, png)
     return {"results": results, "peft": peft, "flags": best_flags}
 
 

@@ -12,8 +12,8 @@ local copy exists, from TFDS's download.
 
 Everything goes to the run directory (--out, default runs/minilm-<task>-<time>, which git ignores):
 checkpoints (a rerun into it resumes), adapter.safetensors and the results table and plot, so a
-run modifies no tracked file. --results-dir experiments/results refreshes the published table. An
-existing adapter or table in the run directory is replaced only with --overwrite.
+run modifies no tracked file. --results-dir experiments/results --overwrite refreshes the published table.
+An existing adapter, table or plot is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -66,10 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / f"minilm-{args.task}-{stamp}"
     name = "finetune_minilm_smoke" if args.smoke else "finetune_minilm"
-    results_dir = args.results_dir or out
-    # The results tables of an explicit --results-dir are this experiment's to rewrite; the run directory's are not.
-    tables = [out / f"{name}.md", out / f"{name}.png"] if results_dir == out else []
-    report.refuse_existing(parser, [out / "adapter.safetensors", *tables], args.overwrite)
+    report.refuse_existing(parser, [out / "adapter.safetensors"], args.overwrite)
+    table, plot = report.outputs(parser, args.results_dir or out, name, (".md", ".png"), args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
     result = finetune.run(config, checkpoint_dir=out / "checkpoints")
@@ -113,8 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
         ["merged vs unmerged predictions", f"{agree}/{total} agree, max logit diff {gap:.1e}"],
         ["wall time (with compilation)", f"{result['seconds']:.0f} s"],
     ]
-    report.write_markdown(results_dir / f"{name}.md", "MiniLM LoRA fine-tune", report.markdown_table(["", ""], rows))
-    report.plot_lines(results_dir / f"{name}.png", {"train loss": losses}, "log window (20 steps)", "loss", name)
+    report.write_markdown(table, "MiniLM LoRA fine-tune", report.markdown_table(["", ""], rows))
+    report.plot_lines(plot, {"train loss": losses}, "log window (20 steps)", "loss", name)
     return {
         "score": result["score"],
         "agree": agree,

@@ -82,8 +82,7 @@ def plot(path: Path, means: dict) -> None:
     ax.set_title("MiniLM on GLUE")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -93,13 +92,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--cached-only", action="store_true", help="tabulate finished runs, train nothing")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
+    name = "glue_smoke" if args.smoke else "glue"
+    md, png = report.outputs(parser, args.results_dir, name, (".md", ".png"), args.overwrite)
     results = run_all(grid(args.smoke), args.cache, desc="glue", cached_only=args.cached_only)
     text, means = table(results)
     print(text)
-    name = "glue_smoke" if args.smoke else "glue"
-    report.write_markdown(args.results_dir / f"{name}.md", "GLUE dev results, all-MiniLM-L6-v2", text)
-    plot(args.results_dir / f"{name}.png", means)
+    report.write_markdown(md, "GLUE dev results, all-MiniLM-L6-v2", text)
+    plot(png, means)
     return results
 
 

@@ -646,9 +646,7 @@ def plot(path: Path, results: dict[str, dict]) -> None:
         ax.set_ylabel("score x100")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def describe_budgets(results: dict[str, dict]) -> str:
@@ -724,9 +722,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--cached-only", action="store_true", help="tabulate the tasks whose runs are all cached")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
     parser.add_argument("--name", default=None, help="output file stem (default glue_budget, or glue_budget_smoke)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: give 1 or more")
+    name = args.name or ("glue_budget_smoke" if args.smoke else "glue_budget")
+    md, png = report.outputs(parser, args.results_dir, name, (".md", ".png"), args.overwrite)
     budgets = {"smoke": SMOKE} if args.smoke else {task: BUDGETS[task] for task in args.tasks}
     if not args.smoke:  # later processes reuse this one's compilations (same shapes, same rate-free programs)
         jax.config.update("jax_compilation_cache_dir", str((args.cache / "jax-compilation-cache").resolve()))
@@ -740,7 +741,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if not results:
         print("no task to report; nothing written")
         return results
-    name = args.name or ("glue_budget_smoke" if args.smoke else "glue_budget")
     body = "\n\n".join(
         [
             "LoRA against full fine-tuning on MiniLM (all-MiniLM-L6-v2) at budgets set by full fine-tuning's "
@@ -754,8 +754,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         ]
     )
     print(body)
-    report.write_markdown(args.results_dir / f"{name}.md", "GLUE at budgets set by the learning curves", body)
-    plot(args.results_dir / f"{name}.png", results)
+    report.write_markdown(md, "GLUE at budgets set by the learning curves", body)
+    plot(png, results)
     return results
 
 

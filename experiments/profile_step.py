@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         "traced": args.traced or (1 if args.smoke else 3),
     }
     name = f"profile_{args.workload}_{args.method}_{args.label}" + ("_smoke" if args.smoke else "")
-    path = args.results_dir / f"{name}.md"
-    report.refuse_existing(parser, [path], args.overwrite)
+    (path,) = report.outputs(parser, args.results_dir, name, (".md",), args.overwrite)
     result = profile(job)
     text = f"{args.workload} L={length}, {args.method}.\n\n" + tables(result, args.top)
     print(text)

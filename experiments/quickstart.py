@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny run for tests")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
+    name = "quickstart_smoke" if args.smoke else "quickstart"
+    md, png = report.outputs(parser, args.results_dir, name, (".md", ".png"), args.overwrite)
     steps, n = (60, 512) if args.smoke else (600, 4096)
 
     keys = jax.random.split(jax.random.key(0), 6)
@@ -105,11 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         ["task 2 accuracy, base / adapted", f"{base_accuracy:.3f} / {accuracy:.3f}"],
         ["merged vs unmerged, max abs diff", f"{gap:.2e}"],
     ]
-    name = "quickstart_smoke" if args.smoke else "quickstart"
-    report.write_markdown(args.results_dir / f"{name}.md", "Quickstart", report.markdown_table(["", ""], rows))
-    report.plot_lines(
-        args.results_dir / f"{name}.png", {"LoRA on task 2": losses}, "step", "cross-entropy", "Quickstart"
-    )
+    report.write_markdown(md, "Quickstart", report.markdown_table(["", ""], rows))
+    report.plot_lines(png, {"LoRA on task 2": losses}, "step", "cross-entropy", "Quickstart")
     return {"losses": losses, "gap": gap, "accuracy": accuracy, "base_accuracy": base_accuracy}
 
 

@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--targets", nargs="+", default=list(TARGETS))
     parser.add_argument("--cached-only", action="store_true", help="tabulate finished runs, train nothing")
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
+    name = "rank_sweep_smoke" if args.smoke else "rank_sweep"
+    md, png = report.outputs(parser, args.results_dir, name, (".md", ".png"), args.overwrite)
     results = run_all(
         grid(args.smoke, args.ranks, args.targets), args.cache, desc="rank sweep", cached_only=args.cached_only
     )
@@ -66,8 +69,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = report.markdown_table(["targets", *[f"r={k}" for k in ranks]], rows)
     text += "\n\nSST-2 dev accuracy x100, mean ± std over seeds where n > 1 (trainable parameters, head included)."
     print(text)
-    name = "rank_sweep_smoke" if args.smoke else "rank_sweep"
-    report.write_markdown(args.results_dir / f"{name}.md", "Rank sweep, SST-2, all-MiniLM-L6-v2", text)
+    report.write_markdown(md, "Rank sweep, SST-2, all-MiniLM-L6-v2", text)
 
     import matplotlib
 
@@ -83,8 +85,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ax.set_ylabel("SST-2 dev accuracy x100")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.results_dir / f"{name}.png", dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, png)
     return results
 
 

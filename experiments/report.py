@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora_jax.io.atomic import write_text
+from lora_jax.io.atomic import write_atomic, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -25,6 +25,27 @@ def refuse_existing(parser: argparse.ArgumentParser, paths: Iterable[Path], over
     for path in paths:
         if path.exists() and not overwrite:
             parser.error(f"{path} exists; pass --overwrite to replace it, or choose another output")
+
+
+def outputs(
+    parser: argparse.ArgumentParser, directory: Path, name: str, suffixes: Sequence[str], overwrite: bool
+) -> list[Path]:
+    """Return ``directory / (name + suffix)`` for each of ``suffixes``, refusing existing ones first.
+
+    An experiment calls this right after parsing its arguments: see :func:`refuse_existing`.
+    """
+    paths = [directory / f"{name}{suffix}" for suffix in suffixes]
+    refuse_existing(parser, paths, overwrite)
+    return paths
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save a matplotlib figure as a PNG atomically (replacing ``path``; callers refuse it first), then close it."""
+    import matplotlib.pyplot as plt
+
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), overwrite=True)
+    plt.close(fig)
+    return path
 
 
 def peak_rss_mib() -> float:
@@ -97,7 +118,4 @@ def plot_lines(path: Path, series: dict[str, Sequence[float]], xlabel: str, ylab
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

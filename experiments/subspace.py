@@ -288,8 +288,7 @@ def plot_spectra(path: Path, w0: dict[str, np.ndarray], full: dict[str, np.ndarr
     right.set_title("cumulative energy (dotted: W0)")
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def plot_similarity(path: Path, maps: dict[str, np.ndarray]) -> None:
@@ -307,8 +306,7 @@ def plot_similarity(path: Path, maps: dict[str, np.ndarray]) -> None:
         ax.set_ylabel("i")
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -320,7 +318,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing results")
     args = parser.parse_args(argv)
+    name = "subspace_smoke" if args.smoke else "subspace"
+    md, png, spectrum_png = report.outputs(
+        parser, args.results_dir, name, (".md", ".png", "_spectrum.png"), args.overwrite
+    )
     if args.smoke:
         base = RunConfig(task="sst2", targets="qv", steps=2, max_length=32, train_limit=64, eval_limit=32)
         small, large, ranks = 1, 8, (1, 8)
@@ -351,7 +354,6 @@ def main(argv: list[str] | None = None) -> dict:
     amplification_text, records = amplification_section(w0, lora, full)
     spectrum_text = spectrum_section(w0, full, lora[large], large)
 
-    name = "subspace_smoke" if args.smoke else "subspace"
     steps = f"{base.steps} steps of batch {base.batch_size}, max_length {base.max_length}"
     body = "\n\n".join(
         [
@@ -374,9 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
         ]
     )
     print(body)
-    report.write_markdown(args.results_dir / f"{name}.md", "What the learned update is (paper 7.2 and 7.3)", body)
-    plot_similarity(args.results_dir / f"{name}.png", maps)
-    plot_spectra(args.results_dir / f"{name}_spectrum.png", w0, full)
+    report.write_markdown(md, "What the learned update is (paper 7.2 and 7.3)", body)
+    plot_similarity(png, maps)
+    plot_spectra(spectrum_png, w0, full)
     return {"maps": maps, "amplification": records, "energy": {p: energy(full[p]) for p in paths}}
 
 

@@ -428,9 +428,7 @@ def plot(path: Path, methods: dict[str, dict[str, Any]]) -> None:
     mem.legend(loc="upper center", ncol=3)
     fig.suptitle("LoRA variants, all-MiniLM-L6-v2 on SST-2")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def describe_setup(config: RunConfig, results: list[dict], seeds: int) -> str:
@@ -468,8 +466,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--overwrite", action="store_true", help="replace the results table and plot")
     args = parser.parse_args(argv)
     name = "variants_smoke" if args.smoke else "variants"
-    md, png = args.results_dir / f"{name}.md", args.results_dir / f"{name}.png"
-    report.refuse_existing(parser, [md, png], args.overwrite)
+    md, png = report.outputs(parser, args.results_dir, name, (".md", ".png"), args.overwrite)
     print(report.environment())
     if not args.smoke:  # seeds and methods share shapes: a persistent compilation cache spares recompiling them
         jax.config.update("jax_compilation_cache_dir", str(args.cache.resolve() / "jax-compilation-cache"))

@@ -95,6 +95,35 @@ def test_experiment_never_replaces_a_saved_file_unasked(tmp_path, capsys, name, 
     assert (out / saved).read_bytes() == b"a user's file"
 
 
+@pytest.mark.parametrize(
+    ("name", "saved"),
+    [
+        ("bench_batching", "bench_batching_smoke.md"),
+        ("bench_dropout", "bench_dropout_smoke.md"),
+        ("bench_latency", "bench_latency_smoke.png"),
+        ("bench_memory", "bench_memory_smoke.md"),
+        ("bench_remat", "bench_remat_smoke.md"),
+        ("bench_serving", "bench_serving_smoke.png"),
+        ("bench_train", "bench_train_smoke.md"),
+        ("glue", "glue_smoke.png"),
+        ("glue_budget", "glue_budget_smoke.md"),
+        ("profile_step", "profile_minilm_lora-factored_current_smoke.md"),
+        ("quickstart", "quickstart_smoke.png"),
+        ("rank_sweep", "rank_sweep_smoke.md"),
+        ("subspace", "subspace_smoke_spectrum.png"),
+        ("variants", "variants_smoke.md"),
+        ("finetune_minilm", "finetune_minilm_smoke.png"),  # an explicit --results-dir too
+    ],
+)
+def test_results_are_never_replaced_unasked(tmp_path, capsys, name, saved):
+    (tmp_path / saved).write_bytes(b"a user's file")
+    with pytest.raises(SystemExit) as exit_:
+        load(name).main(["--smoke", "--results-dir", str(tmp_path)])  # refused before any work
+    assert exit_.value.code == 2
+    assert f"{tmp_path / saved} exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert (tmp_path / saved).read_bytes() == b"a user's file"
+
+
 def test_multiprocess_train_never_replaces_a_saved_file_unasked(tmp_path, capsys):
     (tmp_path / "lora.npz").write_bytes(b"a user's file")
     for out in ("lora.npz", "lora"):  # np.savez adds .npz
@@ -584,7 +613,7 @@ def test_glue_budget_smoke(tmp_path):
     assert "## The issue's goals" in text and "rte: full FT" in text and "held-out" in text
     assert (results_dir / "glue_budget_smoke.png").stat().st_size > 1000
     # A second call reads the cache and trains nothing; so does --cached-only, which leaves out what is missing.
-    assert budget.main([*args, "--cached-only"])["rte"] == result
+    assert budget.main([*args, "--cached-only", "--overwrite"])["rte"] == result
     assert (
         budget.main(
             ["--cached-only", "--cache", str(tmp_path / "empty"), "--results-dir", str(results_dir), "--tasks", "rte"]
@@ -596,7 +625,7 @@ def test_glue_budget_smoke(tmp_path):
 @pytest.mark.slow  # the smoke protocol three times over; CI runs it with the slow tests
 def test_glue_budget_more_seeds_extend_the_cached_result(tmp_path, monkeypatch):
     budget = load("glue_budget")
-    args = ["--smoke", "--results-dir", str(tmp_path / "results")]
+    args = ["--smoke", "--results-dir", str(tmp_path / "results"), "--overwrite"]  # each call rewrites the table
     one = budget.main([*args, "--cache", str(tmp_path / "a")])["rte"]
     searches = []
     monkeypatch.setattr(budget, "search", lambda *a, **k: searches.append(a) or pytest.fail("searched again"))
