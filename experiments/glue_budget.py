@@ -3,6 +3,7 @@ of the training set, learning curves on dev, training until full fine-tuning's d
 
     python -m experiments.glue_budget --tasks rte cola sst2 --seeds 1   # the runs (cached under runs/glue_budget)
     python -m experiments.glue_budget --tasks cola --seeds 3 --name glue_budget_cola
+    python -m experiments.glue_budget --tasks cola --seeds 3 --longer 3 --name glue_budget_cola --overwrite
     python -m experiments.glue_budget --smoke                           # seconds, for the tests
 
 The protocol, per task:
@@ -21,6 +22,10 @@ The protocol, per task:
    budget, with no patience; the rate with the best held-out score at the budget is chosen.
 5. Further seeds rerun each method at its chosen rate for the budget. Asking for more seeds than a cached
    result holds adds only the missing ones: its search and runs stand.
+6. ``--longer K`` (a section apart, not the issue's protocol): every method after full fine-tuning reruns at
+   its chosen rate, each seed, for K times the budget on a schedule K times as long, against full fine-tuning
+   at its budget. It asks whether a gap at the budget is one of speed (the method still learning where full
+   fine-tuning stopped) or of what it reaches.
 
 Only full fine-tuning drops rates early (successive halving), which is what lets it fit two CPU cores: its
 budget is not known until its chosen rate stops, and its steps cost about three of LoRA's. The other methods
@@ -439,13 +444,13 @@ def cache_path(cache: Path, budget: Budget, seeds: int) -> Path:
     return cache / f"{budget.task}-{task_key(budget, seeds)}.json"
 
 
-def read_cached(path: Path) -> dict:
-    """Return a cached result, refusing one that is not the JSON this module writes."""
+def read_cached(path: Path, keys: Sequence[str] = ("task", "steps", "search", "chosen", "runs")) -> dict:
+    """Return a cached result, refusing one that is not the JSON this module writes (an object with ``keys``)."""
     try:
         result = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a cached result ({err}); delete it to run the task again") from err
-    if not isinstance(result, dict) or not {"task", "steps", "search", "chosen", "runs"} <= set(result):
+    if not isinstance(result, dict) or not set(keys) <= set(result):
         raise ValueError(f"{path}: not a cached result (keys missing); delete it to run the task again")
     return result
 
@@ -535,6 +540,81 @@ class NotCached(LookupError):
     """A task's results the cache lacks, asked for with ``--cached-only``."""
 
 
+def longer_runs(result: dict, budget: Budget, factor: int, seeds: int, setup: Setup) -> dict[str, list[dict]]:
+    """Rerun every method after full fine-tuning at its chosen rate for ``factor`` times the budget.
+
+    The schedule, the cap and the evaluation interval stretch by ``factor`` too, so a run's warm-up and decay
+    have the shape of the budget's runs; the rate is the one chosen at the budget (none is searched here).
+
+    Returns:
+      ``{method: [records, one per seed]}``.
+    """
+    stretched = dataclasses.replace(budget, max_steps=factor * budget.max_steps, eval_every=factor * budget.eval_every)
+    setup = dataclasses.replace(setup, budget=stretched)
+    runs = {}
+    for method in budget.methods[1:]:
+        lr = result["chosen"][method.name]["learning_rate"]
+        runs[method.name] = [
+            Run(setup, method, lr, seed).train(factor * result["steps"]).record() for seed in range(seeds)
+        ]
+    return runs
+
+
+def cached_longer(
+    result: dict, budget: Budget, factor: int, seeds: int, cache: Path, bases: dict[str, Base], cached_only: bool
+) -> dict[str, list[dict]]:
+    """Return :func:`longer_runs` from the cache, beside the task's own results, running it if absent.
+
+    Raises:
+      NotCached: ``cached_only`` and the cache lacks it.
+    """
+    path = cache_path(cache, budget, seeds).with_suffix(f".longer{factor}.json")
+    if path.exists():
+        return read_cached(path, ("runs",))["runs"]
+    if cached_only:
+        raise NotCached(f"{path} does not exist")
+    runs = longer_runs(result, budget, factor, seeds, setup_for(budget, bases))
+    write_text(path, json.dumps({"factor": factor, "runs": runs}, indent=1), overwrite=True)
+    return runs
+
+
+def longer_table(results: dict[str, dict], longer: dict[str, dict[str, list[dict]]], factor: int) -> str:
+    """Each method after full fine-tuning at ``factor`` times the budget, against full fine-tuning at the budget."""
+    rows = []
+    for task, runs in longer.items():
+        full = dev_scores(results[task], FULL.name)
+        for name, records in runs.items():
+            scores = np.array([final(r) for r in records])
+            at_budget = dev_scores(results[task], name)
+            error = difference_error(scores, full)
+            rows.append(
+                [
+                    task,
+                    name,
+                    f"{records[0]['learning_rate']:g}",
+                    f"{factor * results[task]['steps']} ({factor}x {results[task]['steps']})",
+                    report.mean_std(scores.tolist()),
+                    report.mean_std(at_budget.tolist()),
+                    report.mean_std(full.tolist()),
+                    f"{scores.mean() - full.mean():+.1f} "
+                    + ("(one seed)" if error is None else f"(standard error {error:.1f})"),
+                    f"{np.mean([final(r, 'heldout') for r in records]):.1f}",
+                ]
+            )
+    headers = [
+        "task",
+        "method",
+        "lr (chosen at the budget)",
+        "steps",
+        f"dev at {factor}x the budget",
+        "dev at the budget",
+        "full FT at the budget",
+        f"{factor}x - full FT",
+        "held-out (mean)",
+    ]
+    return report.markdown_table(headers, rows)
+
+
 # The issue's goals: (task, method, reference method, smallest allowed difference, metric unit).
 GOALS = (
     ("sst2", "LoRA qv r=8", "full FT", -1.0, "points"),
@@ -549,6 +629,16 @@ def dev_scores(result: dict, method: str) -> np.ndarray:
     return np.array([final(r) for r in result["runs"][method]])
 
 
+def difference_error(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Return the standard error of ``a.mean() - b.mean()`` (scores of independent seeds), None for a single seed.
+
+    With a few seeds a side, it says whether a margin between two methods means anything.
+    """
+    if min(len(a), len(b)) < 2:
+        return None
+    return float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+
+
 def goals(results: dict[str, dict]) -> list[str]:
     """One line per goal of the issue that these results bear on: the measured margin, met or missed."""
     lines = []
@@ -558,9 +648,8 @@ def goals(results: dict[str, dict]) -> list[str]:
         a, b = dev_scores(results[task], method), dev_scores(results[task], reference)
         diff = float(a.mean() - b.mean())
         verdict = "met" if diff >= allowed else "missed"
-        if min(len(a), len(b)) > 1:
-            # The difference of two means of a few seeds: its standard error says whether the margin means anything.
-            error = float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
+        error = difference_error(a, b)
+        if error is not None:
             noise = f"seed std up to {max(a.std(), b.std()):.1f}; standard error of the difference {error:.1f}"
             if abs(diff - allowed) < error:
                 noise += ", more than the margin: not resolved by these seeds"
@@ -723,9 +812,18 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--results-dir", type=Path, default=report.RESULTS)
     parser.add_argument("--name", default=None, help="output file stem (default glue_budget, or glue_budget_smoke)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing results")
+    parser.add_argument(
+        "--longer",
+        type=int,
+        default=None,
+        metavar="K",
+        help="also train the methods after full FT for K times the budget, at their chosen rates (a section apart)",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: give 1 or more")
+    if args.longer is not None and args.longer < 2:
+        parser.error(f"--longer {args.longer}: give 2 or more (times the budget)")
     name = args.name or ("glue_budget_smoke" if args.smoke else "glue_budget")
     md, png = report.outputs(parser, args.results_dir, name, (".md", ".png"), args.overwrite)
     budgets = {"smoke": SMOKE} if args.smoke else {task: BUDGETS[task] for task in args.tasks}
@@ -741,6 +839,23 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if not results:
         print("no task to report; nothing written")
         return results
+    longer = {}
+    for task in results if args.longer else ():
+        budget = budgets["smoke" if args.smoke else task]
+        try:
+            longer[task] = cached_longer(
+                results[task], budget, args.longer, args.seeds, args.cache, bases, args.cached_only
+            )
+        except NotCached as missing:
+            print(f"{task}: longer runs left out, {missing}")
+    sections = []
+    if longer:
+        sections.append(
+            f"## Longer: {args.longer}x the budget\n\nThe same protocol past the issue's budget: every method after "
+            f"full fine-tuning, at the rate chosen at the budget, on a schedule {args.longer} times as long "
+            "(warm-up and decay stretched alike); full fine-tuning stays at its budget.\n\n"
+            + longer_table(results, longer, args.longer)
+        )
     body = "\n\n".join(
         [
             "LoRA against full fine-tuning on MiniLM (all-MiniLM-L6-v2) at budgets set by full fine-tuning's "
@@ -750,6 +865,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             "## Dev at the budget\n\n" + table(results),
             "## The issue's goals\n\n" + "\n".join(goals(results)),
             f"![learning curves]({name}.png)",
+            *sections,
             "## Caveats\n\n" + "\n".join(caveats(results, list(budgets))),
         ]
     )

@@ -1,6 +1,7 @@
 """Each experiment script runs at its smoke size and writes its results."""
 
 import importlib
+import json
 import pkgutil
 import subprocess
 import sys
@@ -620,6 +621,39 @@ def test_glue_budget_smoke(tmp_path):
         )
         == {}
     )
+
+
+def test_glue_budget_longer_reruns_the_chosen_rate_on_a_stretched_schedule(tmp_path, capsys):
+    budget = load("glue_budget")
+    args = ["--smoke", "--cache", str(tmp_path / "cache"), "--results-dir", str(tmp_path / "results")]
+    with pytest.raises(SystemExit):
+        budget.main([*args, "--longer", "1"])
+    assert "--longer 1: give 2 or more" in capsys.readouterr().err
+    result = budget.main([*args, "--longer", "2"])["rte"]
+    full, lora = budget.SMOKE.methods
+    (path,) = (tmp_path / "cache").glob("rte-*.longer2.json")
+    runs = json.loads(path.read_text())["runs"]
+    assert list(runs) == [lora.name]  # full fine-tuning stays at its budget
+    (run,) = runs[lora.name]
+    assert run["learning_rate"] == result["chosen"][lora.name]["learning_rate"]
+    assert run["steps"] == 2 * result["steps"]
+    every = 2 * budget.SMOKE.eval_every  # evaluations stretch with the schedule
+    assert [p["step"] for p in run["curve"]] == list(range(every, run["steps"] + 1, every))
+    # Stretched, the schedule reaches the budget's step at a higher rate, so the run differs from the budget's own.
+    assert run["curve"][-1] != result["runs"][lora.name][0]["curve"][-1]
+    text = (tmp_path / "results" / "glue_budget_smoke.md").read_text()
+    assert "## Longer: 2x the budget" in text and f"| rte | {lora.name} |" in text and "(one seed)" in text
+    # Read back from the cache, trained no further.
+    again = budget.main([*args, "--longer", "2", "--cached-only", "--overwrite"])
+    assert again["rte"] == result and json.loads(path.read_text())["runs"] == runs
+
+
+def test_glue_budget_difference_error_against_numpy():
+    budget = load("glue_budget")
+    a, b = np.array([52.0, 55.0, 49.0]), np.array([53.0, 54.5])
+    expected = np.hypot(np.std(a, ddof=1) / np.sqrt(3), np.std(b, ddof=1) / np.sqrt(2))
+    assert budget.difference_error(a, b) == pytest.approx(expected)
+    assert budget.difference_error(a, b[:1]) is None
 
 
 @pytest.mark.slow  # the smoke protocol three times over; CI runs it with the slow tests
