@@ -709,8 +709,9 @@ def table(results: dict[str, dict]) -> str:
     return report.markdown_table(headers, rows)
 
 
-def plot(path: Path, results: dict[str, dict]) -> None:
-    """Learning curves: dev (solid) and held-out (dashed) of each method's chosen rate, seed 0; other rates faint."""
+def plot(path: Path, results: dict[str, dict], longer: dict[str, dict[str, list[dict]]] | None = None) -> None:
+    """Learning curves: dev (solid) and held-out (dashed) of each method's chosen rate, seed 0; other rates faint;
+    seed 0's dev of each ``longer`` run dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -729,6 +730,9 @@ def plot(path: Path, results: dict[str, dict]) -> None:
                 ax.plot(steps, dev, color=color, label=f"{name} lr={run['learning_rate']:g}: dev")
                 held = [p["heldout"] for p in run["curve"]]
                 ax.plot(steps, held, color=color, linestyle="--", alpha=0.7, label="held-out (train slice)")
+            for run in (longer or {}).get(task, {}).get(name, [])[:1]:
+                steps, dev = [p["step"] for p in run["curve"]], [p["dev"] for p in run["curve"]]
+                ax.plot(steps, dev, color=color, linestyle=":", marker=".", label=f"{name}, longer schedule: dev")
         ax.axvline(result["steps"], color="grey", linestyle=":", label="budget")
         ax.set_title(f"{task} ({result['metric']}); faint: the other rates")
         ax.set_xlabel("step")
@@ -871,7 +875,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     )
     print(body)
     report.write_markdown(md, "GLUE at budgets set by the learning curves", body)
-    plot(png, results)
+    plot(png, results, longer)
     return results
 
 
