@@ -646,6 +646,9 @@ def test_glue_budget_longer_reruns_the_chosen_rate_on_a_stretched_schedule(tmp_p
     # Read back from the cache, trained no further.
     again = budget.main([*args, "--longer", "2", "--cached-only", "--overwrite"])
     assert again["rte"] == result and json.loads(path.read_text())["runs"] == runs
+    path.write_text('{"factor": 2}')  # damaged: refused naming the file, never retrained over
+    with pytest.raises(ValueError, match=f"{path}: not a cached result"):
+        budget.main([*args, "--longer", "2", "--overwrite"])
 
 
 def test_glue_budget_difference_error_against_numpy():
