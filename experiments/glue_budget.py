@@ -22,9 +22,9 @@ The protocol, per task:
    budget, with no patience; the rate with the best held-out score at the budget is chosen.
 5. Further seeds rerun each method at its chosen rate for the budget. Asking for more seeds than a cached
    result holds adds only the missing ones: its search and runs stand.
-6. ``--longer K`` (a section apart, not the issue's protocol): every method after full fine-tuning reruns at
-   its chosen rate, each seed, for K times the budget on a schedule K times as long, against full fine-tuning
-   at its budget. It asks whether a gap at the budget is one of speed (the method still learning where full
+6. ``--longer K`` (a section apart, not the issue's protocol): every method after full fine-tuning (or those
+   named in ``--longer-methods``) reruns at its chosen rate, each seed, for K times the budget on a schedule K
+   times as long, against full fine-tuning at its budget. It asks whether a gap at the budget is one of speed (the method still learning where full
    fine-tuning stopped) or of what it reaches.
 
 Only full fine-tuning drops rates early (successive halving), which is what lets it fit two CPU cores: its
@@ -540,8 +540,10 @@ class NotCached(LookupError):
     """A task's results the cache lacks, asked for with ``--cached-only``."""
 
 
-def longer_runs(result: dict, budget: Budget, factor: int, seeds: int, setup: Setup) -> dict[str, list[dict]]:
-    """Rerun every method after full fine-tuning at its chosen rate for ``factor`` times the budget.
+def longer_runs(
+    result: dict, budget: Budget, factor: int, seeds: int, setup: Setup, methods: Sequence[Method]
+) -> dict[str, list[dict]]:
+    """Rerun ``methods`` (of those after full fine-tuning) at their chosen rates for ``factor`` times the budget.
 
     The schedule, the cap and the evaluation interval stretch by ``factor`` too, so a run's warm-up and decay
     have the shape of the budget's runs; the rate is the one chosen at the budget (none is searched here).
@@ -552,7 +554,7 @@ def longer_runs(result: dict, budget: Budget, factor: int, seeds: int, setup: Se
     stretched = dataclasses.replace(budget, max_steps=factor * budget.max_steps, eval_every=factor * budget.eval_every)
     setup = dataclasses.replace(setup, budget=stretched)
     runs = {}
-    for method in budget.methods[1:]:
+    for method in methods:
         lr = result["chosen"][method.name]["learning_rate"]
         runs[method.name] = [
             Run(setup, method, lr, seed).train(factor * result["steps"]).record() for seed in range(seeds)
@@ -561,20 +563,33 @@ def longer_runs(result: dict, budget: Budget, factor: int, seeds: int, setup: Se
 
 
 def cached_longer(
-    result: dict, budget: Budget, factor: int, seeds: int, cache: Path, bases: dict[str, Base], cached_only: bool
+    result: dict,
+    budget: Budget,
+    factor: int,
+    seeds: int,
+    cache: Path,
+    bases: dict[str, Base],
+    cached_only: bool,
+    names: Sequence[str] | None = None,
 ) -> dict[str, list[dict]]:
-    """Return :func:`longer_runs` from the cache, beside the task's own results, running it if absent.
+    """Return :func:`longer_runs` of the methods ``names`` (default: all after full fine-tuning), from the cache.
+
+    One file beside the task's own results holds every method run so far at this factor; the methods it lacks
+    are run and added (with ``cached_only``, left out).
 
     Raises:
-      NotCached: ``cached_only`` and the cache lacks it.
+      NotCached: ``cached_only`` and the cache holds none of them.
     """
     path = cache_path(cache, budget, seeds).with_suffix(f".longer{factor}.json")
-    if path.exists():
-        return read_cached(path, ("runs",))["runs"]
-    if cached_only:
-        raise NotCached(f"{path} does not exist")
-    runs = longer_runs(result, budget, factor, seeds, setup_for(budget, bases))
-    write_text(path, json.dumps({"factor": factor, "runs": runs}, indent=1), overwrite=True)
+    methods = [m for m in budget.methods[1:] if names is None or m.name in names]
+    held = read_cached(path, ("runs",))["runs"] if path.exists() else {}
+    missing = [m for m in methods if m.name not in held]
+    if missing and not cached_only:
+        held = {**held, **longer_runs(result, budget, factor, seeds, setup_for(budget, bases), missing)}
+        write_text(path, json.dumps({"factor": factor, "runs": held}, indent=1), overwrite=True)
+    runs = {m.name: held[m.name] for m in methods if m.name in held}
+    if not runs:
+        raise NotCached(f"{path} holds none of {[m.name for m in methods]}")
     return runs
 
 
@@ -823,11 +838,30 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         metavar="K",
         help="also train the methods after full FT for K times the budget, at their chosen rates (a section apart)",
     )
+    parser.add_argument(
+        "--longer-methods",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="the methods --longer trains (default: every one after full FT), e.g. 'LoRA qv r=8'",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds {args.seeds}: give 1 or more")
     if args.longer is not None and args.longer < 2:
         parser.error(f"--longer {args.longer}: give 2 or more (times the budget)")
+    if args.longer_methods is not None:
+        known = {
+            m.name
+            for task in (["smoke"] if args.smoke else args.tasks)
+            for m in ({"smoke": SMOKE} | BUDGETS)[task].methods[1:]
+        }
+        unknown = sorted(set(args.longer_methods) - known)
+        if args.longer is None or unknown:
+            parser.error(
+                f"--longer-methods {unknown or args.longer_methods}: give --longer K with one or more of "
+                f"{sorted(known)}"
+            )
     name = args.name or ("glue_budget_smoke" if args.smoke else "glue_budget")
     md, png = report.outputs(parser, args.results_dir, name, (".md", ".png"), args.overwrite)
     budgets = {"smoke": SMOKE} if args.smoke else {task: BUDGETS[task] for task in args.tasks}
@@ -848,7 +882,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         budget = budgets["smoke" if args.smoke else task]
         try:
             longer[task] = cached_longer(
-                results[task], budget, args.longer, args.seeds, args.cache, bases, args.cached_only
+                results[task], budget, args.longer, args.seeds, args.cache, bases, args.cached_only, args.longer_methods
             )
         except NotCached as missing:
             print(f"{task}: longer runs left out, {missing}")

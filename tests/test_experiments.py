@@ -629,7 +629,15 @@ def test_glue_budget_longer_reruns_the_chosen_rate_on_a_stretched_schedule(tmp_p
     with pytest.raises(SystemExit):
         budget.main([*args, "--longer", "1"])
     assert "--longer 1: give 2 or more" in capsys.readouterr().err
-    result = budget.main([*args, "--longer", "2"])["rte"]
+    with pytest.raises(SystemExit):
+        budget.main([*args, "--longer", "2", "--longer-methods", "LoRA qv r=1"])  # not a method of this budget
+    assert "--longer-methods ['LoRA qv r=1']: give --longer K with one or more of ['LoRA qv r=8']" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        budget.main([*args, "--longer-methods", "LoRA qv r=8"])  # without --longer
+    assert "give --longer K" in capsys.readouterr().err
+    result = budget.main([*args, "--longer", "2", "--longer-methods", "LoRA qv r=8"])["rte"]
     full, lora = budget.SMOKE.methods
     (path,) = (tmp_path / "cache").glob("rte-*.longer2.json")
     runs = json.loads(path.read_text())["runs"]
