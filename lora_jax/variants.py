@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from lora_jax.errors import LoraError
@@ -183,6 +184,27 @@ class SlicedLowRank(LowRank):
             pad[axis] = (position * slices.size, (len(slices.names) - position - 1) * slices.size)
             blocks.append(jnp.pad(block, pad))
         return jnp.concatenate(blocks, axis=stack)
+
+    @staticmethod
+    def contract(target: Target, b: np.ndarray) -> tuple[np.ndarray, tuple[int, ...] | None]:
+        """Return :meth:`expand`'s inverse: ``B [*stack, n_adapted * r, *out]`` to ``[*stack, n_adapted * r,
+        *slice_out]``, with the index of the first entry off the slice blocks that is not zero (None if none is).
+
+        A ``B`` with such an entry is no set of slice adapters: it reaches a slice that is not its block's.
+        """
+        slices, layout = target.slices, target.layout
+        assert slices is not None and layout is not None
+        rank, stack = target.rule.rank, len(layout.stack)
+        axis = stack + 1 + slices.out_position(layout)
+        blocks, rest = [], np.array(b, copy=True)
+        for j, position in enumerate(slices.adapted):
+            index = [slice(None)] * b.ndim
+            index[stack] = slice(j * rank, (j + 1) * rank)
+            index[axis] = slice(position * slices.size, (position + 1) * slices.size)
+            blocks.append(b[tuple(index)])
+            rest[tuple(index)] = 0
+        stray = np.argwhere(rest != 0)
+        return np.concatenate(blocks, axis=stack), (tuple(int(i) for i in stray[0]) if len(stray) else None)
 
     def partitions(self, target: Target, base: PartitionSpec) -> dict[PathTuple, PartitionSpec]:
         # As LowRank's, but B's slice axis holds one slice, not the kernel's whole axis: it is replicated.

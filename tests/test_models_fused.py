@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import lora_jax as lj
 from lora_jax import models
@@ -244,14 +244,38 @@ def test_peft_export_is_one_c_attn_adapter_with_zero_k_rows(pair, tmp_path):
     fc = "base_model.model.transformer.h.0.mlp.c_fc"
     assert tensors[f"{fc}.lora_A.weight"].shape == (3, d)
     # The folder reads back as PEFT sees it, one rank-2r adapter on c_attn, with the same merged weights;
-    # a spec with slices cannot read it (PEFT's file has no slices), and says so.
     names = models.hf_names(fused)
     back_spec = lj.LoraSpec.from_peft(tmp_path, names)
     back = lj.merge(fused_params, peft.load_peft(tmp_path, fused_params, back_spec, names), back_spec)
     for key, value in _flat(lj.merge(fused_params, lora, spec)).items():
         np.testing.assert_allclose(_flat(back)[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
-    with pytest.raises(lj.AdapterMismatchError, match="c_attn: the PEFT file has r=4"):
+    # and under the spec with slices as the slices again, exactly.
+    again = peft.load_peft(tmp_path, fused_params, spec, names)
+    for key, value in _flat(lora).items():
+        assert np.array_equal(_flat(again)[key], value), key
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_peft_c_attn_adapter_reads_into_slices_only_when_it_is_slices(scan, tmp_path):
+    fused, fused_params = models.from_pretrained(FIXTURE, fused_qkv=True, scan_layers=scan)
+    spec = models.lora_spec(fused, "qv", rank=RANK, alpha=4)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.1, lj.init(jax.random.key(0), fused_params, spec))
+    names = models.hf_names(fused)
+    peft.save_peft(tmp_path, fused_params, lora, spec, names)
+    # A rank the slices do not give: 2 slices of rank 3 would be PEFT's r=6, the file has r=4.
+    other = models.lora_spec(fused, "qv", rank=3, alpha=6)
+    with pytest.raises(lj.AdapterMismatchError, match=r"c_attn: the PEFT file has r=4.* r=3 on each of 2 slices"):
+        peft.load_peft(tmp_path, fused_params, other, names)
+    # A B that reaches the k slice (trained in PEFT as one adapter on c_attn) is no pair of slice adapters.
+    tensors = load_file(str(tmp_path / peft.WEIGHTS))
+    d, key = fused.config.n_embd, "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
+    tensors[key][d + 3, 0] = 1e-3
+    save_file(tensors, str(tmp_path / peft.WEIGHTS))
+    with pytest.raises(lj.AdapterMismatchError, match=f"tensor {key} reaches outputs of .*qkv/kernel outside"):
         peft.load_peft(tmp_path, fused_params, spec, names)
+    # (layer 1's tensor named, in a scanned stack too). Read as PEFT sees it, the same file loads.
+    if not scan:  # from_peft's per-module rules name layers, which a scanned stack does not have
+        assert peft.load_peft(tmp_path, fused_params, lj.LoraSpec.from_peft(tmp_path, names), names)
 
 
 def _flat(tree):

@@ -346,8 +346,10 @@ def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTa
     Each module gets the rank and alpha PEFT gives it (``r`` and ``lora_alpha``, or the first
     ``rank_pattern``/``alpha_pattern`` key that matches the end of its name; see :mod:`lora_jax.io.peft_config`),
     and ``spec`` must agree module by module. A DoRA adapter (``use_dora``) needs ``mode="dora"`` rules
-    (:meth:`lora_jax.LoraSpec.from_peft` makes them) and gives each its magnitude ``m [*stack, *out]``. Every
-    tensor is checked against the rank and the base kernel before it is laid out.
+    (:meth:`lora_jax.LoraSpec.from_peft` makes them) and gives each its magnitude ``m [*stack, *out]``. A rule
+    with slices (a fused kernel) reads the one adapter of rank ``n_adapted * r`` that :func:`save_peft` writes
+    for the whole module, refusing a ``lora_B`` that reaches outside its slices' blocks. Every tensor is checked
+    against the rank and the base kernel before it is laid out.
 
     Args:
       directory: the folder holding ``adapter_model.safetensors`` and ``adapter_config.json``.
@@ -455,7 +457,9 @@ def _read(directory: Path, config: PeftConfig, params: PyTree, spec: LoraSpec, n
             nested_set(lora, t.path, jnp.asarray(np.stack(parts) if layers != [None] else parts[0], t.dtype))
             continue
         dora = t.rule.mode == "dora"
-        a_parts, b_parts, m_parts = [], [], []
+        # A fused kernel's slice adapters are one PEFT adapter of rank n_adapted * r (see _factors).
+        count = 1 if t.slices is None else len(t.slices.adapted)
+        a_parts, b_parts, m_parts, b_keys = [], [], [], []
         for layer in layers:
             module = _lookup(names, t.path, layer)[0].removesuffix(".weight")
             if not config.adapts(module):
@@ -471,10 +475,12 @@ def _read(directory: Path, config: PeftConfig, params: PyTree, spec: LoraSpec, n
                     "rules (LoraSpec.from_peft makes them)"
                 )
             rank, scale = config.rank_of(module)[0], config.scale_of(module)
-            if rank != t.rule.rank or not math.isclose(scale, t.rule.scale, rel_tol=1e-6):
+            if rank != count * t.rule.rank or not math.isclose(scale, t.rule.scale, rel_tol=1e-6):
+                ranks = f"r={t.rule.rank}" if count == 1 else f"r={t.rule.rank} on each of {count} slices (PEFT r="
+                ranks += "" if count == 1 else f"{count * t.rule.rank})"
                 raise AdapterMismatchError(
                     f"{module}: the PEFT file has {config.describe(module)} ({config.file}); {t.rule.label} has "
-                    f"r={t.rule.rank}, alpha={t.rule.alpha:g}, scale {t.rule.scale:g} ({t.rule.scaling}) for "
+                    f"{ranks}, alpha={t.rule.alpha:g}, scale {t.rule.scale:g} ({t.rule.scaling}) for "
                     f"{t.name}; build the spec with the file's values"
                 )
             key_a, key_b = f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
@@ -484,6 +490,7 @@ def _read(directory: Path, config: PeftConfig, params: PyTree, spec: LoraSpec, n
             a = _tensor(tensors, file, key_a, (rank, layout.in_size), f"lora_A [r, in] ({sizes})")
             b = _tensor(tensors, file, key_b, (layout.out_size, rank), f"lora_B [out, r] ({sizes})")
             used.update((key_a, key_b))
+            b_keys.append(key_b)
             a = a.T.reshape(*(t.shape[i] for i in sorted(layout.inputs)), rank)
             b = b.T.reshape(rank, *(t.shape[i] for i in sorted(layout.outputs)))
             a_parts.append(_from_kernel_order(a, layout.inputs, 0))
@@ -497,8 +504,19 @@ def _read(directory: Path, config: PeftConfig, params: PyTree, spec: LoraSpec, n
                     _from_kernel_order(m.reshape(*(t.shape[i] for i in sorted(layout.outputs))), layout.outputs, 0)
                 )
         stack = (lambda xs: np.stack(xs)) if layers != [None] else (lambda xs: xs[0])
+        b = stack(b_parts)
+        if t.slices is not None:
+            b, stray = SlicedLowRank.contract(t, b)
+            if stray is not None:
+                key_b = b_keys[stray[0] if layers != [None] else 0]
+                adapted = ", ".join(t.slices.names[i] for i in t.slices.adapted)
+                raise AdapterMismatchError(
+                    f"{file}: tensor {key_b} reaches outputs of {t.name} outside the blocks of its slices "
+                    f"({adapted}: rank block j on slice j only), so it is not {count} slice adapters of rank "
+                    f"{t.rule.rank}; read it under a rule without slices (LoraSpec.from_peft makes one)"
+                )
         nested_set(lora, (*t.path, A_KEY), jnp.asarray(stack(a_parts), t.rule.dtype))
-        nested_set(lora, (*t.path, B_KEY), jnp.asarray(stack(b_parts), t.rule.dtype))
+        nested_set(lora, (*t.path, B_KEY), jnp.asarray(b, t.rule.dtype))
         if dora:
             nested_set(lora, (*t.path, M_KEY), jnp.asarray(stack(m_parts), t.rule.dtype))
     extra = sorted(set(tensors) - used)
