@@ -280,13 +280,17 @@ class LoraSpec:
             raise CheckpointCorruptError(f"{path}: damaged spec in the metadata ({err})") from None
 
     @classmethod
-    def from_peft(cls, config_or_dir: Mapping[str, Any] | PathLike, names: Mapping[str, Any]) -> LoraSpec:
+    def from_peft(
+        cls, config_or_dir: Mapping[str, Any] | PathLike, names: Mapping[str, Any], params: Any = None
+    ) -> LoraSpec:
         """Build the spec of a Hugging Face PEFT LoRA adapter, one rule per adapted or saved module.
 
         Args:
           config_or_dir: the ``adapter_config.json`` contents, or the PEFT folder holding it.
           names: the model's name table (:func:`lora_jax.models.hf_names`), which says which param path
             each PyTorch module name is.
+          params: the base tree; needed for a scanned model, whose layers' modules become one rule per
+            stacked kernel.
 
         Returns:
           The spec :func:`lora_jax.io.load_peft` reads the folder under: ``target_modules`` with ``r``,
@@ -300,7 +304,7 @@ class LoraSpec:
         """
         from lora_jax.io.peft_spec import spec_from_peft
 
-        return spec_from_peft(config_or_dir, names)
+        return spec_from_peft(config_or_dir, names, params)
 
 
 _AXES_FIELDS = ("in_axes", "out_axes", "stack_axes")

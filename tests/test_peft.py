@@ -1,5 +1,6 @@
 """Hugging Face PEFT interop: a real PEFT adapter loads and computes PEFT's logits; export round-trips."""
 
+import json
 from pathlib import Path
 
 import jax
@@ -69,6 +70,35 @@ def test_scanned_layout_exports_per_layer_modules(tmp_path):
     back = peft.load_peft(tmp_path, scanned_params, scanned_spec, models.hf_names(scanned_model))
     for a, b in zip(jax.tree_util.tree_leaves(stacked), jax.tree_util.tree_leaves(back)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_spec_from_peft_on_a_scanned_model_gives_rules_on_the_stacked_kernels(tmp_path):
+    model, params = _model()
+    scanned_model, scanned_params = _model(scan=True)
+    names, scanned_names = models.hf_names(model), models.hf_names(scanned_model)
+    spec = models.lora_spec(model, "qkvo", rank=2, alpha=4, head=True)
+    lora = lj.init(jax.random.key(0), params, spec)
+    lora = jax.tree_util.tree_map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), lora)
+    peft.save_peft(tmp_path, params, lora, spec, names)  # PEFT's per-layer modules
+    scanned_spec = lj.LoraSpec.from_peft(tmp_path, scanned_names, scanned_params)
+    adapted = [rule for rule in scanned_spec.rules if rule.mode == "lora"]
+    assert len(adapted) == 4 and all(rule.stack_axes == (0,) for rule in adapted)
+    back = peft.load_peft(tmp_path, scanned_params, scanned_spec, scanned_names)
+    expected = np.load(PEFT_DIR / "expected.npz")
+    inputs = expected["input_ids"], expected["attention_mask"]
+    want = model.apply({"params": lj.merge(params, lora, spec)}, *inputs)
+    got = scanned_model.apply({"params": lj.merge(scanned_params, back, scanned_spec)}, *inputs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Without the base tree the rules name the unrolled paths, which a scanned tree does not have.
+    with pytest.raises(lj.SpecError, match="matches no leaf"):
+        lj.plan(scanned_params, lj.LoraSpec.from_peft(tmp_path, scanned_names))
+    # One rule on a stacked kernel: PEFT's fixture gives layer 1's value r=3 and layer 0's r=2,
+    with pytest.raises(lj.LoraError, match=r"layer.0.attention.self.value has rank=2 and .*layer.1.* rank=3"):
+        lj.LoraSpec.from_peft(PEFT_DIR, scanned_names, scanned_params)
+    # and it adapts every layer, where layers_to_transform names some.
+    config = json.loads((tmp_path / peft.CONFIG).read_text())
+    with pytest.raises(lj.LoraError, match=r"PEFT adapts layers \[1\] of bert/encoder/layers/.*scan_layers=False"):
+        lj.LoraSpec.from_peft({**config, "layers_to_transform": [1]}, scanned_names, scanned_params)
 
 
 def test_mismatches_name_the_module(tmp_path):

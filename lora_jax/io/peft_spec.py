@@ -14,11 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lora_jax.errors import LoraError
 from lora_jax.io.peft import CONFIG
 from lora_jax.io.peft_config import PeftConfig, parse_config, read_config
+from lora_jax.paths import flatten, path_str, stack_path
 from lora_jax.spec import LoraSpec, Rule, trainable
-from lora_jax.typing import PathLike
+from lora_jax.typing import PathLike, PyTree
 
 
 def peft_config(config_or_dir: Mapping[str, Any] | PathLike) -> PeftConfig:
@@ -32,29 +35,34 @@ def peft_config(config_or_dir: Mapping[str, Any] | PathLike) -> PeftConfig:
     return read_config(file)
 
 
-def spec_from_peft(config_or_dir: Mapping[str, Any] | PathLike, names: Mapping[str, Any]) -> LoraSpec:
+def spec_from_peft(
+    config_or_dir: Mapping[str, Any] | PathLike, names: Mapping[str, Any], params: PyTree | None = None
+) -> LoraSpec:
     """Build the spec of a PEFT LoRA adapter over the modules of a name table.
 
     Args:
       config_or_dir: the ``adapter_config.json`` contents, or the PEFT folder (or the file itself).
       names: unrolled param path -> (PyTorch tensor name, its layout), e.g. :func:`lora_jax.models.hf_names`.
+      params: the base tree, needed for a scanned model (``scan_layers=True``): the modules of every layer of a
+        stacked kernel ``[L, ...]`` become one rule on it (``stack_axes=0``).
 
     Returns:
       One LoRA rule per adapted module's kernel (pattern: its param path; ``in_axes`` from the layout;
-      rank, alpha, scaling and dropout per module as PEFT computes them; ``mode="dora"`` under ``use_dora``)
-      and one trainable rule per saved module.
+      rank, alpha, scaling and dropout per module as PEFT computes them; ``mode="dora"`` under ``use_dora``),
+      or per stacked kernel, and one trainable rule per saved module.
 
     Raises:
       CheckpointCorruptError, AdapterMismatchError: as :func:`lora_jax.io.peft_config.read_config`, and
         targets that select no module of the name table (as PEFT refuses them).
-      LoraError: an adapted module that is part of a fused tensor or has no linear kernel.
+      LoraError: an adapted module that is part of a fused tensor or has no linear kernel; in a scanned model,
+        a stacked kernel whose layers PEFT adapts only in part, or with different ranks, alphas or modes.
     """
     config = peft_config(config_or_dir)
     modules: dict[str, list[tuple[str, Any]]] = {}
     for path, (name, layout) in names.items():
         modules.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append((path, layout))
     config.check_targets(modules)
-    rules: list[Rule] = []
+    rules: list[Rule | tuple[str, dict[str, Any], str]] = []
     for module, entries in modules.items():
         saved, adapted = config.saves(module), config.adapts(module)
         if not (saved or adapted):
@@ -79,16 +87,60 @@ def spec_from_peft(config_or_dir: Mapping[str, Any] | PathLike, names: Mapping[s
             )
         path, layout = kernels[0]
         in_ndim = getattr(layout, "in_ndim", None)
-        rules.append(
-            Rule(
-                re.escape(path),
-                mode="dora" if config.dora else "lora",
-                rank=config.rank_of(module)[0],
-                alpha=config.alpha_of(module)[0],
-                scaling="rslora" if config.rslora else "standard",
-                dropout=config.dropout,
-                in_axes=tuple(range(in_ndim)) if in_ndim else None,
-                name=module,
+        fields = {
+            "mode": "dora" if config.dora else "lora",
+            "rank": config.rank_of(module)[0],
+            "alpha": config.alpha_of(module)[0],
+            "scaling": "rslora" if config.rslora else "standard",
+            "dropout": config.dropout,
+            "in_axes": tuple(range(in_ndim)) if in_ndim else None,
+        }
+        rules.append((path, fields, module))
+    return LoraSpec(_kernel_rules(rules, params, config.file))
+
+
+def _kernel_rules(
+    entries: list[Rule | tuple[str, dict[str, Any], str]], params: PyTree | None, file: Any
+) -> list[Rule]:
+    """Return ``entries`` with each adapted kernel ``(path, rule fields, module)`` made a rule, in order: one per
+    kernel, or, for the layers of a scanned model, one per stacked kernel of ``params`` (where its first layer was).
+    """
+    shapes = {} if params is None else {path_str(p): np.shape(leaf) for p, leaf in flatten(params)[0]}
+    rules: list[Any] = []
+    stacks: dict[str, list[tuple[int, dict[str, Any], str]]] = {}
+    for entry in entries:
+        if isinstance(entry, Rule):
+            rules.append(entry)
+            continue
+        path, fields, module = entry
+        stacked, layer = stack_path(tuple(path.split("/")))
+        if path in shapes or layer is None or path_str(stacked) not in shapes:
+            rules.append(Rule(re.escape(path), name=module, **fields))
+            continue
+        if path_str(stacked) not in stacks:
+            rules.append(path_str(stacked))  # its place; the rule follows once every layer is seen
+        stacks.setdefault(path_str(stacked), []).append((layer, fields, module))
+    placed = {}
+    for stacked, layers in stacks.items():
+        layers.sort(key=lambda entry: entry[0])
+        count = shapes[stacked][0]
+        if [layer for layer, _, _ in layers] != list(range(count)):
+            raise LoraError(
+                f"{file}: PEFT adapts layers {[layer for layer, _, _ in layers]} of {stacked}, a scanned stack of "
+                f"{count}; one rule on a stacked kernel adapts every layer: load the adapter on the unrolled model "
+                "(scan_layers=False)"
             )
-        )
-    return LoraSpec(rules)
+        _, first, first_module = layers[0]
+        for _, fields, module in layers[1:]:
+            differ = sorted(key for key in fields if fields[key] != first[key])
+            if differ:
+                key = differ[0]
+                raise LoraError(
+                    f"{file}: {first_module} has {key}={first[key]!r} and {module} {key}={fields[key]!r}; one rule "
+                    f"on the stacked kernel {stacked} takes one value: load the adapter on the unrolled model "
+                    "(scan_layers=False)"
+                )
+        in_axes = first["in_axes"] or (0,)  # of one layer's kernel; the stack's layer axis comes first
+        fields = {**first, "in_axes": tuple(axis + 1 for axis in in_axes)}
+        placed[stacked] = Rule(re.escape(stacked), stack_axes=(0,), name=stacked, **fields)
+    return [placed[rule] if isinstance(rule, str) else rule for rule in rules]
