@@ -24,8 +24,8 @@ The protocol, per task:
    result holds adds only the missing ones: its search and runs stand.
 6. ``--longer K`` (a section apart, not the issue's protocol): every method after full fine-tuning (or those
    named in ``--longer-methods``) reruns at its chosen rate, each seed, for K times the budget on a schedule K
-   times as long, against full fine-tuning at its budget. It asks whether a gap at the budget is one of speed (the method still learning where full
-   fine-tuning stopped) or of what it reaches.
+   times as long, against full fine-tuning at its budget. It asks whether a gap at the budget is one of speed
+   (the method still learning where full fine-tuning stopped) or of what it reaches.
 
 Only full fine-tuning drops rates early (successive halving), which is what lets it fit two CPU cores: its
 budget is not known until its chosen rate stops, and its steps cost about three of LoRA's. The other methods
@@ -889,8 +889,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     sections = []
     if longer:
         sections.append(
-            f"## Longer: {args.longer}x the budget\n\nThe same protocol past the issue's budget: every method after "
-            f"full fine-tuning, at the rate chosen at the budget, on a schedule {args.longer} times as long "
+            f"## Longer: {args.longer}x the budget\n\nThe same protocol past the issue's budget: each method below, "
+            f"at the rate chosen for it at the budget, on a schedule {args.longer} times as long "
             "(warm-up and decay stretched alike); full fine-tuning stays at its budget.\n\n"
             + longer_table(results, longer, args.longer)
         )
