@@ -850,12 +850,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         parser.error(f"--seeds {args.seeds}: give 1 or more")
     if args.longer is not None and args.longer < 2:
         parser.error(f"--longer {args.longer}: give 2 or more (times the budget)")
+    budgets = {"smoke": SMOKE} if args.smoke else {task: BUDGETS[task] for task in args.tasks}
     if args.longer_methods is not None:
-        known = {
-            m.name
-            for task in (["smoke"] if args.smoke else args.tasks)
-            for m in ({"smoke": SMOKE} | BUDGETS)[task].methods[1:]
-        }
+        known = {m.name for budget in budgets.values() for m in budget.methods[1:]}
         unknown = sorted(set(args.longer_methods) - known)
         if args.longer is None or unknown:
             parser.error(
@@ -864,7 +861,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             )
     name = args.name or ("glue_budget_smoke" if args.smoke else "glue_budget")
     md, png = report.outputs(parser, args.results_dir, name, (".md", ".png"), args.overwrite)
-    budgets = {"smoke": SMOKE} if args.smoke else {task: BUDGETS[task] for task in args.tasks}
     if not args.smoke:  # later processes reuse this one's compilations (same shapes, same rate-free programs)
         jax.config.update("jax_compilation_cache_dir", str((args.cache / "jax-compilation-cache").resolve()))
     results, bases = {}, {}

@@ -476,8 +476,9 @@ def _read(directory: Path, config: PeftConfig, params: PyTree, spec: LoraSpec, n
                 )
             rank, scale = config.rank_of(module)[0], config.scale_of(module)
             if rank != count * t.rule.rank or not math.isclose(scale, t.rule.scale, rel_tol=1e-6):
-                ranks = f"r={t.rule.rank}" if count == 1 else f"r={t.rule.rank} on each of {count} slices (PEFT r="
-                ranks += "" if count == 1 else f"{count * t.rule.rank})"
+                ranks = f"r={t.rule.rank}"
+                if count > 1:
+                    ranks += f" on each of {count} slices (PEFT r={count * t.rule.rank})"
                 raise AdapterMismatchError(
                     f"{module}: the PEFT file has {config.describe(module)} ({config.file}); {t.rule.label} has "
                     f"{ranks}, alpha={t.rule.alpha:g}, scale {t.rule.scale:g} ({t.rule.scaling}) for "

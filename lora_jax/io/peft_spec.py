@@ -141,6 +141,6 @@ def _kernel_rules(
                     "(scan_layers=False)"
                 )
         in_axes = first["in_axes"] or (0,)  # of one layer's kernel; the stack's layer axis comes first
-        fields = {**first, "in_axes": tuple(axis + 1 for axis in in_axes)}
-        placed[stacked] = Rule(re.escape(stacked), stack_axes=(0,), name=stacked, **fields)
+        stacked_fields = {**first, "in_axes": tuple(axis + 1 for axis in in_axes)}
+        placed[stacked] = Rule(re.escape(stacked), stack_axes=(0,), name=stacked, **stacked_fields)
     return [placed[rule] if isinstance(rule, str) else rule for rule in rules]
