@@ -262,18 +262,32 @@ class Dora(LowRank):
             )
         base = jnp.asarray(base)
         a, b, m = value
-        assert target.layout is not None
-        weight = base.astype(jnp.float32) + target.rule.scale * target.layout.delta(a, b)
+        weight = self._weight(target, base, a, b)
         return (weight * self._laid_out(target, self._gain(target, weight, m))).astype(base.dtype)
 
     def factored(self, target: Target, base: Any, value: Any, rng: jax.Array | None) -> Any:
         from lora_jax.factored.kernel import low_rank_kernel  # the interpreter imports the adapters, which import this
 
-        a, b, m = value
-        assert target.layout is not None
+        a, b, _ = value
         # The norm needs W0 + s A @ B once per step (as in PEFT); the matmuls stay factored.
-        weight = jnp.asarray(base, jnp.float32) + target.rule.scale * target.layout.delta(a, b)
-        return low_rank_kernel(target, base, a, b, rng, self._gain(target, weight, m))
+        return low_rank_kernel(target, base, a, b, rng, self.gain(target, base, value))
+
+    def gain(self, target: Target, base: Any, value: Any) -> jax.Array:
+        """Return ``m / ||W0 + s A @ B||`` ``[*stack, *out]``: the factor on each output column of ``W0 + s A @ B``.
+
+        Args:
+          target: the kernel's plan entry.
+          base: ``W0``, laid out as ``target.shape``.
+          value: ``(A, B, m)`` as :meth:`value` gathers it.
+        """
+        a, b, m = value
+        return self._gain(target, self._weight(target, jnp.asarray(base), a, b), m)
+
+    @staticmethod
+    def _weight(target: Target, base: jax.Array, a: Any, b: Any) -> jax.Array:
+        """Return ``W0 + s A @ B`` in float32, laid out as ``target.shape``."""
+        assert target.layout is not None
+        return base.astype(jnp.float32) + target.rule.scale * target.layout.delta(a, b)
 
     def partitions(self, target: Target, base: PartitionSpec) -> dict[PathTuple, PartitionSpec]:
         layout = target.layout

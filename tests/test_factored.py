@@ -483,3 +483,21 @@ def test_rule_matching_a_leaf_that_is_no_matrix_warns_once_naming_it():
         lj.factored(lambda p, x: x @ p["w"].reshape(6, 4), spec)(reshaped, lora, jnp.ones((3, 6)))
     (message,) = [str(w.message) for w in _factored_warnings(record)]
     assert message.startswith("lora_jax.factored: w: it meets `reshape`") and "never an operand" not in message
+
+
+def test_output_scales_multiply_a_kernels_output_columns_and_bad_ones_are_refused():
+    """``output_scales`` gives ``g * (W0 + s A @ B)`` per output column (a served DoRA adapter's gain)."""
+    model, x = nn.Dense(4), jnp.arange(6.0).reshape(2, 3)
+    params = model.init(jax.random.key(0), x)["params"]
+    spec = lj.LoraSpec([lj.Rule("kernel", rank=2)])
+    lora = jax.tree_util.tree_map(lambda a: a + 0.1, lj.init(jax.random.key(1), params, spec))
+    forward = lj.factored(lambda p, x: model.apply({"params": p}, x), spec)
+    gain = jnp.array([0.5, 1.0, 2.0, -1.0])
+    got = jax.jit(lambda p, a, x, g: forward(p, a, x, output_scales={"kernel": g}))(params, lora, x, gain)
+    combined = lj.combine(params, lora, spec)
+    want = model.apply({"params": {**combined, "kernel": combined["kernel"] * gain}}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(lj.LoraError, match=r"output_scales names 'bias', which is no LoRA kernel of the spec"):
+        forward(params, lora, x, output_scales={"bias": gain})
+    with pytest.raises(lj.LoraError, match=r"output_scales\['kernel'\] has shape \(3,\); .* = \(4,\)"):
+        forward(params, lora, x, output_scales={"kernel": jnp.ones(3)})

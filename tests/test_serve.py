@@ -1,5 +1,6 @@
 """Adapter sets and one batch with an adapter per row: each row equals its own merged model, swaps never retrace."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -84,6 +85,82 @@ def test_each_row_equals_its_own_merged_model(name, targets, head, scan):
     if head:  # every adapter trains its own classifier head, gathered per row
         heads = [np.asarray(lora["classifier"]["kernel"]) for lora, _ in loras]
         assert not np.allclose(heads[0], heads[1])
+
+
+def _dora(lora, spec, params, seed):
+    """``lora`` as a DoRA adapter of the same factors, with a magnitude away from ``||W0||``."""
+    dora = lj.LoraSpec([dataclasses.replace(rule, mode="dora") if rule.mode == "lora" else rule for rule in spec.rules])
+    fresh = lj.init(jax.random.key(seed), params, dora)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, new):
+        keys = tuple(getattr(k, "key", None) for k in path)
+        node = lora
+        for key in keys:
+            if not isinstance(node, dict) or key not in node:
+                return new * (1.0 + 0.2 * rng.normal(size=new.shape)).astype(np.float32)  # m
+            node = node[key]
+        return node
+
+    return jax.tree_util.tree_map_with_path(fill, fresh), dora
+
+
+@pytest.mark.parametrize(("name", "scan"), [("tiny_bert_cls", False), ("tiny_llama", True)], ids=["bert", "llama-scan"])
+def test_dora_and_lora_adapters_share_a_set_each_row_equal_to_its_merged_model(name, scan):
+    """DoRA rows serve ``g (x W0 + s (x A) B)`` with ``g = m / ||W0 + s A B||`` from the slot, equal to merging the
+    DoRA adapter (whose merge matches PEFT); LoRA rows and the base's stay as they were in the same set."""
+    model, params = models.from_pretrained(FIXTURES / name, scan_layers=scan)
+    targets, head = ("qv", True) if name == "tiny_bert_cls" else ("all-linear", False)
+    loras = _adapters(model, params, targets, head)
+    loras[1] = _dora(*loras[1], params, seed=1)
+    lora_set = serve.adapter_set(params, loras, capacity=4)
+    assert sorted(lora_set.gains) == sorted(lora_set.scales)  # every kernel takes DoRA, as adapter 1 is DoRA there
+    adapter_ids = jnp.array([1, 0, -1, 2, 1])
+    ids, mask = _inputs(model, len(adapter_ids))
+    fn = _logits(model)
+    forward = jax.jit(serve.per_example(fn))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = forward(params, lora_set, adapter_ids, ids, mask)
+    reference = jax.jit(fn)
+    for row, k in enumerate(adapter_ids.tolist()):
+        expected = reference(_merged(params, loras, k), ids, mask)[row]
+        np.testing.assert_allclose(out[row], expected, rtol=0, atol=1e-5, err_msg=f"row {row}, adapter {k}")
+    # The gains matter: the same factors served as LoRA give other outputs.
+    as_lora = reference(_MERGE(params, _strip_magnitudes(loras[1][0]), _as_lora(loras[1][1])), ids, mask)[0]
+    assert float(jnp.abs(as_lora - out[0]).max()) > 1e-2
+    # A DoRA adapter added to a slot emptied of a LoRA one; the freed slot's gain was reset to 1.
+    emptied = serve.remove(lora_set, 0)
+    assert all(float(jnp.abs(g[0] - 1.0).max()) == 0.0 for g in emptied.gains.values())
+    refilled, slot = serve.add(params, *loras[1], emptied)
+    assert slot == 0
+    again = forward(params, refilled, jnp.array([0, 1]), ids[:2], mask[:2])
+    for row in range(2):
+        expected = reference(_merged(params, loras, 1), ids, mask)[row]
+        np.testing.assert_allclose(again[row], expected, rtol=0, atol=1e-5)
+    # A set built from LoRA specs alone holds no gains and refuses a DoRA adapter, naming the kernel.
+    plain = serve.adapter_set(params, [loras[0]], capacity=2)
+    assert plain.gains == {}
+    with pytest.raises(SpecError, match=r"the adapter is DoRA there, and the set's slots hold no gain"):
+        serve.add(params, *loras[1], plain)
+    # empty_set of a DoRA spec takes both kinds.
+    from_spec = serve.empty_set(params, loras[1][1], 2, rank=4)
+    from_spec, _ = serve.add(params, *loras[0], from_spec)
+    from_spec, _ = serve.add(params, *loras[1], from_spec)
+    both = forward(params, from_spec, jnp.array([1, 0]), ids[:2], mask[:2])
+    for row, k in enumerate([1, 0]):
+        expected = reference(_merged(params, loras, k), ids, mask)[row]
+        np.testing.assert_allclose(both[row], expected, rtol=0, atol=1e-5)
+
+
+def _as_lora(spec):
+    return lj.LoraSpec([dataclasses.replace(rule, mode="lora") if rule.mode == "dora" else rule for rule in spec.rules])
+
+
+def _strip_magnitudes(lora):
+    if isinstance(lora, dict):
+        return {k: _strip_magnitudes(v) for k, v in lora.items() if k != "m"}
+    return lora
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
@@ -268,10 +345,8 @@ def test_adapters_that_do_not_fit_the_set_are_refused():
     with pytest.raises(AdapterMismatchError, match=r"the set holds .*value/kernel, which the adapter's spec"):
         serve.add(params, lj.init(jax.random.key(0), params, fewer), fewer, lora_set)
     dora = models.lora_spec(model, "qv", rank=2, mode="dora")
-    with pytest.raises(SpecError, match="'dora' target; adapter set takes LoRA factors"):
+    with pytest.raises(SpecError, match=r"query/kernel: the adapter is DoRA there, and the set's slots hold no gain"):
         serve.add(params, lj.init(jax.random.key(0), params, dora), dora, lora_set)
-    with pytest.raises(SpecError, match="'dora' target"):
-        serve.empty_set(params, dora, 2)
     # Other axes for the same kernel: [D, H, Dh] with the heads as inputs instead of outputs.
     axes = lj.LoraSpec([lj.Rule(r".*/(query|value)/kernel", rank=2, in_axes=(0, 1))])
     with pytest.raises(AdapterMismatchError, match=r"mode and axes \('lora', \(\), \(0, 1\), \(2,\)\)"):

@@ -11,6 +11,7 @@ would give it), so results stay right, and a warning says where and why: once pe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -423,11 +424,25 @@ class Factored:
         self.warned: set[str] = set()
 
     def __call__(
-        self, params: PyTree, lora: PyTree, *args: Any, dropout_rng: jax.Array | None = None, **kwargs: Any
+        self,
+        params: PyTree,
+        lora: PyTree,
+        *args: Any,
+        dropout_rng: jax.Array | None = None,
+        output_scales: Mapping[str, jax.Array] | None = None,
+        **kwargs: Any,
     ) -> Any:
-        """Return ``fn(params with adapters, *args, **kwargs)``; see :func:`factored`."""
+        """Return ``fn(params with adapters, *args, **kwargs)``; see :func:`factored`.
+
+        ``output_scales`` ``{kernel path: [*stack, *out]}`` multiplies each named LoRA kernel's output columns,
+        ``W = g * (W0 + s A @ B)`` (a served DoRA adapter's gain, :meth:`lora_jax.variants.Dora.gain`).
+
+        Raises:
+          LoraError: ``output_scales`` names a path that is no LoRA kernel of the spec, or a scale of another shape.
+        """
         fn = self.fn
         pairs = bind(params, lora, self.spec)
+        scales = _check_output_scales(pairs, output_scales)
         flat_params, treedef = flatten(params)
         stored = [leaf for _, leaf in flat_params]
         position_of = {target.path: position for position, (target, _) in enumerate(pairs)}
@@ -454,6 +469,8 @@ class Factored:
                 if position is not None:
                     target = targets[position]
                     inputs[i] = variant_of(target).factored(target, leaves[i], values[position], rng)
+                    if target.name in scales:
+                        inputs[i] = dataclasses.replace(inputs[i], output_scale=scales[target.name])
             for value, leaf in zip(inputs, stored):
                 if not isinstance(value, LowRankKernel):
                     interpreter.mark_weight(value)
@@ -469,6 +486,29 @@ class Factored:
         for message in _fallback_warnings(interpreter, adapted):
             _warn_once(message, self.warned)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+
+def _check_output_scales(
+    pairs: list[tuple[Target, Any]], output_scales: Mapping[str, jax.Array] | None
+) -> dict[str, jax.Array]:
+    """Return ``output_scales`` after checking each names a LoRA kernel and has its ``[*stack, *out]`` shape."""
+    if not output_scales:
+        return {}
+    kernels = {target.name: target for target, _ in pairs if target.rule.mode == "lora"}
+    for name, scale in output_scales.items():
+        target = kernels.get(name)
+        if target is None or target.layout is None:
+            raise LoraError(
+                f"output_scales names {name!r}, which is no LoRA kernel of the spec; give the paths of its 'lora' "
+                f"targets, such as {sorted(kernels)[:3]}"
+            )
+        shape = (*target.layout.stack_shape, *target.layout.out_shape)
+        if tuple(np.shape(scale)) != shape:
+            raise LoraError(
+                f"output_scales[{name!r}] has shape {tuple(np.shape(scale))}; the kernel's output columns are "
+                f"[*stack, *out] = {shape}"
+            )
+    return dict(output_scales)
 
 
 def _is_array(value: Any) -> bool:

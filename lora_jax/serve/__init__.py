@@ -1,6 +1,7 @@
 """Serving many adapters of one base: adapter sets, one batch with an adapter per row, weighted combinations."""
 
 from lora_jax.serve.adapter_set import (
+    GAIN_KEY,
     AdapterSet,
     adapter_set,
     add,
@@ -16,6 +17,7 @@ from lora_jax.serve.weighted import COMBINATIONS, weighted_adapter
 
 __all__ = [
     "COMBINATIONS",
+    "GAIN_KEY",
     "AdapterSet",
     "PerExample",
     "add",

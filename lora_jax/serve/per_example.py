@@ -31,7 +31,7 @@ import numpy as np
 from lora_jax.errors import LoraError
 from lora_jax.factored import Factored, factored
 from lora_jax.factored.handlers import Handler
-from lora_jax.serve.adapter_set import AdapterSet, check_ids, gather_rows
+from lora_jax.serve.adapter_set import AdapterSet, check_ids, gather_rows, split_gains
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 
@@ -165,12 +165,20 @@ class PerExample:
             )
         inner = self._inner(spec)
         warned = set(inner.warned)
+        rows, gains = split_gains(params, rows, spec)
 
-        def one(row: PyTree, args_row: tuple, arrays_row: dict) -> Any:
-            out = inner(params, row, *_unsqueeze(args_row, arg_axes), **_unsqueeze(arrays_row, kwarg_axes), **static)
+        def one(row: PyTree, gain: dict, args_row: tuple, arrays_row: dict) -> Any:
+            out = inner(
+                params,
+                row,
+                *_unsqueeze(args_row, arg_axes),
+                output_scales=gain,
+                **_unsqueeze(arrays_row, kwarg_axes),
+                **static,
+            )
             return _squeeze(out, self.out_axes)
 
-        out = jax.vmap(one, in_axes=(0, arg_axes, kwarg_axes), out_axes=self.out_axes)(rows, args, arrays)
+        out = jax.vmap(one, in_axes=(0, 0, arg_axes, kwarg_axes), out_axes=self.out_axes)(rows, gains, args, arrays)
         fallbacks = sorted(inner.warned - warned) or sorted(inner.warned)
         if fallbacks:
             raise LoraError(

@@ -12,11 +12,14 @@ from lora_jax.spec import LoraSpec, Rule
 
 
 def kind(target: Target) -> tuple[Any, ...]:
-    """Return what must agree between two adapters of one kernel: the mode and the axes of its layout."""
+    """Return what must agree between two adapters of one kernel: the mode and the axes of its layout.
+
+    LoRA and DoRA kernels are of one kind (``"lora"``): a DoRA adapter is LoRA's factors and a gain per column.
+    """
     layout = target.layout
     if layout is None:
         return (target.rule.mode,)
-    return (target.rule.mode, layout.stack, layout.inputs, layout.outputs)
+    return ("lora", layout.stack, layout.inputs, layout.outputs)
 
 
 def check_lora_or_train(target: Target, what: str) -> None:
@@ -35,21 +38,18 @@ def check_lora_or_train(target: Target, what: str) -> None:
 def exact_spec(targets: Sequence[Target], ranks: Sequence[int | None], *, dtype: str, name: str) -> LoraSpec:
     """Return a spec adapting exactly ``targets``' paths, with their modes and axes, ``ranks`` and scale 1.
 
-    Targets of the same mode, axes and rank share one rule whose pattern lists their paths; ``alpha`` equals the
-    rank, so the scale ``alpha / r`` is 1 (what an adapter's ``B`` already carries).
+    Targets of the same kind (:func:`kind`: DoRA targets give LoRA rules), axes and rank share one rule whose pattern
+    lists their paths; ``alpha`` equals the rank, so the scale ``alpha / r`` is 1 (what an adapter's ``B`` already
+    carries).
 
     Args:
       targets: LoRA kernels and fully trainable leaves.
       ranks: the rank of each LoRA target (None for a fully trainable leaf).
       dtype: the dtype of the factors.
       name: the rules' name, shown in their errors.
-
-    Raises:
-      SpecError: a DoRA target.
     """
     groups: dict[tuple[Any, ...], list[str]] = {}
     for target, rank in zip(targets, ranks, strict=True):
-        check_lora_or_train(target, name)
         groups.setdefault((*kind(target), rank), []).append(re.escape(target.name))
     rules = []
     for key, names in groups.items():
