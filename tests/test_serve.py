@@ -391,6 +391,7 @@ def _decode_logits(model, run_prefill, run_step, ids, mask, steps=2):
 def test_kv_cache_generation_with_an_adapter_per_row(name, scan):
     model, params = models.from_pretrained(FIXTURES / name, scan_layers=scan)
     loras = _adapters(model, params, "all-linear", seed=3)
+    loras[2] = _dora(*loras[2], params, seed=3)  # a DoRA adapter among LoRA ones: its gains reach every step
     lora_set = serve.adapter_set(params, loras, capacity=4)
     adapter_ids = jnp.array([0, 1, -1, 2, 1])
     ids, mask = _inputs(model, len(adapter_ids), length=5)
