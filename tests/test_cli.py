@@ -26,7 +26,7 @@ WORDS = {
     "neg": ["awful", "terrible", "bad", "horrible"],
     "neutral": ["okay", "average", "plain", "ordinary"],
 }
-VERBS = ("describe", "train", "merge", "export-peft", "import-peft", "generate")
+VERBS = ("describe", "train", "train-lm", "merge", "export-peft", "import-peft", "generate")
 
 
 def lora_jax_cli(*args, expect=0):

@@ -1,7 +1,8 @@
-"""The ``lora-jax`` command line: describe, train, merge, export-peft, import-peft, generate.
+"""The ``lora-jax`` command line: describe, train, train-lm, merge, export-peft, import-peft, generate.
 
     lora-jax describe MODEL_DIR --targets qv --rank 8
     lora-jax train MODEL_DIR DATA_DIR --text-columns sentence --label-column label --out RUN_DIR
+    lora-jax train-lm MODEL_DIR DATA_DIR --quantize nf4 --out RUN_DIR
     lora-jax merge MODEL_DIR RUN_DIR/adapter.safetensors --out MERGED_DIR
     lora-jax export-peft ADAPTER MODEL_DIR --out PEFT_DIR
     lora-jax import-peft PEFT_DIR MODEL_DIR --out ADAPTER
@@ -22,7 +23,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from lora_jax.cli import train, verbs
+from lora_jax.cli import train, train_lm, verbs
 from lora_jax.cli.common import PROG, one_line
 from lora_jax.errors import LoraError
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     verbs.add_describe(sub)
     train.add_train(sub)
+    train_lm.add_train_lm(sub)
     verbs.add_merge(sub)
     verbs.add_export_peft(sub)
     verbs.add_import_peft(sub)

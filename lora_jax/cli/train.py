@@ -29,7 +29,6 @@ LEARNING_RATES = {"lora": 5e-3, "full": 1e-4, "bitfit": 2e-3, "head": 2e-3}
 DEFAULT_EPOCHS = 3.0
 MIN_LENGTH = 8  # [CLS] a [SEP] b [SEP] with room for text
 # Arguments that change how a run is watched or saved, not its result: a resumed run may change them.
-# Not part of what a run computes: a resumed run may change them.
 NOT_COMPARED = ("out", "overwrite", "checkpoint_every", "no_progress", "remat", "verb", "run")
 
 
@@ -55,20 +54,30 @@ def add_train(sub: Subparsers) -> None:
     header.add_argument("--columns", help="the files have no header row; these are its column names (label,sentence)")
     parser.add_argument("--method", choices=METHODS, default="lora", help="what trains besides the head (default lora)")
     parser.add_argument("--targets", default="qv", help=f"LoRA targets: {TARGETS_HELP}")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
-    parser.add_argument("--alpha", type=float, help="LoRA alpha; the scale is alpha / r (default: twice the rank)")
-    length = parser.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps")
-    length.add_argument("--epochs", type=float, help=f"passes over train.tsv (default {DEFAULT_EPOCHS:g})")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per example, truncated (default 128)")
     parser.add_argument(
         "--learning-rate",
         type=float,
         help="peak AdamW rate (default by method: " + ", ".join(f"{k} {v:g}" for k, v in LEARNING_RATES.items()) + ")",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the head, the adapters and the data order")
     parser.add_argument("--pooling", choices=("cls", "mean"), help="sentence pooling (default: the checkpoint's)")
+    add_run_options(parser, "train.tsv", epochs=DEFAULT_EPOCHS, batch_size=32, max_length=128)
+    parser.set_defaults(run=train)
+
+
+def add_run_options(
+    parser: argparse.ArgumentParser, train_file: str, *, epochs: float, batch_size: int, max_length: int
+) -> None:
+    """Add the options of every training verb: rank and alpha, length, batch, seed, remat and the run directory."""
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    parser.add_argument("--alpha", type=float, help="LoRA alpha; the scale is alpha / r (default: twice the rank)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help=f"passes over {train_file} (default {epochs:g})")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"examples per step (default {batch_size})")
+    parser.add_argument(
+        "--max-length", type=int, default=max_length, help=f"tokens per example, truncated (default {max_length})"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the adapters, a new head and the data order")
     parser.add_argument(
         "--remat",
         metavar="POLICY",
@@ -80,38 +89,171 @@ def add_train(sub: Subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true", help="start afresh, replacing a run in RUN_DIR")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(run=train)
 
 
-def arguments(args: argparse.Namespace) -> dict[str, Any]:
-    """Return the arguments that decide a run's result, defaults filled in and paths made absolute."""
+def run_arguments(args: argparse.Namespace, epochs: float) -> dict[str, Any]:
+    """Return the arguments that decide a run's result, defaults filled in (``epochs``) and paths made absolute."""
     values = {name: value for name, value in vars(args).items() if name not in NOT_COMPARED}
     values["model_dir"] = str(Path(args.model_dir).resolve())
     values["data_dir"] = str(Path(args.data_dir).resolve())
     values["alpha"] = args.alpha if args.alpha is not None else 2.0 * args.rank
-    values["learning_rate"] = args.learning_rate if args.learning_rate is not None else LEARNING_RATES[args.method]
     if args.steps is None and args.epochs is None:
-        values["epochs"] = DEFAULT_EPOCHS
+        values["epochs"] = epochs
     return values
 
 
-def _check(args: argparse.Namespace, text_columns: list[str]) -> None:
-    if not 1 <= len(text_columns) <= 2:
-        raise LoraError(f"--text-columns takes one or two columns, got {text_columns}")
+def arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Return :func:`run_arguments` with the learning rate of the method when none was given."""
+    values = run_arguments(args, DEFAULT_EPOCHS)
+    values["learning_rate"] = args.learning_rate if args.learning_rate is not None else LEARNING_RATES[args.method]
+    return values
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Refuse a rank, batch size, step count, checkpoint interval or epoch count below what can run."""
     for name in ("rank", "batch_size", "steps", "checkpoint_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise LoraError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.epochs is not None and args.epochs <= 0:
         raise LoraError(f"--epochs must be above 0, got {args.epochs}")
-    if args.max_length < MIN_LENGTH:
-        raise LoraError(f"--max-length must be at least {MIN_LENGTH}, got {args.max_length}")
+
+
+def check_dirs(args: argparse.Namespace, model_files: tuple[str, ...], data_files: tuple[str, ...]) -> list[Path]:
+    """Return DATA_DIR's ``data_files``, refusing a missing MODEL_DIR, DATA_DIR or file of either."""
     for name in ("model_dir", "data_dir"):
         if not Path(getattr(args, name)).is_dir():
             raise FileNotFoundError(f"{getattr(args, name)}: no such directory ({name.upper()})")
-    for name in ("config.json", "tokenizer.json"):
+    for name in model_files:
         if not (Path(args.model_dir) / name).is_file():
             raise FileNotFoundError(f"{Path(args.model_dir) / name} not found: MODEL_DIR needs it to train")
+    files = [Path(args.data_dir) / name for name in data_files]
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such data file (DATA_DIR holds {' and '.join(data_files)})")
+    return files
+
+
+def check_remat(policy: str | None) -> None:
+    """Refuse a ``--remat`` that is not one of :data:`lora_jax.models.REMAT_POLICIES`."""
+    from lora_jax import models
+
+    if policy is not None and policy not in models.REMAT_POLICIES:
+        raise LoraError(f"--remat {policy}: not a policy; use one of {', '.join(models.REMAT_POLICIES)}")
+
+
+def remat_model(model: Any, policy: str | None) -> Any:
+    """Return ``model`` rematerializing each block under ``policy`` (``--remat``), or as it is for None."""
+    from lora_jax import models
+
+    if policy is None:
+        return model
+    if not recomputation_saves_memory():
+        say(
+            f"--remat {policy}: XLA:CPU's default scheduler keeps every activation live anyway; "
+            f"set XLA_FLAGS={models.MEMORY_SCHEDULER_FLAG} for the memory saving"
+        )
+    return model.clone(remat=policy)
+
+
+def fit_run(
+    args: argparse.Namespace,
+    run_dir: Path,
+    record: dict[str, Any],
+    objective: Any,
+    params: Any,
+    spec: Any,
+    described: Any,
+    encoded: dict[str, Any],
+    train_file: Path,
+    what: str,
+) -> int:
+    """Train ``objective`` on ``encoded["train"]`` in ``run_dir`` (resuming its checkpoints), score
+    ``encoded["validation"]``, and finish the run (:func:`finish_run`); return 0.
+
+    Args:
+      args: the verb's arguments (batch size, steps or epochs, seed, lengths, checkpointing, progress).
+      record: the run's ``run.json``, whose ``arguments`` hold the learning rate and epochs.
+      encoded: ``{"train", "validation"}`` encoded examples (:class:`~lora_jax.data.Encoded` or
+        :class:`~lora_jax.data.Completions`).
+      train_file: named when it holds fewer examples than a batch.
+      what: what trains, for the opening line.
+    """
+    from lora_jax import data, training
+
+    settings = record["arguments"]
+    train_set, dev_set, batch_size = encoded["train"], encoded["validation"], args.batch_size
+    steps_per_epoch = data.num_batches(len(train_set), batch_size)
+    if steps_per_epoch == 0:
+        raise LoraError(f"{train_file}: {len(train_set)} examples, fewer than --batch-size {batch_size}; lower it")
+    steps = args.steps or training.steps_for(len(train_set), batch_size, settings["epochs"])
+    buckets = data.buckets_up_to(args.max_length)
+
+    def train_batches(epoch: int) -> Any:
+        return data.batches(train_set, batch_size, seed=args.seed, epoch=epoch, buckets=buckets, group=data.TRAIN_GROUP)
+
+    def eval_batches() -> Any:
+        return data.batches(dev_set, batch_size, seed=None, buckets=buckets, drop_remainder=False)
+
+    checkpoint_dir = run_dir / runs.CHECKPOINTS
+    with training.Checkpoints(checkpoint_dir, params, spec) as checkpoints:
+        latest = checkpoints.latest_step()
+    say(
+        f"{what} ({len(train_set)} train, {len(dev_set)} dev examples): "
+        f"{described.trainable_size:,} of {described.base_size:,} parameters train; "
+        + (f"resuming from step {latest} of {steps}" if latest else f"{steps} steps")
+    )
+    config = training.TrainConfig(
+        steps=steps,
+        learning_rate=settings["learning_rate"],
+        seed=args.seed,
+        log_every=min(10, steps),
+        checkpoint_every=args.checkpoint_every,
+    )
+    state, records = training.fit(
+        objective.loss,
+        params,
+        spec,
+        config,
+        train_batches,
+        steps_per_epoch,
+        evaluate=objective.evaluate,
+        eval_batches=eval_batches,
+        checkpoint_dir=checkpoint_dir,
+        log_path=run_dir / runs.LOG_FILE,
+        progress=not args.no_progress,
+    )
+    return finish_run(run_dir, record, records, params, state["lora"], spec, described, steps, latest)
+
+
+def finish_run(
+    run_dir: Path,
+    record: dict[str, Any],
+    records: list[dict[str, Any]],
+    params: Any,
+    lora: Any,
+    spec: Any,
+    described: Any,
+    steps: int,
+    resumed_from: int | None,
+) -> int:
+    """Write the adapter and the finished ``run.json`` (with the last dev scores) and say where; return 0."""
+    import lora_jax as lj
+
+    scores = {k: v for k, v in [r for r in records if r["split"] == "eval"][-1].items() if k not in ("step", "split")}
+    adapter = lj.save_adapter(run_dir / runs.ADAPTER_FILE, params, lora, spec, overwrite=True)
+    record.update(
+        status="finished",
+        steps=steps,
+        resumed_from=resumed_from,
+        scores=scores,
+        trainable=described.trainable_size,
+        base=described.base_size,
+    )
+    runs.write_record(run_dir, record)
+    print(f"dev: {', '.join(f'{name} {value:.4f}' for name, value in scores.items())}")
+    print(f"wrote {adapter} and {run_dir / runs.RUN_FILE}")
+    return 0
 
 
 def train(args: argparse.Namespace) -> int:
@@ -121,14 +263,14 @@ def train(args: argparse.Namespace) -> int:
     from lora_jax import data, models, training
 
     text_columns = split_list(args.text_columns)
-    _check(args, text_columns)
-    if args.remat is not None and args.remat not in models.REMAT_POLICIES:
-        raise LoraError(f"--remat {args.remat}: not a policy; use one of {', '.join(models.REMAT_POLICIES)}")
+    if not 1 <= len(text_columns) <= 2:
+        raise LoraError(f"--text-columns takes one or two columns, got {text_columns}")
+    check_counts(args)
+    if args.max_length < MIN_LENGTH:
+        raise LoraError(f"--max-length must be at least {MIN_LENGTH}, got {args.max_length}")
+    files = check_dirs(args, ("config.json", "tokenizer.json"), SPLIT_FILES)
+    check_remat(args.remat)
     model_dir, data_dir, run_dir = Path(args.model_dir), Path(args.data_dir), Path(args.out)
-    files = [data_dir / name for name in SPLIT_FILES]
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no such data file (DATA_DIR holds train.tsv and dev.tsv)")
     settings = arguments(args)
     runs.open_run(run_dir, settings, {f.name: runs.digest(f) for f in files}, args.overwrite)
 
@@ -155,74 +297,13 @@ def train(args: argparse.Namespace) -> int:
         model, params = load_model(
             model_dir, architecture=ARCHITECTURE, key=jax.random.key(args.seed), **record["model"]["options"]
         )
-    if args.remat is not None:
-        model = model.clone(remat=args.remat)
-        if not recomputation_saves_memory():
-            say(
-                f"--remat {args.remat}: XLA:CPU's default scheduler keeps every activation live anyway; "
-                f"set XLA_FLAGS={models.MEMORY_SCHEDULER_FLAG} for the memory saving"
-            )
+    model = remat_model(model, args.remat)
     if args.max_length > model.config.max_position_embeddings:
         raise LoraError(f"--max-length {args.max_length} exceeds the model's {model.config.max_position_embeddings}")
     tokenizer = models.load_tokenizer(model_dir)
     encoded = {split: data.tokenize(examples, tokenizer, args.max_length) for split, examples in splits.items()}
     spec = models.method_spec(model, args.method, targets_arg(args.targets), rank=args.rank, alpha=settings["alpha"])
     described = lj.describe(params, spec)
-    train_size, batch_size = len(encoded["train"]), args.batch_size
-    steps_per_epoch = data.num_batches(train_size, batch_size)
-    if steps_per_epoch == 0:
-        raise LoraError(f"{files[0]}: {train_size} examples, fewer than --batch-size {batch_size}; lower --batch-size")
-    steps = args.steps or training.steps_for(train_size, batch_size, settings["epochs"])
-    buckets = data.buckets_up_to(args.max_length)
-
-    def train_batches(epoch: int) -> Any:
-        return data.batches(
-            encoded["train"], batch_size, seed=args.seed, epoch=epoch, buckets=buckets, group=data.TRAIN_GROUP
-        )
-
-    def eval_batches() -> Any:
-        return data.batches(encoded["validation"], batch_size, seed=None, buckets=buckets, drop_remainder=False)
-
-    checkpoint_dir = run_dir / runs.CHECKPOINTS
-    with training.Checkpoints(checkpoint_dir, params, spec) as checkpoints:
-        latest = checkpoints.latest_step()
-    say(
-        f"{args.method} on {num_classes} classes ({train_size} train, {len(encoded['validation'])} dev examples): "
-        f"{described.trainable_size:,} of {described.base_size:,} parameters train; "
-        + (f"resuming from step {latest} of {steps}" if latest else f"{steps} steps")
-    )
-    config = training.TrainConfig(
-        steps=steps,
-        learning_rate=settings["learning_rate"],
-        seed=args.seed,
-        log_every=min(10, steps),
-        checkpoint_every=args.checkpoint_every,
-    )
     objective = training.classification(models.classifier_apply_fn(model), metrics)
-    state, records = training.fit(
-        objective.loss,
-        params,
-        spec,
-        config,
-        train_batches,
-        steps_per_epoch,
-        evaluate=objective.evaluate,
-        eval_batches=eval_batches,
-        checkpoint_dir=checkpoint_dir,
-        log_path=run_dir / runs.LOG_FILE,
-        progress=not args.no_progress,
-    )
-    scores = {k: v for k, v in [r for r in records if r["split"] == "eval"][-1].items() if k not in ("step", "split")}
-    adapter = lj.save_adapter(run_dir / runs.ADAPTER_FILE, params, state["lora"], spec, overwrite=True)
-    record.update(
-        status="finished",
-        steps=steps,
-        resumed_from=latest,
-        scores=scores,
-        trainable=described.trainable_size,
-        base=described.base_size,
-    )
-    runs.write_record(run_dir, record)
-    print(f"dev: {', '.join(f'{name} {value:.4f}' for name, value in scores.items())}")
-    print(f"wrote {adapter} and {run_dir / runs.RUN_FILE}")
-    return 0
+    what = f"{args.method} on {num_classes} classes"
+    return fit_run(args, run_dir, record, objective, params, spec, described, encoded, files[0], what)

@@ -1,4 +1,5 @@
-"""GLUE-style classification data: TFDS ArrayRecord builders (no TensorFlow), tokenization, batching."""
+"""Training data: GLUE-style classification (TFDS ArrayRecord builders, no TensorFlow), prompt-completion JSON Lines
+for decoders, tokenization, batching."""
 
 from lora_jax._extras import require
 
@@ -16,6 +17,7 @@ from lora_jax.data.batching import (
     order,
 )
 from lora_jax.data.builder import TsvClassification, TsvConfig, prepare
+from lora_jax.data.completions import Completion, Completions, encode_completions, read_completions
 from lora_jax.data.encoding import Encoded, tokenize
 from lora_jax.data.loading import Examples, load_split, task_for
 from lora_jax.data.local import infer_labels, positional_header, read_split
@@ -27,6 +29,8 @@ __all__ = [
     "TRAIN_GROUP",
     "TASKS",
     "Batch",
+    "Completion",
+    "Completions",
     "DataFileError",
     "Encoded",
     "Examples",
@@ -37,6 +41,7 @@ __all__ = [
     "bucket_length",
     "buckets_up_to",
     "custom_task",
+    "encode_completions",
     "get_task",
     "infer_labels",
     "load_split",
@@ -45,6 +50,7 @@ __all__ = [
     "parse_tsv",
     "positional_header",
     "prepare",
+    "read_completions",
     "read_split",
     "read_tsv",
     "task_for",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lora_jax.data.encoding import Encoded
+
+if TYPE_CHECKING:
+    from lora_jax.data.completions import Completions
 
 DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)
 """Padded lengths: fine enough that a batch of short sentences is not padded to 64, few enough to compile rarely."""
@@ -63,7 +67,7 @@ def pad_batch(encoded: Encoded, rows: np.ndarray, batch_size: int, buckets: Sequ
 
 
 def batches(
-    encoded: Encoded,
+    encoded: Encoded | Completions,
     batch_size: int,
     seed: int | None = None,
     epoch: int = 0,
@@ -77,8 +81,9 @@ def batches(
     Training: pass a ``seed`` (and the ``epoch``) and ``drop_remainder=True``.
     Evaluation: ``seed=None`` and ``drop_remainder=False``; the last batch is filled with
     weight-0 rows so that every example is counted exactly once.
-    Every batch has ``input_ids``, ``attention_mask``, ``token_type_ids`` ``[B, L] int32``,
-    ``labels [B] int32`` and ``weights [B] float32``, with ``L`` one of ``buckets``.
+    Every batch of an :class:`Encoded` has ``input_ids``, ``attention_mask``, ``token_type_ids`` ``[B, L] int32``,
+    ``labels [B] int32`` and ``weights [B] float32``; of :class:`~lora_jax.data.completions.Completions`,
+    ``input_ids``, ``attention_mask`` and ``loss_mask`` ``[B, L]``; ``L`` is one of ``buckets``.
 
     ``group > 0`` (training) groups examples of similar length: the shuffled order is cut into pools of
     ``group`` batches, each pool is sorted by length and cut into batches, and the pool's batches are
@@ -96,7 +101,11 @@ def batches(
     if group and seed is not None:
         idx = _grouped(idx, [len(encoded.input_ids[i]) for i in idx], batch_size, group, seed, epoch)
     for start in range(0, stop, batch_size):
-        yield pad_batch(encoded, idx[start : start + batch_size], batch_size, buckets)
+        rows = idx[start : start + batch_size]
+        if isinstance(encoded, Encoded):
+            yield pad_batch(encoded, rows, batch_size, buckets)
+        else:
+            yield encoded.pad_batch(rows, batch_size, buckets)
 
 
 def _grouped(idx: np.ndarray, lengths: Sequence[int], batch_size: int, group: int, seed: int, epoch: int) -> np.ndarray:
