@@ -47,9 +47,9 @@ def _data_dir(tmp_path: Path, train_lines=None) -> Path:
     return out
 
 
-def test_qlora_on_nf4_learns_the_completions_and_generate_continues_with_them(tmp_path):
+def test_qlora_on_nf4_scanned_learns_the_completions_and_generate_continues_with_them(tmp_path):
     model_dir, data_dir, run = _model_dir(tmp_path, "tiny_llama"), _data_dir(tmp_path), tmp_path / "run"
-    args = ["train-lm", model_dir, data_dir, "--quantize", "nf4", "--steps", "60", "--batch-size", "8"]
+    args = ["train-lm", model_dir, data_dir, "--quantize", "nf4", "--scan-layers", "--steps", "60", "--batch-size", "8"]
     args += ["--max-length", "16", "--learning-rate", "1e-2", "--out", run, "--no-progress"]
     lora_jax_cli(*args)
     record = json.loads((run / "run.json").read_text())

@@ -51,6 +51,9 @@ def add_train_lm(sub: Subparsers) -> None:
     parser.add_argument("--targets", default="all-linear", help=f"LoRA targets: {TARGETS_HELP}; default all-linear")
     parser.add_argument("--quantize", choices=QUANTIZE, default="none", help="the base's kernels (default none)")
     parser.add_argument(
+        "--scan-layers", action="store_true", help="stack the layers under nn.scan: one block compiled, not one a layer"
+    )
+    parser.add_argument(
         "--learning-rate", type=float, default=DEFAULT_LEARNING_RATE, help="peak AdamW rate (default 2e-4)"
     )
     add_run_options(parser, "train.jsonl", epochs=DEFAULT_EPOCHS, batch_size=8, max_length=256)
@@ -74,7 +77,7 @@ def train_lm(args: argparse.Namespace) -> int:
     splits: dict[str, Path] = dict(zip(("train", "validation"), files, strict=True))
     examples = {split: data.read_completions(file) for split, file in splits.items()}
 
-    model, params = load_model(model_dir)
+    model, params = load_model(model_dir, scan=args.scan_layers)
     if not isinstance(model, models.CausalLM):
         raise LoraError(f"{model_dir}: a {type(model).__name__}, not a decoder; train-lm takes GPT-2 or Llama models")
     model = remat_model(model, args.remat)
