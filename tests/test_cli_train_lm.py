@@ -85,6 +85,7 @@ def test_only_the_completion_and_its_end_count_in_the_loss(tmp_path):
     assert float(count) == 5.0
     cut = data.encode_completions(examples, tokenizer, 3, eos_id=0, pad_id=0, file=file)
     np.testing.assert_array_equal(cut.input_ids[0], [ids["add"], ids["w1"], ids["w2"]])  # cut from the end
+    assert (encoded.cut, cut.cut) == (0, 1)  # counted, and said by train-lm
 
 
 BAD_LINES = [

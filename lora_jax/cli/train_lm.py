@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_jax.cli import runs
-from lora_jax.cli.common import load_model, targets_arg
+from lora_jax.cli.common import load_model, say, targets_arg
 from lora_jax.cli.train import (
     add_run_options,
     check_counts,
@@ -109,11 +109,16 @@ def train_lm(args: argparse.Namespace) -> int:
         "arguments": settings,
         "data": {f.name: runs.digest(f) for f in files},
         "examples": {split: len(found) for split, found in encoded.items()},
+        "cut_to_max_length": {split: found.cut for split, found in encoded.items()},
         "model": {"options": {}},
         "end_of_sequence": eos,
         "status": "started",
     }
     runs.write_record(run_dir, record)
+    for split, found in encoded.items():
+        if found.cut:
+            name, limit = splits[split].name, args.max_length
+            say(f"{found.cut} of {len(found)} examples of {name} lose their end to --max-length {limit}")
 
     objective = training.causal_lm(models.causal_lm_apply_fn(model))
     what = f"LoRA {args.targets} r={args.rank} on the {args.quantize + ' ' if args.quantize != 'none' else ''}base"

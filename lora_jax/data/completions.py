@@ -41,11 +41,13 @@ class Completions:
       input_ids: one int32 ``[n_i]`` per example.
       prompt_lengths: ``[N]`` int32, the tokens before the completion's first (the loss starts there).
       pad_id: the id padding takes (masked out of attention and loss).
+      cut: how many examples lost tokens at the end to ``max_length``.
     """
 
     input_ids: tuple[np.ndarray, ...]
     prompt_lengths: np.ndarray
     pad_id: int
+    cut: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -135,9 +137,10 @@ def encode_completions(
     bare.no_padding()
     prompts = [e.ids for e in bare.encode_batch([x.prompt for x in examples], add_special_tokens=True)]
     completions = [e.ids for e in bare.encode_batch([x.completion for x in examples], add_special_tokens=False)]
-    input_ids, prompt_lengths = [], []
+    input_ids, prompt_lengths, cut = [], [], 0
     for example, prompt, completion in zip(examples, prompts, completions, strict=True):
-        ids = [*prompt, *completion, *(() if eos_id is None else (eos_id,))][:max_length]
+        whole = [*prompt, *completion, *(() if eos_id is None else (eos_id,))]
+        ids, cut = whole[:max_length], cut + (len(whole) > max_length)
         # The first token is never predicted: a text needs two tokens, a completion one after its prompt.
         if len(ids) <= max(len(prompt), 1):
             raise DataFileError(
@@ -148,4 +151,4 @@ def encode_completions(
             )
         input_ids.append(np.asarray(ids, dtype=np.int32))
         prompt_lengths.append(len(prompt))
-    return Completions(tuple(input_ids), np.asarray(prompt_lengths, dtype=np.int32), pad_id)
+    return Completions(tuple(input_ids), np.asarray(prompt_lengths, dtype=np.int32), pad_id, cut)
