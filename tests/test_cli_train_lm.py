@@ -39,7 +39,7 @@ def _data_dir(tmp_path: Path, train_lines=None) -> Path:
     out.mkdir()
 
     def pairs(indices):
-        return [json.dumps({"prompt": f"add w{i}", "completion": f"w{i + 1} w{i + 2}"}) for i in indices]
+        return [json.dumps({"prompt": f"add w{i}", "completion": f" w{i + 1} w{i + 2}"}) for i in indices]
 
     lines = pairs(range(36)) if train_lines is None else train_lines
     (out / "train.jsonl").write_text("\n".join(lines) + "\n")
@@ -69,7 +69,8 @@ def test_only_the_completion_and_its_end_count_in_the_loss(tmp_path):
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     ids = {word: tokenizer.token_to_id(word) for word in WORDS}
     file = tmp_path / "x.jsonl"
-    file.write_text('{"prompt": "add w1", "completion": "w2 w3"}\n\n{"text": "w4 w5"}\n')
+    # U+2028 is a line break to str.splitlines(), not to JSON Lines; "0 w2" joins "w1" into one token "w10".
+    file.write_text('{"prompt": "add w1", "completion": " w2 w3"}\n\n{"text": "w4 w5\u2028"}\n')
     examples = data.read_completions(file)
     assert [e.line for e in examples] == [1, 3]  # blank lines skipped, numbering kept
     encoded = data.encode_completions(examples, tokenizer, 16, eos_id=0, pad_id=0, file=file)
@@ -86,6 +87,10 @@ def test_only_the_completion_and_its_end_count_in_the_loss(tmp_path):
     cut = data.encode_completions(examples, tokenizer, 3, eos_id=0, pad_id=0, file=file)
     np.testing.assert_array_equal(cut.input_ids[0], [ids["add"], ids["w1"], ids["w2"]])  # cut from the end
     assert (encoded.cut, cut.cut) == (0, 1)  # counted, and said by train-lm
+    # The text is tokenized whole; a token that straddles prompt and completion holds completion text: it counts.
+    joined = data.encode_completions([data.Completion("add w1", "0 w2", 1)], tokenizer, 8, 0, 0, file)
+    np.testing.assert_array_equal(joined.input_ids[0], [ids["add"], ids["w10"], ids["w2"], 0])
+    assert joined.prompt_lengths.tolist() == [1]
 
 
 BAD_LINES = [
@@ -93,16 +98,18 @@ BAD_LINES = [
     ('["add w1", "w2"]', r"train.jsonl:2: a list, not a JSON object"),
     ('{"prompt": "add w1", "completon": "w2"}', r"train.jsonl:2: keys \['completon', 'prompt'\]"),
     ('{"prompt": "add w1", "completion": "w2", "id": 7}', r"train.jsonl:2: keys \['completion', 'id', 'prompt'\]"),
+    ('{"prompt": "a", "prompt": "add w1", "completion": " w2"}', r"train.jsonl:2: key 'prompt' appears twice"),
+    ('{"prompt": "add w1 \\ud800", "completion": " w2"}', r"train.jsonl:2: 'prompt' holds surrogates not allowed"),
     ('{"prompt": "add w1", "completion": 2}', r"train.jsonl:2: 'completion' is a int, not a string"),
     ('{"prompt": "add w1", "completion": "  "}', r"train.jsonl:2: the completion is empty"),
     ('{"text": ""}', r"train.jsonl:2: the text is empty"),
-    ('{"prompt": "' + " ".join(["w1"] * 20) + '", "completion": "w2"}', r"train.jsonl:2: the prompt takes 20 of"),
+    ('{"prompt": "' + " ".join(["w1"] * 20) + '", "completion": " w2"}', r"train.jsonl:2: the prompt takes 20 of"),
 ]
 
 
 @pytest.mark.parametrize(("line", "message"), BAD_LINES, ids=[m.split(": ", 1)[1][:16] for _, m in BAD_LINES])
 def test_a_bad_line_is_refused_naming_file_and_line(tmp_path, capsys, line, message):
-    good = json.dumps({"prompt": "add w1", "completion": "w2 w3"})
+    good = json.dumps({"prompt": "add w1", "completion": " w2 w3"})
     model_dir, data_dir = _model_dir(tmp_path, "tiny_gpt2"), _data_dir(tmp_path, [good, line, good])
     status = cli.main(["train-lm", str(model_dir), str(data_dir), "--max-length", "16", "--out", str(tmp_path / "r")])
     assert status == 2

@@ -87,6 +87,25 @@ def test_each_row_equals_its_own_merged_model(name, targets, head, scan):
         assert not np.allclose(heads[0], heads[1])
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_slice_adapters_of_a_fused_kernel_serve_from_a_set(scan):
+    """GPT-2's fused c_attn with q and v slice adapters: the set holds them as whole-kernel factors of rank 2r
+    (zero off their slices), and each row equals its merged model."""
+    model, params = models.from_pretrained(FIXTURES / "tiny_gpt2", fused_qkv=True, scan_layers=scan)
+    loras = _adapters(model, params, "qv", shapes=SHAPES[:2])
+    assert all(rule.slices for _, spec in loras for rule in spec.rules)
+    lora_set = serve.adapter_set(params, loras, capacity=3)
+    assert lora_set.rank == 8  # 2 slices of rank 4
+    adapter_ids = jnp.array([1, -1, 0, 1])
+    ids, mask = _inputs(model, len(adapter_ids))
+    fn = _logits(model)
+    out = jax.jit(serve.per_example(fn))(params, lora_set, adapter_ids, ids, mask)
+    reference = jax.jit(fn)
+    for row, k in enumerate(adapter_ids.tolist()):
+        expected = reference(_merged(params, loras, k), ids, mask)[row]
+        np.testing.assert_allclose(out[row], expected, rtol=0, atol=1e-5, err_msg=f"row {row}, adapter {k}")
+
+
 def _dora(lora, spec, params, seed):
     """``lora`` as a DoRA adapter of the same factors, with a magnitude away from ``||W0||``."""
     dora = lj.LoraSpec([dataclasses.replace(rule, mode="dora") if rule.mode == "lora" else rule for rule in spec.rules])

@@ -1,9 +1,11 @@
 """Prompt-completion data for decoders: JSON Lines checked line by line, encoded with a mask on the completion.
 
-Each line of a file is one JSON object, either ``{"prompt": ..., "completion": ...}`` (the loss counts the
-completion's tokens only) or ``{"text": ...}`` (every token counts). A line that is not such an object, a key
-that is neither, a value that is not a string, an empty completion or text, and a file without examples are
-refused naming the file and line: a misspelled key would otherwise train on nothing, or on the wrong tokens.
+Each line of a file is one JSON object, either ``{"prompt": ..., "completion": ...}`` (the text is
+``prompt + completion`` as written, so a completion starts with its own space; the loss counts the tokens that
+hold completion text) or ``{"text": ...}`` (every token counts). A line that is not such an object, a key that
+is neither or appears twice, a value that is not a string (or holds a lone surrogate), an empty completion or
+text, and a file without examples are refused naming the file and line: a misspelled key would otherwise train
+on nothing, or on the wrong tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -70,6 +73,14 @@ class Completions:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ValueError(f"key {twice[0]!r} appears twice; keep one")
+    return dict(pairs)
+
+
 def _example(record: object, file: Path, line: int) -> Completion:
     if not isinstance(record, dict):
         raise DataFileError(file, line, f"a {type(record).__name__}, not a JSON object; give {_FORMS}")
@@ -79,6 +90,10 @@ def _example(record: object, file: Path, line: int) -> Completion:
     for name in keys:
         if not isinstance(record[name], str):
             raise DataFileError(file, line, f"{name!r} is a {type(record[name]).__name__}, not a string")
+        try:
+            record[name].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataFileError(file, line, f"{name!r} holds {err.reason} at character {err.start}") from None
     last = keys[0]  # "completion" or "text": what the loss counts
     if not record[last].strip():
         raise DataFileError(file, line, f"the {last} is empty")
@@ -104,13 +119,17 @@ def read_completions(file: Path) -> list[Completion]:
     except UnicodeDecodeError as err:
         raise LoraError(f"{file}: not UTF-8 text ({err})") from None
     examples = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" alone: JSON strings may hold U+2028 and other characters str.splitlines() breaks at.
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as err:
             raise DataFileError(file, number, f"not JSON ({err.msg} at column {err.colno}); give {_FORMS}") from None
+        except ValueError as err:  # a key twice
+            raise DataFileError(file, number, str(err)) from None
         examples.append(_example(record, file, number))
     if not examples:
         raise LoraError(f"{file}: no examples; give {_FORMS}")
@@ -125,9 +144,12 @@ def encode_completions(
     pad_id: int,
     file: Path,
 ) -> Completions:
-    """Encode ``prompt + completion (+ EOS)``, cut to ``max_length`` tokens from the end of the completion.
+    """Encode the text ``prompt + completion`` (and EOS), cut to ``max_length`` tokens from its end.
 
-    The prompt gets the tokenizer's special tokens (a BOS where the tokenizer adds one), the completion none.
+    The text is tokenized whole, with the tokenizer's special tokens (a BOS where it adds one), so the tokens are
+    those the model sees at inference; the loss starts at the first token that differs from the prompt's own
+    tokenization (a token that straddles the boundary holds completion text, so it counts). EOS is appended
+    unless the tokenizer ends the text with it already.
 
     Raises:
       DataFileError: an example that leaves no completion token to predict within ``max_length``.
@@ -136,19 +158,20 @@ def encode_completions(
     bare.no_truncation()
     bare.no_padding()
     prompts = [e.ids for e in bare.encode_batch([x.prompt for x in examples], add_special_tokens=True)]
-    completions = [e.ids for e in bare.encode_batch([x.completion for x in examples], add_special_tokens=False)]
+    texts = [e.ids for e in bare.encode_batch([x.prompt + x.completion for x in examples], add_special_tokens=True)]
     input_ids, prompt_lengths, cut = [], [], 0
-    for example, prompt, completion in zip(examples, prompts, completions, strict=True):
-        whole = [*prompt, *completion, *(() if eos_id is None else (eos_id,))]
+    for example, prompt, text in zip(examples, prompts, texts, strict=True):
+        start = next((i for i, (a, b) in enumerate(zip(prompt, text)) if a != b), min(len(prompt), len(text)))
+        whole = text if eos_id is None or text[-1:] == [eos_id] else [*text, eos_id]
         ids, cut = whole[:max_length], cut + (len(whole) > max_length)
         # The first token is never predicted: a text needs two tokens, a completion one after its prompt.
-        if len(ids) <= max(len(prompt), 1):
+        if len(ids) <= max(start, 1):
             raise DataFileError(
                 file,
                 example.line,
-                f"the prompt takes {len(prompt)} of --max-length {max_length} tokens, leaving no completion token "
+                f"the prompt takes {start} of --max-length {max_length} tokens, leaving no completion token "
                 "to predict; raise --max-length or shorten the prompt",
             )
         input_ids.append(np.asarray(ids, dtype=np.int32))
-        prompt_lengths.append(len(prompt))
+        prompt_lengths.append(start)
     return Completions(tuple(input_ids), np.asarray(prompt_lengths, dtype=np.int32), pad_id, cut)
