@@ -64,6 +64,20 @@ def test_qlora_on_nf4_scanned_learns_the_completions_and_generate_continues_with
     assert "--rank 8 then, 4 now" in done.stderr
 
 
+def test_loss_in_chunks_trains_the_same_adapter_and_dev_is_scored_on_schedule(tmp_path):
+    model_dir, data_dir = _model_dir(tmp_path, "tiny_gpt2"), _data_dir(tmp_path)
+    common = ["train-lm", model_dir, data_dir, "--steps", "4", "--batch-size", "8", "--max-length", "16"]
+    common += ["--learning-rate", "1e-2", "--no-progress"]
+    lora_jax_cli(*common, "--out", tmp_path / "whole", "--eval-every", "2")
+    lora_jax_cli(*common, "--out", tmp_path / "chunks", "--loss-chunk", "3")
+    whole, chunks = (json.loads((tmp_path / run / "run.json").read_text()) for run in ("whole", "chunks"))
+    assert chunks["arguments"]["loss_chunk"] == 3 and whole["arguments"]["loss_chunk"] is None
+    assert whole["scores"]["nll"] == pytest.approx(chunks["scores"]["nll"], rel=1e-5)
+    assert whole["scores"]["nll"] < 4.4  # below chance (ln 96 = 4.56): it trained
+    log = [json.loads(line) for line in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["split"] == "eval"] == [2, 4]
+
+
 def test_only_the_completion_and_its_end_count_in_the_loss(tmp_path):
     model_dir = _model_dir(tmp_path, "tiny_gpt2")
     tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))

@@ -29,7 +29,7 @@ LEARNING_RATES = {"lora": 5e-3, "full": 1e-4, "bitfit": 2e-3, "head": 2e-3}
 DEFAULT_EPOCHS = 3.0
 MIN_LENGTH = 8  # [CLS] a [SEP] b [SEP] with room for text
 # Arguments that change how a run is watched or saved, not its result: a resumed run may change them.
-NOT_COMPARED = ("out", "overwrite", "checkpoint_every", "no_progress", "remat", "verb", "run")
+NOT_COMPARED = ("out", "overwrite", "checkpoint_every", "eval_every", "no_progress", "remat", "verb", "run")
 
 
 def add_train(sub: Subparsers) -> None:
@@ -88,6 +88,9 @@ def add_run_options(
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="the run directory")
     parser.add_argument("--overwrite", action="store_true", help="start afresh, replacing a run in RUN_DIR")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="steps between dev scores in log.jsonl (default 0: at the end)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -117,6 +120,8 @@ def check_counts(args: argparse.Namespace) -> None:
             raise LoraError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.epochs is not None and args.epochs <= 0:
         raise LoraError(f"--epochs must be above 0, got {args.epochs}")
+    if args.eval_every < 0:
+        raise LoraError(f"--eval-every must be 0 (at the end only) or a number of steps, got {args.eval_every}")
 
 
 def check_dirs(args: argparse.Namespace, model_files: tuple[str, ...], data_files: tuple[str, ...]) -> list[Path]:
@@ -208,6 +213,7 @@ def fit_run(
         learning_rate=settings["learning_rate"],
         seed=args.seed,
         log_every=min(10, steps),
+        eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
     )
     state, records = training.fit(

@@ -56,6 +56,12 @@ def add_train_lm(sub: Subparsers) -> None:
     parser.add_argument(
         "--learning-rate", type=float, default=DEFAULT_LEARNING_RATE, help="peak AdamW rate (default 2e-4)"
     )
+    parser.add_argument(
+        "--loss-chunk",
+        type=int,
+        metavar="N",
+        help="form the logits N positions at a time in the loss, never [B, T, vocab] whole (less memory)",
+    )
     add_run_options(parser, "train.jsonl", epochs=DEFAULT_EPOCHS, batch_size=8, max_length=256)
     parser.set_defaults(run=train_lm)
 
@@ -67,6 +73,8 @@ def train_lm(args: argparse.Namespace) -> int:
     check_counts(args)
     if args.max_length < 2:
         raise LoraError(f"--max-length must be at least 2 (a token and the next), got {args.max_length}")
+    if args.loss_chunk is not None and args.loss_chunk < 1:
+        raise LoraError(f"--loss-chunk must be at least 1 position, got {args.loss_chunk}")
     if not args.learning_rate > 0:
         raise LoraError(f"--learning-rate must be above 0, got {args.learning_rate}")
     files = check_dirs(args, ("config.json", "tokenizer.json"), SPLIT_FILES)
@@ -120,6 +128,7 @@ def train_lm(args: argparse.Namespace) -> int:
             name, limit = splits[split].name, args.max_length
             say(f"{found.cut} of {len(found)} examples of {name} lose their end to --max-length {limit}")
 
-    objective = training.causal_lm(models.causal_lm_apply_fn(model))
+    chunk = args.loss_chunk
+    objective = training.causal_lm(models.causal_lm_apply_fn(model, head=chunk is None), chunk)
     what = f"LoRA {args.targets} r={args.rank} on the {args.quantize + ' ' if args.quantize != 'none' else ''}base"
     return fit_run(args, run_dir, record, objective, params, spec, described, encoded, files[0], what)
