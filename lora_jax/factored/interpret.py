@@ -388,8 +388,8 @@ def factored(
         memory instead.
 
     Returns:
-      A :class:`Factored` callable ``g(params, lora, *args, dropout_rng=None, **kwargs)`` equal to
-      ``fn(combine(params, lora, spec), *args, **kwargs)`` (to float rounding) when ``dropout_rng`` is None;
+      A :class:`Factored` callable ``g(params, lora, *args, dropout_rng=None, output_scales=None, **kwargs)``
+      equal to ``fn(combine(params, lora, spec), *args, **kwargs)`` (to float rounding) when ``dropout_rng`` is None;
       with an RNG key, LoRA dropout is applied to each adapter's input at its rule's rate (training).
       Keyword arguments whose values are arrays (or trees of arrays) are traced; others (``deterministic=True``)
       reach ``fn`` as they are.

@@ -4,7 +4,8 @@
 rows of the batch. Each row carries its own adapter, gathered from the set (``A_i [*stack, *in, R]``,
 ``s_i B_i [*stack, R, *out]``, fully trainable leaves such as a classifier head), so at each adapted
 ``dot_general`` the frozen branch ``x W0`` is one batched product with the shared ``W0`` and the low-rank branch is
-a batched product with the gathered factors: ``(x A_ids) B_ids``, the gather-then-einsum form.
+a batched product with the gathered factors: ``(x A_ids) B_ids``, the gather-then-einsum form. A row of a DoRA
+adapter also multiplies the kernel's output columns by its gain (``output_scales`` of the factored path).
 
 The example axis is explicit: it is the axis ``jax.vmap`` maps, by default the leading axis of every input array
 (``in_axes`` / ``kwarg_axes`` name another, e.g. axis 1 of a KV cache ``[layers, B, S, K, Dh]``). Every batched
