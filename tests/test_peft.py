@@ -76,19 +76,29 @@ def test_spec_from_peft_on_a_scanned_model_gives_rules_on_the_stacked_kernels(tm
     model, params = _model()
     scanned_model, scanned_params = _model(scan=True)
     names, scanned_names = models.hf_names(model), models.hf_names(scanned_model)
-    spec = models.lora_spec(model, "qkvo", rank=2, alpha=4, head=True)
+    # Every layer's attention LayerNorm saved (PEFT's modules_to_save), beside LoRA and the head.
+    norms = lj.trainable(r"bert/encoder/layer_\d+/attention_norm/(scale|bias)")
+    spec = lj.LoraSpec([norms, *models.lora_spec(model, "qkvo", rank=2, alpha=4, head=True).rules])
     lora = lj.init(jax.random.key(0), params, spec)
     lora = jax.tree_util.tree_map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape), lora)
     peft.save_peft(tmp_path, params, lora, spec, names)  # PEFT's per-layer modules
     scanned_spec = lj.LoraSpec.from_peft(tmp_path, scanned_names, scanned_params)
     adapted = [rule for rule in scanned_spec.rules if rule.mode == "lora"]
     assert len(adapted) == 4 and all(rule.stack_axes == (0,) for rule in adapted)
+    stacked_norms = sorted(t.name for t in lj.plan(scanned_params, scanned_spec) if "norm" in t.name)
+    assert stacked_norms == ["bert/encoder/layers/attention_norm/bias", "bert/encoder/layers/attention_norm/scale"]
     back = peft.load_peft(tmp_path, scanned_params, scanned_spec, scanned_names)
     expected = np.load(PEFT_DIR / "expected.npz")
     inputs = expected["input_ids"], expected["attention_mask"]
     want = model.apply({"params": lj.merge(params, lora, spec)}, *inputs)
     got = scanned_model.apply({"params": lj.merge(scanned_params, back, scanned_spec)}, *inputs)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Written back from the scanned model: PEFT's per-layer tensors again, the saved norms' among them.
+    again, _ = peft.to_peft(scanned_params, back, scanned_spec, scanned_names)
+    first, _ = peft.to_peft(params, lora, spec, names)
+    assert sorted(again) == sorted(first) and any("layer.1.attention.output.LayerNorm" in key for key in first)
+    for key in first:
+        np.testing.assert_allclose(again[key], first[key], rtol=0, atol=1e-7, err_msg=key)
     # Without the base tree the rules name the unrolled paths, which a scanned tree does not have.
     with pytest.raises(lj.SpecError, match="matches no leaf"):
         lj.plan(scanned_params, lj.LoraSpec.from_peft(tmp_path, scanned_names))
@@ -99,6 +109,11 @@ def test_spec_from_peft_on_a_scanned_model_gives_rules_on_the_stacked_kernels(tm
     config = json.loads((tmp_path / peft.CONFIG).read_text())
     with pytest.raises(lj.LoraError, match=r"PEFT adapts layers \[1\] of bert/encoder/layers/.*scan_layers=False"):
         lj.LoraSpec.from_peft({**config, "layers_to_transform": [1]}, scanned_names, scanned_params)
+    # A module saved in some layers only cannot be one rule on its stacked leaf either.
+    assert config["modules_to_save"] == ["attention.output.LayerNorm", "classifier"]  # every layer's, by suffix
+    partial = ["bert.encoder.layer.0.attention.output.LayerNorm", "classifier"]
+    with pytest.raises(lj.LoraError, match=r"PEFT saves layers \[0\] of bert/encoder/layers/attention_norm"):
+        lj.LoraSpec.from_peft({**config, "modules_to_save": partial}, scanned_names, scanned_params)
 
 
 def test_mismatches_name_the_module(tmp_path):

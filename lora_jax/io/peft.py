@@ -81,10 +81,16 @@ def _unrolled(path: PathTuple, layer: int | None) -> str:
     return path_str(unroll_path(path, layer))
 
 
-def _layers(target: Target) -> list[int | None]:
-    """Return the layer indices of a stacked target (one leading layer axis), or ``[None]`` for an unstacked one."""
+def _layers(target: Target, names: NameTable) -> list[int | None]:
+    """Return the layer indices of a stacked target (one leading layer axis), or ``[None]`` for an unstacked one.
+
+    A fully trainable leaf has no layout: it is stacked when the name table holds its layers, not it.
+    """
     layout = target.layout
-    stack = layout.stack if layout is not None else ()
+    if layout is None:
+        stacked = _unrolled(target.path, None) not in names and _unrolled(target.path, 0) in names
+        return list(range(target.shape[0])) if stacked else [None]
+    stack = layout.stack
     if len(stack) > 1 or (stack and stack != (0,)):
         raise LoraError(f"{target.name}: PEFT export handles one leading layer axis, not stack axes {stack}")
     return list(range(target.shape[0])) if stack else [None]
@@ -163,7 +169,7 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
     adapted: dict[str, tuple[int, float]] = {}
     saved: set[str] = set()
     for t in targets:
-        for layer in _layers(t):
+        for layer in _layers(t, names):
             name, layout = _lookup(names, t.path, layer)
             module = name.removesuffix(".weight").removesuffix(".bias")
             if t.layout is None:
@@ -439,7 +445,7 @@ def _read(directory: Path, config: PeftConfig, params: PyTree, spec: LoraSpec, n
     lora: dict = {}
     used = set()
     for t in plan(params, spec):
-        layers = _layers(t)
+        layers = _layers(t, names)
         if t.layout is None:
             parts = []
             for layer in layers:

@@ -75,6 +75,9 @@ def spec_from_peft(
             )
         if saved:
             paths = sorted(path for path, _ in entries)
+            if params is not None and all(_stacked_in(path, params) for path in paths):
+                rules.extend((path, {"mode": "train"}, module) for path in paths)  # one rule per stacked leaf
+                continue
             parent = paths[0].rsplit("/", 1)[0]
             leaves = "|".join(re.escape(path.rsplit("/", 1)[1]) for path in paths)
             rules.append(trainable(rf"{re.escape(parent)}/(?:{leaves})", name=module))
@@ -99,11 +102,18 @@ def spec_from_peft(
     return LoraSpec(_kernel_rules(rules, params, config.file))
 
 
+def _stacked_in(path: str, params: PyTree) -> bool:
+    """Return whether the unrolled ``path`` is one layer of a stacked leaf of ``params`` (a scanned model)."""
+    stacked, layer = stack_path(tuple(path.split("/")))
+    shapes = {path_str(p) for p, _ in flatten(params)[0]}
+    return layer is not None and path not in shapes and path_str(stacked) in shapes
+
+
 def _kernel_rules(
     entries: list[Rule | tuple[str, dict[str, Any], str]], params: PyTree | None, file: Any
 ) -> list[Rule]:
-    """Return ``entries`` with each adapted kernel ``(path, rule fields, module)`` made a rule, in order: one per
-    kernel, or, for the layers of a scanned model, one per stacked kernel of ``params`` (where its first layer was).
+    """Return ``entries`` with each ``(path, rule fields, module)`` made a rule, in order: one per kernel (or saved
+    leaf), or, for the layers of a scanned model, one per stacked leaf of ``params`` (where its first layer was).
     """
     shapes = {} if params is None else {path_str(p): np.shape(leaf) for p, leaf in flatten(params)[0]}
     rules: list[Any] = []
@@ -126,9 +136,9 @@ def _kernel_rules(
         count = shapes[stacked][0]
         if [layer for layer, _, _ in layers] != list(range(count)):
             raise LoraError(
-                f"{file}: PEFT adapts layers {[layer for layer, _, _ in layers]} of {stacked}, a scanned stack of "
-                f"{count}; one rule on a stacked kernel adapts every layer: load the adapter on the unrolled model "
-                "(scan_layers=False)"
+                f"{file}: PEFT {'saves' if layers[0][1]['mode'] == 'train' else 'adapts'} layers "
+                f"{[layer for layer, _, _ in layers]} of {stacked}, a scanned stack of {count}; one rule on a stacked "
+                "leaf covers every layer: load the adapter on the unrolled model (scan_layers=False)"
             )
         _, first, first_module = layers[0]
         for _, fields, module in layers[1:]:
@@ -140,6 +150,9 @@ def _kernel_rules(
                     f"on the stacked kernel {stacked} takes one value: load the adapter on the unrolled model "
                     "(scan_layers=False)"
                 )
+        if first["mode"] == "train":  # a saved module's leaf, every layer of it
+            placed[stacked] = trainable(re.escape(stacked), name=stacked)
+            continue
         in_axes = first["in_axes"] or (0,)  # of one layer's kernel; the stack's layer axis comes first
         stacked_fields = {**first, "in_axes": tuple(axis + 1 for axis in in_axes)}
         placed[stacked] = Rule(re.escape(stacked), stack_axes=(0,), name=stacked, **stacked_fields)
