@@ -127,6 +127,10 @@ def test_mismatches_name_the_module(tmp_path):
         peft.load_peft(PEFT_DIR, params, lj.LoraSpec([_fixture_spec(model).rules[0], *fewer.rules]), names)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         peft.load_peft(tmp_path, params, _fixture_spec(model), names)
+    # A LoRA module whose bias also trains: PEFT has no place for that bias but bias='all' / 'lora_only'.
+    biased = lj.LoraSpec([lj.trainable(r".*attention/(query|value)/bias"), *fewer.rules])
+    with pytest.raises(lj.LoraError, match=r"adapts bert.encoder.layer.0.attention.self.query with LoRA and trains"):
+        peft.to_peft(params, lj.init(jax.random.key(0), params, biased), biased, names)
     gpt2, gpt2_params = models.from_pretrained(FIXTURES / "models" / "tiny_gpt2")
     gpt2_spec = models.lora_spec(gpt2, "qv", rank=2)
     lora = lj.init(jax.random.key(0), gpt2_params, gpt2_spec)

@@ -409,6 +409,13 @@ def make_config(
       LoraError: PEFT would read other settings back (a module both adapted and kept whole).
     """
     saved = sorted(set(saved))
+    both = sorted(set(saved) & set(adapted))
+    if both:
+        raise LoraError(
+            f"PEFT cannot express this adapter: it adapts {both[0]} with LoRA and trains another of its leaves in "
+            "full (a bias, say); PEFT keeps a module either way, not both (its bias='all' / 'lora_only' options "
+            "are not written by lora_jax): drop the trainable rule for that module, or export it without LoRA"
+        )
     modules = set(modules) | set(adapted) | set(saved)
     rank = _most_common([r for r, _ in adapted.values()])
     alpha = _most_common([a for _, a in adapted.values()])
