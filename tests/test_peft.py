@@ -1,16 +1,18 @@
 """Hugging Face PEFT interop: a real PEFT adapter loads and computes PEFT's logits; export round-trips."""
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import lora_jax as lj
 from lora_jax import models
 from lora_jax.io import peft
+from lora_jax.paths import flatten, path_str
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PEFT_DIR = FIXTURES / "peft"
@@ -114,6 +116,39 @@ def test_spec_from_peft_on_a_scanned_model_gives_rules_on_the_stacked_kernels(tm
     partial = ["bert.encoder.layer.0.attention.output.LayerNorm", "classifier"]
     with pytest.raises(lj.LoraError, match=r"PEFT saves layers \[0\] of bert/encoder/layers/attention_norm"):
         lj.LoraSpec.from_peft({**config, "modules_to_save": partial}, scanned_names, scanned_params)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_peft_adapters_that_train_biases_give_peft_logits(tmp_path, bias):
+    """PEFT's bias='all' (every bias of the model) and 'lora_only' (the adapted modules'), from real PEFT
+    (scripts/make_peft_bias_fixture.py): from_peft gives a trainable rule per bias, load_peft reads them, and the
+    merged model gives PEFT's logits."""
+    folder = FIXTURES / f"peft_bias_{bias}"
+    model, params = models.from_pretrained(FIXTURES / "models" / "tiny_bert_cls", num_labels=3)
+    names = models.hf_names(model)
+    spec = lj.LoraSpec.from_peft(folder, names)
+    lora = peft.load_peft(folder, params, spec, names)
+    trained = sorted(t.name for t in lj.plan(params, spec) if t.rule.mode == "train" and t.name.endswith("/bias"))
+    adapted = ["bert/encoder/layer_0/attention/query/bias", "bert/encoder/layer_0/attention/value/bias"]
+    assert set(adapted) <= set(trained) and ("bert/embeddings/layer_norm/bias" in trained) == (bias == "all")
+    base = {path_str(p): leaf for p, leaf in flatten(params)[0]}
+    query_bias = lora["bert"]["encoder"]["layer_0"]["attention"]["query"]["bias"]
+    assert not np.allclose(np.asarray(query_bias), base[adapted[0]])  # the biases matter
+    expected = np.load(folder / "expected.npz")
+    logits = model.apply({"params": lj.merge(params, lora, spec)}, expected["input_ids"], expected["attention_mask"])
+    np.testing.assert_allclose(logits, expected["logits"], rtol=0, atol=1e-5)
+    # A spec that leaves the biases frozen does not cover the file's bias tensors.
+    frozen = lj.LoraSpec([rule for rule in spec.rules if not rule.pattern.endswith("/bias")])
+    with pytest.raises(lj.AdapterMismatchError, match=r"holds base_model\.model\.\S+bias .* the spec does not cover"):
+        peft.load_peft(folder, params, frozen, names)
+    if bias == "all":  # the head kept whole also has its bias saved twice over, and the base's: copies, checked
+        changed = tmp_path / "changed"
+        shutil.copytree(folder, changed)
+        tensors = dict(load_file(changed / peft.WEIGHTS))
+        tensors["base_model.model.classifier.original_module.bias"] = np.ones(3, np.float32)
+        save_file(tensors, changed / peft.WEIGHTS)
+        with pytest.raises(lj.AdapterMismatchError, match=r"original_module\.bias differs from the base's classifier"):
+            peft.load_peft(changed, params, spec, names)
 
 
 def test_mismatches_name_the_module(tmp_path):

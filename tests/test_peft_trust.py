@@ -402,7 +402,7 @@ CONFIGS = [
     ({"init_lora_weights": "magic"}, lj.AdapterMismatchError, "init_lora_weights='magic' is an initialization"),
     ({"init_lora_weights": 1}, lj.CheckpointCorruptError, "init_lora_weights must be true, false"),
     ({"lora_bias": True}, lj.AdapterMismatchError, "a bias on lora_B"),
-    ({"bias": "all"}, lj.AdapterMismatchError, "bias='all'"),
+    ({"bias": "some"}, lj.CheckpointCorruptError, "bias must be one of 'none', 'all', 'lora_only', got 'some'"),
     ({"layer_replication": [[0, 1]]}, lj.AdapterMismatchError, "layer replication"),
     ({"use_rslora": "yes"}, lj.CheckpointCorruptError, "use_rslora must be true or false"),
     ({"lora_dropout": 2}, lj.CheckpointCorruptError, "lora_dropout must be a number in"),

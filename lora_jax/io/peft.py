@@ -50,7 +50,7 @@ from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError, LoraEr
 from lora_jax.finite import check_finite
 from lora_jax.io.atomic import refuse_existing, write_directory_atomic
 from lora_jax.io.peft_config import FIX, PeftConfig, make_config, read_config
-from lora_jax.paths import PathTuple, nested_set, path_str, unroll_path
+from lora_jax.paths import PathTuple, flatten, nested_set, path_str, unroll_path
 from lora_jax.plan import Target, plan
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PathLike, PyTree
@@ -437,6 +437,43 @@ def load_peft_pissa(directory: PathLike, params: PyTree, spec: LoraSpec, names: 
     return residual, _read(directory, config, residual, spec, names)
 
 
+_COPIES = (".modules_to_save.bias", ".original_module.bias")
+"""What PEFT's ``bias="all"`` also saves of a module kept whole: its trained bias again, and the base's."""
+
+
+def _bias_copies(
+    tensors: dict[str, np.ndarray], file: Path, config: PeftConfig, params: PyTree, names: NameTable
+) -> set[str]:
+    """Return the keys of the copies ``bias="all"`` saves of a kept module's bias, after checking each is a copy.
+
+    Raises:
+      AdapterMismatchError: a copy that differs from the module's saved bias (``modules_to_save``) or from the
+        base's (``original_module``), naming the tensor: the file is not what PEFT writes for this base.
+    """
+    if config.bias != "all":
+        return set()
+    base = {name: path for path, (name, _) in names.items()}
+    leaves = {path_str(path): leaf for path, leaf in flatten(params)[0]}
+    found = set()
+    for key in sorted(tensors):
+        copy = next((c for c in _COPIES if key.endswith(c)), None)
+        if copy is None or not key.startswith(PREFIX):
+            continue
+        module = key[len(PREFIX) : -len(copy)]
+        if not config.saves(module) or f"{module}.bias" not in base:
+            continue
+        path = base[f"{module}.bias"]
+        want = tensors.get(PREFIX + module + ".bias") if copy == _COPIES[0] else leaves.get(path)
+        if want is None or not np.array_equal(np.asarray(tensors[key]), np.asarray(want, np.float32)):
+            what = f"{module}'s saved bias" if copy == _COPIES[0] else f"the base's {path}"
+            raise AdapterMismatchError(
+                f"{file}: tensor {key} differs from {what}; under bias='all' PEFT saves it as a copy. Load the "
+                "adapter onto the model it was made for"
+            )
+        found.add(key)
+    return found
+
+
 def _read(directory: Path, config: PeftConfig, params: PyTree, spec: LoraSpec, names: NameTable) -> dict:
     """Read the adapter of a checked folder (see :func:`load_peft`)."""
     file = directory / WEIGHTS
@@ -451,12 +488,17 @@ def _read(directory: Path, config: PeftConfig, params: PyTree, spec: LoraSpec, n
             for layer in layers:
                 name, layout = _lookup(names, t.path, layer)
                 shape = t.shape[1:] if layer is not None else t.shape
-                if not config.saves(name.rsplit(".", 1)[0]):
+                module = name.rsplit(".", 1)[0]
+                if config.saves(module):
+                    key = PREFIX + name
+                elif name.endswith(".bias") and config.trains_bias(module):
+                    key = PREFIX + config.bias_key(module)
+                else:
+                    bias = f" and bias={config.bias!r} does not train its bias" if name.endswith(".bias") else ""
                     raise AdapterMismatchError(
-                        f"{config.file}: modules_to_save {list(config.modules_to_save)} does not keep "
-                        f"{name.rsplit('.', 1)[0]}, which {t.rule.label} trains ({t.name}); PEFT would not load it"
+                        f"{config.file}: modules_to_save {list(config.modules_to_save)} does not keep {module}{bias}, "
+                        f"which {t.rule.label} trains ({t.name}); PEFT would not load it"
                     )
-                key = PREFIX + name
                 value = _tensor(tensors, file, key, layout.checkpoint_shape(shape), f"trainable {t.name} {shape}")
                 parts.append((value.T if layout.transpose else value).reshape(shape))
                 used.add(key)
@@ -526,6 +568,7 @@ def _read(directory: Path, config: PeftConfig, params: PyTree, spec: LoraSpec, n
         nested_set(lora, (*t.path, B_KEY), jnp.asarray(b, t.rule.dtype))
         if dora:
             nested_set(lora, (*t.path, M_KEY), jnp.asarray(stack(m_parts), t.rule.dtype))
+    used |= _bias_copies(tensors, file, config, params, names)
     extra = sorted(set(tensors) - used)
     if extra:
         raise AdapterMismatchError(

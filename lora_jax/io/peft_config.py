@@ -39,6 +39,8 @@ Names = str | tuple[str, ...]
 """A module selector: a regular expression for the whole name, or a tuple of names / name suffixes."""
 
 # Options whose use changes the numbers in ways lora_jax does not compute: name -> what it is.
+BIASES = ("none", "all", "lora_only")
+"""PEFT's ``bias`` settings: no bias trains; every bias of the model; the adapted modules' biases."""
 UNSUPPORTED = {
     "lora_bias": "a bias on lora_B",
     "use_qalora": "QALoRA",
@@ -130,6 +132,7 @@ class PeftConfig:
     dropout: float = 0.0
     dora: bool = False
     init: bool | str = True
+    bias: str = "none"
 
     @property
     def changed_base(self) -> str | None:
@@ -186,6 +189,17 @@ class PeftConfig:
     def saves(self, module: str) -> bool:
         """Return whether PEFT keeps ``module`` whole (``modules_to_save``)."""
         return any(module.endswith(entry) for entry in self.modules_to_save)
+
+    def trains_bias(self, module: str) -> bool:
+        """Return whether PEFT trains and saves the bias of ``module`` beside LoRA: every module's under
+        ``bias="all"``, an adapted module's under ``"lora_only"`` (a module kept whole keeps its bias anyway)."""
+        if self.saves(module):
+            return False
+        return self.bias == "all" or (self.bias == "lora_only" and self.adapts(module))
+
+    def bias_key(self, module: str) -> str:
+        """Return the tensor name PEFT saves ``module``'s bias under: an adapted module's lives on its base layer."""
+        return f"{module}.base_layer.bias" if self.adapts(module) else f"{module}.bias"
 
     def check_targets(self, modules: Iterable[str]) -> None:
         """Refuse a config whose ``target_modules`` select none of ``modules``, as PEFT does.
@@ -253,8 +267,8 @@ def parse_config(data: Any, file: PathLike) -> PeftConfig:
     Raises:
       CheckpointCorruptError: not an object; ``r``, ``lora_alpha`` or another setting missing or of the
         wrong kind (a non-positive or non-integer rank, a non-numeric alpha, a pattern that is no regex).
-      AdapterMismatchError: not a LoRA adapter, or one using an option lora_jax does not compute (LoRA biases,
-        an ``init_lora_weights`` it does not know, ...).
+      AdapterMismatchError: not a LoRA adapter, or one using an option lora_jax does not compute (an
+        ``init_lora_weights`` it does not know, ...).
     """
     file = Path(file)
     if not isinstance(data, dict):
@@ -270,11 +284,9 @@ def parse_config(data: Any, file: PathLike) -> PeftConfig:
                 f"{file}: {option}={data[option]!r} asks for {what}, which lora_jax does not compute; "
                 "train the adapter without it to use it here"
             )
-    if data.get("bias") not in ("none", None):
-        raise AdapterMismatchError(
-            f"{file}: bias={data['bias']!r} trains biases beside LoRA, which lora_jax does not load; "
-            "only bias='none' adapters fit"
-        )
+    bias = "none" if data.get("bias") is None else data["bias"]
+    if bias not in BIASES:
+        raise _corrupt(file, f"bias must be one of {', '.join(map(repr, BIASES))}, got {bias!r}")
     for key, what in (("r", "the LoRA rank"), ("lora_alpha", "the scale's numerator")):
         if key not in data:
             raise _corrupt(file, f"has no {key} ({what}); a PEFT LoRA config always records it")
@@ -336,6 +348,7 @@ def parse_config(data: Any, file: PathLike) -> PeftConfig:
         dropout=float(dropout),
         dora=dora,
         init=init,
+        bias=bias,
     )
 
 

@@ -49,7 +49,8 @@ def spec_from_peft(
     Returns:
       One LoRA rule per adapted module's kernel (pattern: its param path; ``in_axes`` from the layout;
       rank, alpha, scaling and dropout per module as PEFT computes them; ``mode="dora"`` under ``use_dora``),
-      or per stacked kernel, and one trainable rule per saved module.
+      or per stacked kernel, one trainable rule per saved module, and one per bias PEFT trains (``bias="all"`` or
+      ``"lora_only"``).
 
     Raises:
       CheckpointCorruptError, AdapterMismatchError: as :func:`lora_jax.io.peft_config.read_config`, and
@@ -65,6 +66,8 @@ def spec_from_peft(
     rules: list[Rule | tuple[str, dict[str, Any], str]] = []
     for module, entries in modules.items():
         saved, adapted = config.saves(module), config.adapts(module)
+        if config.trains_bias(module):  # bias="all" or "lora_only": the bias trains beside LoRA
+            rules.extend((path, {"mode": "train"}, module) for path, _ in entries if path.endswith("/bias"))
         if not (saved or adapted):
             continue
         fused = [path for path, layout in entries if getattr(layout, "part", None)]

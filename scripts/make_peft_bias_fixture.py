@@ -1,0 +1,34 @@
+"""Write tests/fixtures/peft_bias_{all,lora_only}/: Hugging Face PEFT LoRA adapters for the tiny BERT classifier
+fixture that also train biases (``bias="all"``: every bias of the model; ``"lora_only"``: the biases of the
+adapted modules), with random nonzero weights and biases, and the logits PEFT computes with each.
+
+    .venv-ref/bin/python scripts/make_peft_bias_fixture.py     # needs torch, transformers, peft
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import BertForSequenceClassification
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ROOT / "tests" / "fixtures" / "models" / "tiny_bert_cls"
+
+for seed, bias in enumerate(("all", "lora_only")):
+    out = ROOT / "tests" / "fixtures" / f"peft_bias_{bias}"
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(BASE).eval()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"], bias=bias)
+    model = get_peft_model(model, config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:  # the LoRA factors, the saved head and the biases PEFT trains
+                param.copy_(0.3 * torch.randn_like(param))
+    model.save_pretrained(out)
+    ids = torch.tensor(np.random.default_rng(3).integers(1, model.config.vocab_size, (2, 7)))
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    np.savez(out / "expected.npz", input_ids=ids.numpy(), attention_mask=mask.numpy(), logits=logits)
+    print(out, logits)
