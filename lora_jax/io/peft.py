@@ -167,7 +167,7 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
         )
     tensors: dict[str, np.ndarray] = {}
     adapted: dict[str, tuple[int, float]] = {}
-    saved: set[str] = set()
+    kept: dict[str, dict[str, np.ndarray]] = {}  # module -> its fully trained tensors by PyTorch name
     for t in targets:
         for layer in _layers(t, names):
             name, layout = _lookup(names, t.path, layer)
@@ -177,8 +177,7 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
                 value = value if layer is None else value[layer]
                 flat = layout.checkpoint_shape(value.shape)
                 value = value.reshape(flat[::-1] if layout.transpose else flat)
-                tensors[PREFIX + name] = np.ascontiguousarray(value.T if layout.transpose else value)
-                saved.add(module)
+                kept.setdefault(module, {})[name] = np.ascontiguousarray(value.T if layout.transpose else value)
                 continue
             a, b, rank, alpha = _factors(t, leaves)
             if layer is not None:
@@ -192,6 +191,7 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
                 m = m if layer is None else m[layer]
                 tensors[f"{PREFIX}{module}.{MAGNITUDE}"] = _to_kernel_order(m, t.layout.outputs, 0).reshape(-1)
             adapted[module] = (rank, alpha)
+    saved, bias = _kept_modules(kept, adapted, names, tensors)
     settings = make_config(
         adapted,
         saved,
@@ -203,12 +203,51 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
     config = {
         "peft_type": "LORA",
         **settings,
-        "bias": "none",
+        "bias": bias,
         "fan_in_fan_out": any(not names[k][1].transpose for k in names if k.endswith("/kernel")),
         "init_lora_weights": True,
         "inference_mode": True,
     }
     return tensors, config
+
+
+def _kept_modules(
+    kept: dict[str, dict[str, np.ndarray]],
+    adapted: Mapping[str, Any],
+    names: NameTable,
+    tensors: dict[str, np.ndarray],
+) -> tuple[set[str], str]:
+    """Write the fully trained tensors into ``tensors``; return the modules kept whole and PEFT's ``bias``.
+
+    A module whose trained tensors are its bias alone is PEFT's trained bias (``bias="lora_only"`` when those are
+    exactly the adapted modules' biases, ``"all"`` when they are every bias of the other modules; an adapted module's
+    bias lives on its ``base_layer``); any other is kept whole (``modules_to_save``).
+
+    Raises:
+      LoraError: trained biases that neither ``bias`` option names.
+    """
+    with_bias = {name.removesuffix(".bias") for name, _ in names.values() if name.endswith(".bias")}
+    saved, biases = set(), set()
+    for module, found in kept.items():
+        if set(found) == {f"{module}.bias"} and module in with_bias:
+            biases.add(module)
+            key = f"{module}.base_layer.bias" if module in adapted else f"{module}.bias"
+            tensors[PREFIX + key] = found[f"{module}.bias"]
+        else:
+            saved.add(module)
+            tensors.update({PREFIX + name: value for name, value in found.items()})
+    if not biases:
+        return saved, "none"
+    if biases == {m for m in adapted if m in with_bias}:
+        return saved, "lora_only"
+    if biases == with_bias - saved:
+        return saved, "all"
+    missing = sorted((with_bias - saved) - biases)
+    raise LoraError(
+        f"PEFT cannot express this adapter: it trains {len(biases)} biases alone, and PEFT's bias option trains "
+        f"either every bias (bias='all'; {missing[0]}'s is frozen here) or the adapted modules' (bias='lora_only'): "
+        "train one of those sets, or none"
+    )
 
 
 def _factors(target: Target, leaves: Mapping[PathTuple, Any]) -> tuple[np.ndarray, np.ndarray, int, float]:

@@ -407,7 +407,8 @@ def make_config(
 
     Args:
       adapted: PEFT module name -> ``(rank, alpha)`` of each adapted module.
-      saved: the modules kept whole (``modules_to_save``).
+      saved: the modules kept whole (``modules_to_save``); a module whose bias alone trains is PEFT's ``bias``
+        option instead (:func:`lora_jax.io.peft.to_peft` sets it).
       modules: every module name of the model, containers included: targets must select no other.
       rslora: the scaling of all modules.
       dropout: ``lora_dropout``.
