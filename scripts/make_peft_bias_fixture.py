@@ -1,6 +1,6 @@
-"""Write tests/fixtures/peft_bias_{all,lora_only}/: Hugging Face PEFT LoRA adapters for the tiny BERT classifier
-fixture that also train biases (``bias="all"``: every bias of the model; ``"lora_only"``: the biases of the
-adapted modules), with random nonzero weights and biases, and the logits PEFT computes with each.
+"""Write tests/fixtures/peft_bias_*/: Hugging Face PEFT LoRA adapters for the tiny BERT classifier fixture that
+also train biases (``bias="all"``: every bias of the model; ``"lora_only"``: the biases of the adapted modules),
+with random nonzero weights and biases, and the logits PEFT computes with each.
 
     .venv-ref/bin/python scripts/make_peft_bias_fixture.py     # needs torch, transformers, peft
 """
@@ -15,11 +15,17 @@ from transformers import BertForSequenceClassification
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "tests" / "fixtures" / "models" / "tiny_bert_cls"
 
-for seed, bias in enumerate(("all", "lora_only")):
-    out = ROOT / "tests" / "fixtures" / f"peft_bias_{bias}"
+CASES = {  # folder: (bias, target_modules, modules_to_save)
+    "peft_bias_all": ("all", ["query", "value"], ["classifier"]),
+    "peft_bias_lora_only": ("lora_only", ["query", "value"], ["classifier"]),
+    # query kept whole: bias="all" also saves copies of its [32] bias, which lora_jax holds as [heads, head_dim]
+    "peft_bias_all_saved": ("all", ["value"], ["query", "classifier"]),
+}
+for seed, (folder, (bias, targets, saved)) in enumerate(CASES.items()):
+    out = ROOT / "tests" / "fixtures" / folder
     torch.manual_seed(seed)
     model = BertForSequenceClassification.from_pretrained(BASE).eval()
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"], bias=bias)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=targets, modules_to_save=saved, bias=bias)
     model = get_peft_model(model, config).eval()
     with torch.no_grad():
         for param in model.parameters():

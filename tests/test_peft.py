@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -114,7 +115,7 @@ def test_spec_from_peft_on_a_scanned_model_gives_rules_on_the_stacked_kernels(tm
     # A module saved in some layers only cannot be one rule on its stacked leaf either.
     assert config["modules_to_save"] == ["attention.output.LayerNorm", "classifier"]  # every layer's, by suffix
     partial = ["bert.encoder.layer.0.attention.output.LayerNorm", "classifier"]
-    with pytest.raises(lj.LoraError, match=r"PEFT saves layers \[0\] of bert/encoder/layers/attention_norm"):
+    with pytest.raises(lj.LoraError, match=r"PEFT trains layers \[0\] of bert/encoder/layers/attention_norm"):
         lj.LoraSpec.from_peft({**config, "modules_to_save": partial}, scanned_names, scanned_params)
 
 
@@ -162,6 +163,48 @@ def test_peft_adapters_that_train_biases_give_peft_logits(tmp_path, bias):
         save_file(tensors, changed / peft.WEIGHTS)
         with pytest.raises(lj.AdapterMismatchError, match=r"original_module\.bias differs from the base's classifier"):
             peft.load_peft(changed, params, spec, names)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_bias_all_copies_of_a_kept_module_are_checked_in_the_base_layout(scan):
+    """query kept whole under bias='all': PEFT's copies of its bias are [32], lora_jax's leaf [heads, head_dim]
+    (and, scanned, one layer of a stacked leaf); read in PyTorch's layout they are copies, and the model loads."""
+    folder = FIXTURES / "peft_bias_all_saved"
+    model, params = models.from_pretrained(FIXTURES / "models" / "tiny_bert_cls", num_labels=3, scan_layers=scan)
+    names = models.hf_names(model)
+    spec = lj.LoraSpec.from_peft(folder, names, params)
+    lora = peft.load_peft(folder, params, spec, names)
+    expected = np.load(folder / "expected.npz")
+    logits = model.apply({"params": lj.merge(params, lora, spec)}, expected["input_ids"], expected["attention_mask"])
+    np.testing.assert_allclose(logits, expected["logits"], rtol=0, atol=1e-5)
+
+
+def test_copies_compare_to_the_rounding_of_the_coarser_dtype():
+    base = np.array([0.1, -2.5, 3.0], np.float32)
+    assert peft._same(base.astype(jnp.bfloat16), base)  # a bfloat16 model's copy of a float32 base
+    assert not peft._same(base.astype(jnp.bfloat16), base + 0.05)
+    assert not peft._same(base + 1e-6, base) and not peft._same(base.reshape(3, 1), base)
+
+
+def test_peft_configs_that_one_stacked_rule_cannot_hold_are_refused_naming_the_file():
+    scanned, params = models.from_pretrained(FIXTURES / "models" / "tiny_bert_cls", scan_layers=True)
+    config = json.loads((PEFT_DIR / peft.CONFIG).read_text())
+    # layer 0's query kept whole, layer 1's adapted: one stacked kernel, two kinds
+    mixed = {**config, "rank_pattern": {}, "modules_to_save": ["layer.0.attention.self.query", "classifier"]}
+    with pytest.raises(lj.LoraError, match=r"adapter config: PEFT trains layers \[0\] of \S+/query/bias"):
+        lj.LoraSpec.from_peft(mixed, models.hf_names(scanned), params)
+    with pytest.raises(lj.LoraError, match=r"adapter config: \S+layer.0.attention.self.query has mode='train' and"):
+        lj.LoraSpec.from_peft({**mixed, "bias": "all"}, models.hf_names(scanned), params)  # every bias trains
+    # bias='all' trains GPT-2's fused c_attn bias whole; the split layout cannot, the fused one can
+    gpt2 = {**config, "rank_pattern": {}, "target_modules": ["c_fc"], "modules_to_save": None, "bias": "all"}
+    split, _ = models.from_pretrained(FIXTURES / "models" / "tiny_gpt2")
+    with pytest.raises(
+        lj.LoraError, match=r"bias='all' trains the bias of transformer.h.0.attn.c_attn whole.*fused_qkv"
+    ):
+        lj.LoraSpec.from_peft(gpt2, models.hf_names(split))
+    fused, _ = models.from_pretrained(FIXTURES / "models" / "tiny_gpt2", fused_qkv=True)
+    spec = lj.LoraSpec.from_peft(gpt2, models.hf_names(fused))
+    assert any(rule.mode == "train" and "qkv" in str(rule.pattern) for rule in spec.rules)
 
 
 def test_mismatches_name_the_module(tmp_path):

@@ -50,8 +50,9 @@ from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError, LoraEr
 from lora_jax.finite import check_finite
 from lora_jax.io.atomic import refuse_existing, write_directory_atomic
 from lora_jax.io.peft_config import FIX, PeftConfig, make_config, read_config
-from lora_jax.paths import PathTuple, flatten, nested_set, path_str, unroll_path
+from lora_jax.paths import PathTuple, flatten, nested_set, path_str, stack_path, unroll_path
 from lora_jax.plan import Target, plan
+from lora_jax.quant.array import as_array
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PathLike, PyTree
 from lora_jax.variants import A_KEY, B_KEY, M_KEY, SlicedLowRank
@@ -173,11 +174,7 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
             name, layout = _lookup(names, t.path, layer)
             module = name.removesuffix(".weight").removesuffix(".bias")
             if t.layout is None:
-                value = np.asarray(jnp.asarray(leaves[t.path], jnp.float32))
-                value = value if layer is None else value[layer]
-                flat = layout.checkpoint_shape(value.shape)
-                value = value.reshape(flat[::-1] if layout.transpose else flat)
-                kept.setdefault(module, {})[name] = np.ascontiguousarray(value.T if layout.transpose else value)
+                kept.setdefault(module, {})[name] = _torch_tensor(leaves[t.path], layer, layout)
                 continue
             a, b, rank, alpha = _factors(t, leaves)
             if layer is not None:
@@ -209,6 +206,15 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
         "inference_mode": True,
     }
     return tensors, config
+
+
+def _torch_tensor(leaf: Any, layer: int | None, layout: HfName) -> np.ndarray:
+    """Return a whole leaf (layer ``layer`` of a stacked one) as PyTorch holds it: float32, its shape and order."""
+    value = np.asarray(jnp.asarray(leaf, jnp.float32))
+    value = value if layer is None else value[layer]
+    flat = layout.checkpoint_shape(value.shape)
+    value = value.reshape(flat[::-1] if layout.transpose else flat)
+    return np.ascontiguousarray(value.T if layout.transpose else value)
 
 
 def _kept_modules(
@@ -491,7 +497,7 @@ def _bias_copies(
     """
     if config.bias != "all":
         return set()
-    base = {name: path for path, (name, _) in names.items()}
+    base = {name: (path, layout) for path, (name, layout) in names.items()}
     leaves = {path_str(path): leaf for path, leaf in flatten(params)[0]}
     found = set()
     for key in sorted(tensors):
@@ -501,9 +507,15 @@ def _bias_copies(
         module = key[len(PREFIX) : -len(copy)]
         if not config.saves(module) or f"{module}.bias" not in base:
             continue
-        path = base[f"{module}.bias"]
-        want = tensors.get(PREFIX + module + ".bias") if copy == _COPIES[0] else leaves.get(path)
-        if want is None or not np.array_equal(np.asarray(tensors[key]), np.asarray(want, np.float32)):
+        path, layout = base[f"{module}.bias"]
+        if copy == _COPIES[0]:
+            want = tensors.get(PREFIX + module + ".bias")
+        else:  # the base's bias, in PyTorch's layout; one layer of a stacked leaf in a scanned model
+            stacked, layer = stack_path(tuple(path.split("/")))
+            leaf = leaves.get(path, leaves.get(path_str(stacked)) if layer is not None else None)
+            layer = None if path in leaves else layer
+            want = None if leaf is None else _torch_tensor(as_array(leaf), layer, layout)
+        if want is None or not _same(np.asarray(tensors[key]), np.asarray(want)):
             what = f"{module}'s saved bias" if copy == _COPIES[0] else f"the base's {path}"
             raise AdapterMismatchError(
                 f"{file}: tensor {key} differs from {what}; under bias='all' PEFT saves it as a copy. Load the "
@@ -511,6 +523,15 @@ def _bias_copies(
             )
         found.add(key)
     return found
+
+
+def _same(saved: np.ndarray, want: np.ndarray) -> bool:
+    """Return whether ``saved`` is ``want`` up to the rounding of the coarser of their dtypes (bfloat16: 2**-8)."""
+    if saved.shape != want.shape:
+        return False
+    eps = max(float(jnp.finfo(x.dtype).eps) for x in (saved, want) if jnp.issubdtype(x.dtype, jnp.floating))
+    a, b = saved.astype(np.float32), want.astype(np.float32)
+    return bool(np.all(np.abs(a - b) <= eps * np.maximum(np.abs(a), np.abs(b)) + 1e-30))
 
 
 def _read(directory: Path, config: PeftConfig, params: PyTree, spec: LoraSpec, names: NameTable) -> dict:

@@ -67,7 +67,15 @@ def spec_from_peft(
     for module, entries in modules.items():
         saved, adapted = config.saves(module), config.adapts(module)
         if config.trains_bias(module):  # bias="all" or "lora_only": the bias trains beside LoRA
-            rules.extend((path, {"mode": "train"}, module) for path, _ in entries if path.endswith("/bias"))
+            biases = [(path, layout) for path, layout in entries if path.endswith("/bias")]
+            parts = [path for path, layout in biases if getattr(layout, "part", None)]
+            if parts:
+                raise LoraError(
+                    f"{config.file}: bias={config.bias!r} trains the bias of {module} whole, a fused tensor that this "
+                    f"layout splits into {', '.join(parts)}; load the model in its fused layout (fused_qkv=True), "
+                    "where it is one leaf"
+                )
+            rules.extend((path, {"mode": "train"}, module) for path, _ in biases)
         if not (saved or adapted):
             continue
         fused = [path for path, layout in entries if getattr(layout, "part", None)]
@@ -139,17 +147,18 @@ def _kernel_rules(
         count = shapes[stacked][0]
         if [layer for layer, _, _ in layers] != list(range(count)):
             raise LoraError(
-                f"{file}: PEFT {'saves' if layers[0][1]['mode'] == 'train' else 'adapts'} layers "
+                f"{file}: PEFT {'trains' if layers[0][1]['mode'] == 'train' else 'adapts'} layers "
                 f"{[layer for layer, _, _ in layers]} of {stacked}, a scanned stack of {count}; one rule on a stacked "
                 "leaf covers every layer: load the adapter on the unrolled model (scan_layers=False)"
             )
         _, first, first_module = layers[0]
         for _, fields, module in layers[1:]:
-            differ = sorted(key for key in fields if fields[key] != first[key])
+            differ = sorted(key for key in {*fields, *first} if fields.get(key) != first.get(key))
             if differ:
-                key = differ[0]
+                key = "mode" if "mode" in differ else differ[0]
+                theirs, mine = first.get(key), fields.get(key)
                 raise LoraError(
-                    f"{file}: {first_module} has {key}={first[key]!r} and {module} {key}={fields[key]!r}; one rule "
+                    f"{file}: {first_module} has {key}={theirs!r} and {module} {key}={mine!r}; one rule "
                     f"on the stacked kernel {stacked} takes one value: load the adapter on the unrolled model "
                     "(scan_layers=False)"
                 )
