@@ -64,6 +64,7 @@ def test_qlora_on_nf4_scanned_learns_the_completions_and_generate_continues_with
     assert "--rank 8 then, 4 now" in done.stderr
 
 
+@pytest.mark.slow  # two training runs in subprocesses
 def test_loss_in_chunks_trains_the_same_adapter_and_dev_is_scored_on_schedule(tmp_path):
     model_dir, data_dir = _model_dir(tmp_path, "tiny_gpt2"), _data_dir(tmp_path)
     common = ["train-lm", model_dir, data_dir, "--steps", "4", "--batch-size", "8", "--max-length", "16"]

@@ -124,7 +124,11 @@ def _dora(lora, spec, params, seed):
     return jax.tree_util.tree_map_with_path(fill, fresh), dora
 
 
-@pytest.mark.parametrize(("name", "scan"), [("tiny_bert_cls", False), ("tiny_llama", True)], ids=["bert", "llama-scan"])
+@pytest.mark.parametrize(
+    ("name", "scan"),
+    [("tiny_bert_cls", False), pytest.param("tiny_llama", True, marks=pytest.mark.slow)],
+    ids=["bert", "llama-scan"],
+)
 def test_dora_and_lora_adapters_share_a_set_each_row_equal_to_its_merged_model(name, scan):
     """DoRA rows serve ``g (x W0 + s (x A) B)`` with ``g = m / ||W0 + s A B||`` from the slot, equal to merging the
     DoRA adapter (whose merge matches PEFT); LoRA rows and the base's stay as they were in the same set."""
