@@ -20,6 +20,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lora_jax.data.batching import Batch, bucket_length
+from lora_jax.data.encoding import bare_copy
 from lora_jax.data.tsv import DataFileError
 from lora_jax.errors import LoraError
 
@@ -154,9 +155,7 @@ def encode_completions(
     Raises:
       DataFileError: an example that leaves no completion token to predict within ``max_length``.
     """
-    bare = Tokenizer.from_str(tokenizer.to_str())
-    bare.no_truncation()
-    bare.no_padding()
+    bare = bare_copy(tokenizer)
     prompts = [e.ids for e in bare.encode_batch([x.prompt for x in examples], add_special_tokens=True)]
     texts = [e.ids for e in bare.encode_batch([x.prompt + x.completion for x in examples], add_special_tokens=True)]
     input_ids, prompt_lengths, cut = [], [], 0

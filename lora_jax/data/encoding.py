@@ -45,8 +45,8 @@ def truncated_lengths(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
     return keep_a, keep_b
 
 
-def _bare_copy(tokenizer: Tokenizer) -> Tokenizer:
-    # A copy, so the caller's tokenizer keeps its own truncation and padding settings.
+def bare_copy(tokenizer: Tokenizer) -> Tokenizer:
+    """Return a copy of ``tokenizer`` without truncation or padding; the caller's keeps its own settings."""
     bare = Tokenizer.from_str(tokenizer.to_str())
     bare.no_truncation()
     bare.no_padding()
@@ -68,7 +68,7 @@ def tokenize(examples: Examples, tokenizer: Tokenizer, max_length: int = 128) ->
         raise ValueError(f"max_length {max_length} leaves no room for text")
     cls_id, sep_id = _special_id(tokenizer, "[CLS]"), _special_id(tokenizer, "[SEP]")
     pad_id = _special_id(tokenizer, "[PAD]")
-    bare = _bare_copy(tokenizer)
+    bare = bare_copy(tokenizer)
     first = _encode_texts(bare, examples.texts[0])
     second = _encode_texts(bare, examples.texts[1]) if pairs else [[] for _ in first]
     budget = max_length - specials

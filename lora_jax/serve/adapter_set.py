@@ -83,15 +83,6 @@ class AdapterSet:
         return [int(i) for i in np.flatnonzero(np.asarray(self.used))]
 
 
-def factor_rank(target: Target) -> int:
-    """Return the rank of ``target``'s factors as its variant gathers them: ``n_adapted * r`` for a fused kernel's
-    slice adapters (one rank block per slice, ``B`` zero off its slice), else ``r``.
-
-    A set holds slice adapters in that gathered form, as plain factors of the whole kernel: the same product.
-    """
-    return target.rule.rank * (len(target.slices.adapted) if target.slices is not None else 1)
-
-
 def set_spec(targets: Sequence[Target], rank: int, dtype: str = "float32") -> LoraSpec:
     """Return the spec of a set over ``targets``: rank ``rank`` everywhere, scale 1 (the set's scales are data).
 
@@ -151,7 +142,7 @@ def _empty(
     """Return :func:`empty_set` of ``targets``, with gains at the kernels of ``gained`` (their paths)."""
     capacity = _check_capacity(capacity)
     if rank is None:
-        ranks = [factor_rank(t) for t in targets if t.layout is not None]
+        ranks = [t.factor_rank for t in targets if t.layout is not None]
         if not ranks:
             raise SpecError("adapter set: the spec adapts no kernel (only fully trainable leaves); give rank=")
         rank = max(ranks)
@@ -201,7 +192,7 @@ def adapter_set(
         raise LoraError(f"adapter_set: {len(loras)} adapters do not fit a capacity of {capacity}")
     planned = [plan(params, spec) for _, spec in loras]
     if rank is None:
-        rank = max(factor_rank(t) for targets in planned for t in targets if t.layout is not None)
+        rank = max(t.factor_rank for targets in planned for t in targets if t.layout is not None)
     gained = {t.path for targets in planned for t in targets if t.rule.mode == "dora"}
     out = _empty(params, planned[0], capacity, rank, dtype, gained)
     for slot, (lora, spec) in enumerate(loras):
@@ -238,10 +229,10 @@ def _slot_values(
                 f"{own.name}: the adapter's {own.rule.label} gives mode and axes {kind(own)}, the set {kind(target)}; "
                 "a set takes adapters whose rules give the same axes"
             )
-        if own.layout is not None and factor_rank(own) > target.rule.rank:
+        if own.layout is not None and own.factor_rank > target.rule.rank:
             raise SpecError(
-                f"{own.name}: rank {factor_rank(own)} exceeds the set's rank {target.rule.rank}; "
-                f"build the set with rank={factor_rank(own)} or more"
+                f"{own.name}: rank {own.factor_rank} exceeds the set's rank {target.rule.rank}; "
+                f"build the set with rank={own.factor_rank} or more"
             )
     row: dict = {}
     scales, gains = {}, {}
@@ -257,7 +248,7 @@ def _slot_values(
         elif target.name in lora_set.gains:
             gains[target.name] = jnp.ones_like(lora_set.gains[target.name][0])
         a, b = value
-        dtype, pad = jnp.dtype(target.rule.dtype), target.rule.rank - factor_rank(own)
+        dtype, pad = jnp.dtype(target.rule.dtype), target.rule.rank - own.factor_rank
         n_stack = len(target.layout.stack)
         a = jnp.pad(jnp.asarray(a).astype(dtype), [(0, 0)] * (a.ndim - 1) + [(0, pad)])
         b = jnp.pad(jnp.asarray(b).astype(dtype), [(0, 0)] * n_stack + [(0, pad)] + [(0, 0)] * (b.ndim - n_stack - 1))
