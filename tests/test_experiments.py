@@ -204,7 +204,7 @@ def test_bench_train_decoder_workload_with_a_chunked_loss_is_the_same_loss():
 
 @pytest.mark.slow  # four processes, each compiling a training step; CI runs it with the slow tests
 def test_bench_train_smoke(tmp_path):
-    out = load("bench_train").main(["--smoke", "--results-dir", str(tmp_path)])
+    out = load("bench_train").main(["--smoke", "--results-dir", str(tmp_path), "--name", "train_named"])
     by_method = {r["method"]: r for r in out["results"] if "remat" not in r and "dropout" not in r}
     assert set(by_method) == {"full", "lora-combine", "lora-factored"}
     assert sorted(r["method"] for r in out["results"] if r.get("dropout") is False) == ["full", "lora-factored"]
@@ -213,8 +213,14 @@ def test_bench_train_smoke(tmp_path):
     assert by_method["lora-factored"]["trainable_bytes"] == by_method["lora-combine"]["trainable_bytes"]
     low_memory = [r for r in out["results"] if r.get("remat") == "nothing_saveable"]
     assert len(low_memory) == 1 and low_memory[0]["xla_temp_bytes"] < by_method["lora-factored"]["xla_temp_bytes"]
+    save_dots = [r for r in out["results"] if r.get("remat") == "dots_saveable"]
+    assert len(save_dots) == 1 and save_dots[0]["scheduler"] == "memory"
+    # Rematerialization recomputes the same values: the same loss after the same steps.
+    for row in low_memory + save_dots:
+        np.testing.assert_allclose(row["loss"], by_method["lora-factored"]["loss"], rtol=1e-5)
     assert all(r["step_ms"] > 0 and np.isfinite(r["loss"]) for r in out["results"])
-    assert "XLA flags chosen" in (tmp_path / "bench_train_smoke.md").read_text()
+    assert "XLA flags chosen" in (tmp_path / "train_named.md").read_text()
+    assert not (tmp_path / "bench_train_smoke.md").exists()
 
 
 @pytest.mark.slow  # a traced training step; CI runs it with the slow tests
