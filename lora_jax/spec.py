@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -110,6 +111,11 @@ class Rule:
             return
         if not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"{label}: rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha):
+            raise ValueError(f"{label}: alpha must be a finite number, got {self.alpha!r}")
+        if self.alpha == 0:
+            # A zero scale keeps B's gradient at zero: the adapter would never leave the base model.
+            raise ValueError(f"{label}: alpha is 0, so the adapter's scale alpha/r is 0 and it never trains")
         if self.scaling not in ("standard", "rslora"):
             raise ValueError(f"{label}: scaling must be 'standard' or 'rslora', got {self.scaling!r}")
         if self.init not in ("kaiming_uniform", "gaussian"):
@@ -276,8 +282,10 @@ class LoraSpec:
             )
         try:
             return cls.from_dict(json.loads(metadata[SPEC_METADATA_KEY]))
-        except (json.JSONDecodeError, SpecError) as err:
-            raise CheckpointCorruptError(f"{path}: damaged spec in the metadata ({err})") from None
+        except (ValueError, RecursionError, TypeError) as err:  # JSON errors, SpecError, numbers too long, nesting
+            raise CheckpointCorruptError(
+                f"{path}: damaged spec in the metadata ({type(err).__name__}: {err})"
+            ) from None
 
     @classmethod
     def from_peft(

@@ -149,7 +149,7 @@ def test_inputs_that_cannot_train_are_refused(tmp_path, capsys):
     data_dir = _data_dir(tmp_path)
     assert "--max-length 64 exceeds the model's n_positions = 32" in refused(model_dir, data_dir, "--max-length", "64")
     assert "fewer than --batch-size 64" in refused(model_dir, data_dir, "--max-length", "16", "--batch-size", "64")
-    assert "--learning-rate must be above 0" in refused(model_dir, data_dir, "--learning-rate", "0")
+    assert "--learning-rate must be a finite number above 0" in refused(model_dir, data_dir, "--learning-rate", "0")
     bert = tmp_path / "bert"
     shutil.copytree(FIXTURES / "tiny_bert_cls", bert)
     shutil.copy(model_dir / "tokenizer.json", bert / "tokenizer.json")

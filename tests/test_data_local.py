@@ -15,9 +15,9 @@ def _write(directory, train, dev):
 
 
 def test_infer_labels(tmp_path):
-    files = _write(tmp_path / "ints", "text\tlabel\na\t0\nb\t3\n", "text\tlabel\nc\t1\n")
+    files = _write(tmp_path / "ints", "text\tlabel\na\t0\nb\t3\nc\t1\nd\t2\n", "text\tlabel\nc\t1\n")
     assert data.infer_labels(files, "label") == (4, None)
-    files = _write(tmp_path / "names", "pos\ta\nneg\tb\n", "neutral\tc\npos\td\n")
+    files = _write(tmp_path / "names", "pos\ta\nneg\tb\nneutral\tc\n", "neutral\tc\npos\td\n")
     assert data.infer_labels(files, "0", header=("0", "1")) == (3, ("neg", "neutral", "pos"))
     assert data.positional_header(files[0]) == ("0", "1")
     with pytest.raises(data.DataFileError, match=r"train.tsv:1: no column 'label'"):
@@ -25,7 +25,7 @@ def test_infer_labels(tmp_path):
     with pytest.raises(data.DataFileError, match="at least two classes"):
         data.infer_labels(_write(tmp_path / "one", "x\ty\na\tpos\n", "x\ty\nb\tpos\n"), "y")
     with pytest.raises(data.DataFileError, match=r"dev.tsv:3: expected 2 tab-separated fields, found 1"):
-        data.infer_labels(_write(tmp_path / "short", "x\ty\na\t0\n", "x\ty\nb\t1\nc\n"), "y")
+        data.infer_labels(_write(tmp_path / "short", "x\ty\na\t0\nb\t1\n", "x\ty\nb\t1\nc\n"), "y")
     with pytest.raises(FileNotFoundError, match="missing.tsv"):
         data.infer_labels([tmp_path / "missing.tsv"], "y")
 

@@ -225,6 +225,22 @@ def test_export_anchors_pattern_keys_that_would_select_other_modules():
     assert [read.rank_of(m)[0] for m in ("m.a.b", "m.aXb", "m.c")] == [2, 4, 4]
 
 
+def test_export_refuses_rules_with_different_dropout_rates(tmp_path):
+    model, params = _model()
+    names = models.hf_names(model)
+    spec = lj.LoraSpec(
+        [
+            lj.Rule(r".*/query/kernel", rank=2, alpha=4, in_axes=0, dropout=0.1),
+            lj.Rule(r".*/value/kernel", rank=2, alpha=4, in_axes=0, dropout=0.3),
+        ]
+    )
+    lora = lj.init(jax.random.key(0), params, spec)
+    with pytest.raises(lj.LoraError, match=r"one lora_dropout for all modules; the spec's rules have \[0.1, 0.3\]"):
+        peft.to_peft(params, lora, spec, names)
+    same = lj.LoraSpec([lj.Rule(r".*/(query|value)/kernel", rank=2, alpha=4, in_axes=0, dropout=0.3)])
+    assert peft.to_peft(params, lj.init(jax.random.key(0), params, same), same, names)[1]["lora_dropout"] == 0.3
+
+
 def test_export_refuses_non_finite_adapters(tmp_path):
     model, params = _model()
     spec = _simple_spec()
@@ -389,6 +405,8 @@ CONFIGS = [
     ({"lora_alpha": None}, lj.CheckpointCorruptError, "lora_alpha must be a finite number"),
     ({"lora_alpha": float("nan")}, lj.CheckpointCorruptError, "lora_alpha must be a finite number"),
     ({"lora_alpha": [4]}, lj.CheckpointCorruptError, "lora_alpha must be a finite number"),
+    ({"lora_alpha": 10**400}, lj.CheckpointCorruptError, "lora_alpha must be a finite number"),
+    ({"lora_dropout": 10**400}, lj.CheckpointCorruptError, "lora_dropout must be a number in"),
     ({"peft_type": "IA3"}, lj.AdapterMismatchError, "peft_type 'IA3' is not LORA"),
     ({"peft_type": None}, lj.CheckpointCorruptError, "has no peft_type"),
     (

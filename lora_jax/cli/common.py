@@ -52,7 +52,7 @@ def run_record(adapter: PathLike) -> dict[str, Any]:
     """Return the ``run.json`` that ``train`` wrote beside ``adapter``, or ``{}`` when there is none.
 
     Raises:
-      LoraError: the file is there but not JSON.
+      LoraError: the file is there but not JSON, or a field ``train`` writes has another type (names it).
     """
     file = Path(adapter).parent / RUN_FILE
     if not file.is_file():
@@ -61,7 +61,33 @@ def run_record(adapter: PathLike) -> dict[str, Any]:
         record = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LoraError(f"{file}: not JSON ({err}); remove it or restore it") from None
-    return record if isinstance(record, dict) else {}
+    _check_type(file, "", record, dict)
+    for name, kind in {"arguments": dict, "data": dict, "model": dict, "labels": list, "status": str}.items():
+        if name in record:
+            _check_type(file, name, record[name], kind)
+    model = record.get("model", {})
+    for name, kind in {"architecture": str, "options": dict}.items():
+        if name in model:
+            _check_type(file, f"model.{name}", model[name], kind)
+    for name, kind in _OPTIONS.items():
+        if name in model.get("options", {}):
+            _check_type(file, f"model.options.{name}", model["options"][name], kind)
+    return record
+
+
+_OPTIONS = {"num_labels": int, "pooling": str}
+"""The model options ``train`` writes into ``run.json`` and their types."""
+_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer"}
+
+
+def _check_type(file: Path, name: str, value: Any, kind: type) -> None:
+    """Refuse a ``run.json`` field (``name``, dotted; empty for the whole file) that is not of ``kind``."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        where = f'"{name}"' if name else "the file"
+        raise LoraError(
+            f"{file}: {where} is {type(value).__name__} {json.dumps(value)[:60]}, expected {_KINDS[kind]}; "
+            "restore the file, or remove it"
+        )
 
 
 def model_options(adapter: PathLike | None, architecture: str | None, num_labels: int | None) -> dict[str, Any]:

@@ -8,7 +8,8 @@
 ``run.json`` is written before training starts, so a directory with checkpoints always says which
 arguments made them. An invocation with the same arguments on the same data resumes; one with other
 arguments, or on changed data, is refused with what differs, unless ``--overwrite`` starts afresh; an
-attempt that stopped before its first checkpoint (a wrong path, say) leaves nothing to protect and is replaced.
+attempt that stopped before its first checkpoint (a wrong path, say) leaves nothing to protect and is replaced,
+while a finished run whose checkpoints were removed is kept (its adapter is the result).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def open_run(run_dir: Path, arguments: dict[str, Any], data: dict[str, str], ove
 
     Raises:
       FileExistsError: ``run_dir`` is a file, or a directory with files but no ``run.json``.
-      LoraError: an earlier run there had other arguments or data (names what differs).
+      LoraError: an earlier run there had other arguments or data (names what differs), or finished and has
+        no checkpoints left.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"{run_dir} is a file; --out names a run directory")
@@ -82,8 +84,13 @@ def open_run(run_dir: Path, arguments: dict[str, Any], data: dict[str, str], ove
     record = run_record(run_dir / ADAPTER_FILE)
     checkpoints = run_dir / CHECKPOINTS
     if record and not (checkpoints.is_dir() and any(checkpoints.iterdir())):
-        clear(run_dir)  # an attempt that stopped before its first checkpoint: nothing to resume or to lose
-        return {}
+        if record.get("status") == "started" and not (run_dir / ADAPTER_FILE).exists():
+            clear(run_dir)  # an attempt that stopped before its first checkpoint: nothing to resume or to lose
+            return {}
+        raise LoraError(
+            f"{run_dir}: the run there finished ({ADAPTER_FILE}) and its {CHECKPOINTS}/ is gone, so it can be "
+            "neither resumed nor replaced unasked; choose another --out, or pass --overwrite to start afresh"
+        )
     if not record:
         if run_dir.is_dir() and any(run_dir.iterdir()):
             raise FileExistsError(

@@ -12,6 +12,7 @@ See :mod:`lora_jax.cli.runs` for what goes into the run directory and how a run 
 from __future__ import annotations
 
 import argparse
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -112,16 +113,20 @@ def arguments(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def check_counts(args: argparse.Namespace) -> None:
-    """Refuse a rank, batch size, step count, checkpoint interval or epoch count below what can run."""
+def check_numbers(args: argparse.Namespace) -> None:
+    """Refuse a count below what can run, and a rate, alpha or epoch count that is not a finite number above 0."""
     for name in ("rank", "batch_size", "steps", "checkpoint_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise LoraError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.epochs is not None and args.epochs <= 0:
-        raise LoraError(f"--epochs must be above 0, got {args.epochs}")
+    for name in ("epochs", "learning_rate", "alpha"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise LoraError(f"--{name.replace('_', '-')} must be a finite number above 0, got {value}")
     if args.eval_every < 0:
         raise LoraError(f"--eval-every must be 0 (at the end only) or a number of steps, got {args.eval_every}")
+    if args.seed < 0:
+        raise LoraError(f"--seed must be 0 or more, got {args.seed}")
 
 
 def check_dirs(args: argparse.Namespace, model_files: tuple[str, ...], data_files: tuple[str, ...]) -> list[Path]:
@@ -137,6 +142,22 @@ def check_dirs(args: argparse.Namespace, model_files: tuple[str, ...], data_file
         if not file.is_file():
             raise FileNotFoundError(f"{file}: no such data file (DATA_DIR holds {' and '.join(data_files)})")
     return files
+
+
+def check_vocabulary(encoded: dict[str, Any], files: dict[str, Path], vocab: int, tokenizer_file: Path) -> None:
+    """Refuse token ids at or past the model's ``vocab``: ``tokenizer_file`` is then another model's tokenizer.
+
+    Args:
+      encoded: split -> encodings with ``input_ids`` (one int array per example).
+      files: split -> the data file it came from, named in the error.
+    """
+    for split, found in encoded.items():
+        largest = max((int(ids.max()) for ids in found.input_ids if len(ids)), default=-1)
+        if largest >= vocab:
+            raise LoraError(
+                f"{files[split]}: the tokenizer gives id {largest}, outside the model's vocabulary of {vocab}; "
+                f"{tokenizer_file} is not this model's tokenizer"
+            )
 
 
 def check_remat(policy: str | None) -> None:
@@ -271,7 +292,7 @@ def train(args: argparse.Namespace) -> int:
     text_columns = split_list(args.text_columns)
     if not 1 <= len(text_columns) <= 2:
         raise LoraError(f"--text-columns takes one or two columns, got {text_columns}")
-    check_counts(args)
+    check_numbers(args)
     if args.max_length < MIN_LENGTH:
         raise LoraError(f"--max-length must be at least {MIN_LENGTH}, got {args.max_length}")
     files = check_dirs(args, ("config.json", "tokenizer.json"), SPLIT_FILES)
@@ -308,6 +329,9 @@ def train(args: argparse.Namespace) -> int:
         raise LoraError(f"--max-length {args.max_length} exceeds the model's {model.config.max_position_embeddings}")
     tokenizer = models.load_tokenizer(model_dir)
     encoded = {split: data.tokenize(examples, tokenizer, args.max_length) for split, examples in splits.items()}
+    check_vocabulary(
+        encoded, dict(zip(splits, files, strict=True)), model.config.vocab_size, model_dir / "tokenizer.json"
+    )
     spec = models.method_spec(model, args.method, targets_arg(args.targets), rank=args.rank, alpha=settings["alpha"])
     described = lj.describe(params, spec)
     objective = training.classification(models.classifier_apply_fn(model), metrics)

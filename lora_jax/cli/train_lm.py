@@ -19,9 +19,10 @@ from lora_jax.cli import runs
 from lora_jax.cli.common import load_model, say, targets_arg
 from lora_jax.cli.train import (
     add_run_options,
-    check_counts,
     check_dirs,
+    check_numbers,
     check_remat,
+    check_vocabulary,
     fit_run,
     remat_model,
     run_arguments,
@@ -70,13 +71,11 @@ def train_lm(args: argparse.Namespace) -> int:
     import lora_jax as lj
     from lora_jax import data, models, training
 
-    check_counts(args)
+    check_numbers(args)
     if args.max_length < 2:
         raise LoraError(f"--max-length must be at least 2 (a token and the next), got {args.max_length}")
     if args.loss_chunk is not None and args.loss_chunk < 1:
         raise LoraError(f"--loss-chunk must be at least 1 position, got {args.loss_chunk}")
-    if not args.learning_rate > 0:
-        raise LoraError(f"--learning-rate must be above 0, got {args.learning_rate}")
     files = check_dirs(args, ("config.json", "tokenizer.json"), SPLIT_FILES)
     check_remat(args.remat)
     model_dir, run_dir = Path(args.model_dir), Path(args.out)
@@ -101,14 +100,7 @@ def train_lm(args: argparse.Namespace) -> int:
         split: data.encode_completions(found, tokenizer, args.max_length, eos, pad, splits[split])
         for split, found in examples.items()
     }
-    vocab = model.config.vocab_size
-    for split, found in encoded.items():
-        largest = max(int(ids.max()) for ids in found.input_ids)
-        if largest >= vocab:
-            raise LoraError(
-                f"{splits[split]}: the tokenizer gives id {largest}, outside the model's vocabulary of {vocab}; "
-                f"{model_dir / 'tokenizer.json'} is not this model's tokenizer"
-            )
+    check_vocabulary(encoded, splits, model.config.vocab_size, model_dir / "tokenizer.json")
     spec = models.lora_spec(model, targets_arg(args.targets), rank=args.rank, alpha=settings["alpha"])
     described = lj.describe(params, spec)
     if args.quantize != "none":

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from lora_jax.data.batching import Batch, bucket_length
 from lora_jax.data.encoding import bare_copy
-from lora_jax.data.tsv import DataFileError
+from lora_jax.data.tsv import DataFileError, decode_utf8
 from lora_jax.errors import LoraError
 
 PAIR_KEYS = ("prompt", "completion")
@@ -109,16 +109,13 @@ def read_completions(file: Path) -> list[Completion]:
 
     Raises:
       FileNotFoundError: no such file.
-      DataFileError: a line that is not JSON or not one of the two forms (``path:line:``).
-      LoraError: a file that is not UTF-8 or holds no examples.
+      DataFileError: a line that is not UTF-8, not JSON or not one of the two forms (``path:line:``).
+      LoraError: a file that holds no examples.
     """
     file = Path(file)
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such data file")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise LoraError(f"{file}: not UTF-8 text ({err})") from None
+    text = decode_utf8(file.read_bytes(), file)  # a byte-order mark is dropped, as in TSV files
     examples = []
     # Lines end at "\n" alone: JSON strings may hold U+2028 and other characters str.splitlines() breaks at.
     for number, line in enumerate(text.split("\n"), start=1):

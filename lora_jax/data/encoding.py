@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer
 
+from lora_jax.errors import LoraError
+
 if TYPE_CHECKING:
     from lora_jax.data.loading import Examples
 
@@ -34,7 +36,7 @@ class Encoded:
 def _special_id(tokenizer: Tokenizer, token: str) -> int:
     token_id = tokenizer.token_to_id(token)
     if token_id is None:
-        raise ValueError(f"tokenizer has no {token} token; a BERT-style WordPiece vocabulary is expected")
+        raise LoraError(f"the tokenizer has no {token} token; a BERT-style WordPiece vocabulary is expected")
     return token_id
 
 

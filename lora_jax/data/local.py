@@ -19,7 +19,7 @@ import numpy as np
 from lora_jax.data.builder import SPLIT_FILES
 from lora_jax.data.loading import SPLIT_ALIASES, Examples
 from lora_jax.data.tasks import Task
-from lora_jax.data.tsv import DataFileError, read_tsv
+from lora_jax.data.tsv import DataFileError, decode_utf8, read_tsv
 from lora_jax.errors import LoraError
 
 _INTEGER = re.compile(r"\d+")
@@ -28,8 +28,7 @@ _INTEGER = re.compile(r"\d+")
 def _lines(path: str | os.PathLike) -> list[str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{os.fspath(path)}: no such data file")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = f.read().split("\n")
+    lines = decode_utf8(Path(path).read_bytes(), path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return [line.removesuffix("\r") for line in lines]
@@ -54,7 +53,10 @@ def infer_labels(
     """Return the classes of ``label_column`` across ``paths``: ``(num_classes, label_names)``.
 
     Labels that are all non-negative integers give ``(max + 1, None)``; any other labels are names,
-    sorted, which give ``(len(names), names)``.
+    sorted, which give ``(len(names), names)``. The first file (``train.tsv``) sets the classes: a
+    later file holding a class it lacks is refused, as are integer classes that skip a value (a typo
+    such as 11 among 0 and 1 would add ten classes), a label with spaces around it, and, in files
+    read without a header row, a label equal to the label column's name (a header row read as data).
 
     Args:
       paths: the files (e.g. ``train.tsv`` and ``dev.tsv``).
@@ -63,10 +65,11 @@ def infer_labels(
 
     Raises:
       FileNotFoundError: a file is missing.
-      DataFileError: no such column, a line with too few fields, or fewer than two classes (names the file).
+      DataFileError: no such column, a line with too few fields, bytes that are not UTF-8, a label
+        refused above, or fewer than two classes (names the file and line).
     """
-    values: set[str] = set()
-    for path in paths:
+    first_seen: dict[str, tuple[str | os.PathLike, int]] = {}
+    for position, path in enumerate(paths):
         lines = _lines(path)
         columns = list(header) if header is not None else (lines[0].split("\t") if lines else [])
         if label_column not in columns:
@@ -77,9 +80,30 @@ def infer_labels(
             fields = line.split("\t")
             if len(fields) != len(columns):
                 raise DataFileError(path, number, f"expected {len(columns)} tab-separated fields, found {len(fields)}")
-            values.add(fields[index])
+            value = fields[index]
+            if value != value.strip():
+                raise DataFileError(path, number, f"label {value!r} has spaces around it; remove them")
+            if header is not None and value == label_column and not _INTEGER.fullmatch(value):
+                raise DataFileError(
+                    path, number, f"label {value!r} is the label column's name: a header row read as data"
+                )
+            if value not in first_seen:
+                if position > 0:
+                    raise DataFileError(
+                        path, number, f"label {value!r} never occurs in {paths[0]}, so no example teaches it"
+                    )
+                first_seen[value] = (path, number)
+    values = set(first_seen)
     if all(_INTEGER.fullmatch(value) for value in values):
         count = max((int(value) for value in values), default=-1) + 1
+        missing = sorted(set(range(count)) - {int(value) for value in values})
+        if missing:
+            largest = max(values, key=int)
+            raise DataFileError(
+                *first_seen[largest],
+                f"integer labels skip {', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''} "
+                f"below {largest}: {count} classes, {count - len(missing)} of them present; correct the label",
+            )
         names = None
     else:
         names = tuple(sorted(values))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from lora_jax.errors import LoraError
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -34,11 +36,18 @@ class Task:
 
     def __post_init__(self) -> None:
         if len(self.text_columns) not in (1, 2):
-            raise ValueError(f"task {self.name!r}: expected one or two text columns, got {self.text_columns!r}")
+            raise LoraError(f"task {self.name!r}: expected one or two text columns, got {self.text_columns!r}")
+        if len(set(self.text_columns)) != len(self.text_columns):
+            raise LoraError(f"task {self.name!r}: text columns {self.text_columns!r} name one column twice")
+        if self.label_column in self.text_columns:
+            raise LoraError(
+                f"task {self.name!r}: {self.label_column!r} is both a text column and the label column; "
+                "the model would read the answer"
+            )
         if self.num_classes < 2:
-            raise ValueError(f"task {self.name!r}: num_classes must be at least 2, got {self.num_classes}")
+            raise LoraError(f"task {self.name!r}: num_classes must be at least 2, got {self.num_classes}")
         if self.label_names is not None and len(self.label_names) != self.num_classes:
-            raise ValueError(f"task {self.name!r}: {len(self.label_names)} label names for {self.num_classes} classes")
+            raise LoraError(f"task {self.name!r}: {len(self.label_names)} label names for {self.num_classes} classes")
 
 
 _GLUE_URL = "https://dl.fbaipublicfiles.com/glue/data/{}.zip"

@@ -125,10 +125,10 @@ def read_tsv(
         raise FileNotFoundError(f"{os.fspath(path)}: no such data file")
     with open(path, "rb") as f:
         data = f.read()
-    return parse_tsv(_decode(data, path), path, text_columns, label_column, num_classes, label_names, header)
+    return parse_tsv(decode_utf8(data, path), path, text_columns, label_column, num_classes, label_names, header)
 
 
-def _decode(data: bytes, path: str | os.PathLike) -> str:
+def decode_utf8(data: bytes, path: str | os.PathLike) -> str:
     """Return ``data`` as UTF-8 text; a byte that is not UTF-8 raises DataFileError with its line and column."""
     try:
         return data.decode("utf-8-sig")

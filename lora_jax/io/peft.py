@@ -150,7 +150,7 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
     Raises:
       AdapterMismatchError: ``lora`` does not fit ``params`` and ``spec``.
       LoraError: a path the name table lacks, part of a fused tensor, more than one stack axis, no adapted
-        kernel, mixed scalings, or DoRA beside plain LoRA (PEFT's ``use_dora`` holds for every module).
+        kernel, mixed scalings or dropout rates, or DoRA beside plain LoRA (PEFT's ``use_dora`` holds for every module).
     """
     targets = list(plan(params, spec))
     leaves = check_fits(tuple(targets), lora)
@@ -160,6 +160,12 @@ def to_peft(params: PyTree, lora: PyTree, spec: LoraSpec, names: NameTable) -> t
         raise LoraError("the spec adapts no kernel; PEFT needs at least one LoRA module")
     if len({r.scaling for r in rules}) > 1:
         raise LoraError("PEFT takes one scaling for all modules; the spec mixes standard and rsLoRA")
+    dropouts = sorted({r.dropout for r in rules})
+    if len(dropouts) > 1:
+        # PEFT's lora_dropout holds for every module: writing one would train the others differently on reload.
+        raise LoraError(
+            f"PEFT takes one lora_dropout for all modules; the spec's rules have {dropouts}: give them one rate"
+        )
     modes = sorted({r.mode for r in rules})
     if len(modes) > 1:
         raise LoraError(

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
+from lora_jax.errors import LoraError
 from lora_jax.models.bert import mean_pool
 
 
@@ -19,7 +20,10 @@ def load_tokenizer(path: str | Path, max_length: int | None = None) -> Tokenizer
     file = Path(path) / "tokenizer.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found")
-    tokenizer = Tokenizer.from_file(str(file))
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as err:  # the tokenizers library raises its own bare Exception
+        raise LoraError(f"{file}: not a tokenizer the tokenizers library reads ({err}); use the model's own") from None
     pad_id = tokenizer.token_to_id("[PAD]")
     tokenizer.enable_padding(pad_id=pad_id or 0, pad_token="[PAD]" if pad_id is not None else "<pad>")
     if max_length is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -69,6 +70,20 @@ class TrainConfig:
             raise LoraError(
                 f"TrainConfig.on_nonfinite={self.on_nonfinite!r}: use one of {', '.join(map(repr, NONFINITE_POLICIES))}"
             )
+        counts = {"steps": 1, "log_every": 1, "keep_checkpoints": 1, "eval_every": 0, "checkpoint_every": 0, "seed": 0}
+        for name, least in counts.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise LoraError(f"TrainConfig.{name}={value!r}: must be an integer of at least {least}")
+        ranges = {"learning_rate": (0.0, False), "weight_decay": (0.0, True), "warmup_ratio": (0.0, True)}
+        for name, (least, inclusive) in ranges.items():
+            value = getattr(self, name)
+            number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < least or (value == least and not inclusive):
+                bound = f"at least {least:g}" if inclusive else f"above {least:g}"
+                raise LoraError(f"TrainConfig.{name}={value!r}: must be a finite number {bound}")
+        if self.warmup_ratio >= 1:
+            raise LoraError(f"TrainConfig.warmup_ratio={self.warmup_ratio!r}: must be below 1 (a share of the steps)")
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
