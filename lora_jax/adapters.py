@@ -128,8 +128,9 @@ def signature_differences(
         out.append(f"targets: {shown} only in this spec ({len(only_wanted)} leaves)")
     for name in sorted(set(saved) & set(wanted)):
         before_all, now_all = saved[name], wanted[name]
-        # Settings a variant adds beyond the four known ones are compared too, after them.
-        keys = [*_LABELS, *sorted((set(before_all) | set(now_all)) - set(_LABELS))]
+        # Settings a variant adds beyond the four known ones are compared too, after them, where the saved
+        # signature records them (files written before a setting was recorded lack it).
+        keys = [*_LABELS, *sorted(set(before_all) - set(_LABELS))]
         for key in keys:
             before, now = before_all.get(key), now_all.get(key)
             if before != now:

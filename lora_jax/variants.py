@@ -139,7 +139,11 @@ class LowRank(Variant):
         }
 
     def signature(self, target: Target) -> dict[str, Any]:
-        return {"rank": target.rule.rank, "scale": target.rule.scale}
+        layout = target.layout
+        assert layout is not None
+        # The axes too: a square kernel read with its input and output axes swapped has the same factor shapes.
+        axes = f"stack{layout.stack} in{layout.inputs} out{layout.outputs}"
+        return {"rank": target.rule.rank, "scale": target.rule.scale, "axes": axes}
 
     def summary(self, target: Target) -> tuple[str, str, str]:
         layout = target.layout

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import lora_jax as lj
-from lora_jax import adapters, io, training
+from lora_jax import adapters, io, serve, training
 from lora_jax.errors import AdapterMismatchError, CheckpointCorruptError, NonFiniteError
 from lora_jax.io import adapter, atomic
 from lora_jax.paths import flatten, path_str
@@ -628,12 +628,12 @@ def test_leftovers_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
     ours = [
         _leftover(tmp_path, "a.safetensors"),
         _leftover(tmp_path, "a.safetensors", "fedcba9876543210", age=7200),
-        _leftover(tmp_path, "a.safetensors", "abc_1234"),  # tempfile.mkstemp's, from earlier versions
         _leftover(tmp_path, "a.safetensors", "00112233445566aa", folder=True),
     ]
     not_ours = [
         _leftover(tmp_path, "b.safetensors"),  # another target's
         _leftover(tmp_path, "a.safetensors", "backup"),  # not a token we make
+        _leftover(tmp_path, "a.safetensors", "20240101"),  # a user's dated copy, not 16 hex digits
         tmp_path / "a.safetensors.tmp",
         tmp_path / ".a.safetensors.0123456789abcdef.old",  # a file; only folders are set aside
     ]
@@ -895,3 +895,90 @@ def test_save_adapter_refuses_a_name_that_is_not_safetensors(tmp_path):
     with pytest.raises(lj.LoraError, match=r"adapter\.bin: .*ending in \.safetensors"):
         io.save_adapter(tmp_path / "adapter.bin", PARAMS, _trained(), SPEC)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_adapter_read_with_other_kernel_axes_is_refused_even_when_the_shapes_agree(tmp_path):
+    # A square kernel read with its input and output axes swapped gives factors of the same shapes: only the
+    # recorded axes tell the two apart, and merging under the wrong ones would give other weights.
+    params = {"attn": {"kernel": jnp.ones((8, 8))}}
+    saved_spec = lj.LoraSpec([lj.Rule("attn/kernel", rank=2)])
+    other_spec = lj.LoraSpec([lj.Rule("attn/kernel", rank=2, in_axes=(1,))])
+    lora = jax.tree_util.tree_map(lambda x: x + 1.0, lj.init(jax.random.key(0), params, saved_spec))
+    path = io.save_adapter(tmp_path / "a.safetensors", params, lora, saved_spec)
+    with pytest.raises(AdapterMismatchError, match=r"attn/kernel/a: axes stack\(\) in\(0,\) out\(1,\) in the file, "):
+        io.load_adapter(path, params, other_spec)
+    with training.Checkpoints(tmp_path / "ckpt", params, saved_spec) as checkpoints:
+        checkpoints.save(1, {"lora": lora})
+    mismatch = pytest.raises(AdapterMismatchError, match=r"axes stack\(\) in\(0,\) out\(1,\) in the checkpoint")
+    with training.Checkpoints(tmp_path / "ckpt", params, other_spec) as checkpoints, mismatch:
+        checkpoints.restore_latest({"lora": lora})
+    # A file written before axes were recorded (format 1 here) still loads: compared on what it records.
+    old = _save_format_1(tmp_path / "old.safetensors")
+    metadata, tensors = _contents(old)
+    unrecorded = {
+        name: {k: v for k, v in entry.items() if k != "axes"}
+        for name, entry in adapters.signature(PARAMS, SPEC).items()
+    }
+    save_file(tensors, old, metadata={**metadata, "signature": json.dumps(unrecorded)})
+    with pytest.warns(UserWarning, match="has no checksums"):
+        _same_adapter(io.load_adapter(old, PARAMS, SPEC), _trained())
+
+
+def _tiny_adapter(seed: int, spec: lj.LoraSpec, params):
+    lora = lj.init(jax.random.key(seed), params, spec)
+    return jax.tree_util.tree_map(lambda x: x + jax.random.normal(jax.random.key(seed + 1), x.shape), lora)
+
+
+def test_serving_refuses_adapters_that_hold_nan_or_inf():
+    params = {"enc": {"q": {"kernel": jnp.ones((8, 8))}}}
+    spec = lj.LoraSpec([lj.Rule("enc/q/kernel", rank=2)])
+    good, bad = _tiny_adapter(0, spec, params), _tiny_adapter(2, spec, params)
+    bad["enc"]["q"]["kernel"]["a"] = bad["enc"]["q"]["kernel"]["a"].at[0, 0].set(jnp.nan)
+    with pytest.raises(NonFiniteError, match="adapter set slot 1: adapter leaf enc/q/kernel/a holds NaN or Inf"):
+        serve.adapter_set(params, [(good, spec), (bad, spec)])
+    lora_set = serve.adapter_set(params, [(good, spec)], capacity=2)
+    with pytest.raises(NonFiniteError, match="slot 1: adapter leaf enc/q/kernel/a"):
+        serve.add(params, bad, spec, lora_set)
+    with pytest.raises(NonFiniteError, match="slot 0: adapter leaf enc/q/kernel/a"):
+        serve.replace(params, bad, spec, lora_set, 0)
+    # A finite adapter that overflows the set's dtype is refused too.
+    huge = jax.tree_util.tree_map(lambda x: x * 1e6, good)
+    with pytest.raises(NonFiniteError, match="slot 0: adapter leaf"):
+        serve.adapter_set(params, [(huge, spec)], dtype="float16")
+    for combination in ("linear", "cat", "svd"):
+        with pytest.raises(NonFiniteError, match="weighted_adapter: adapter 1's leaf enc/q/kernel/a"):
+            serve.weighted_adapter(params, [(good, spec), (bad, spec)], [0.5, 0.5], combination=combination)
+    # Weights may be numpy or JAX scalars; the result is the same as with Python floats.
+    want, _ = serve.weighted_adapter(params, [(good, spec), (good, spec)], [0.5, 0.25], combination="cat")
+    got, _ = serve.weighted_adapter(
+        params, [(good, spec), (good, spec)], [jnp.float32(0.5), np.float64(0.25)], combination="cat"
+    )
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoints_never_save_over_another_runs_steps_or_a_users_folders(tmp_path):
+    params = {"enc": {"q": {"kernel": jnp.ones((8, 8))}}}
+    spec = lj.LoraSpec([lj.Rule("enc/q/kernel", rank=2)])
+    other = lj.LoraSpec([lj.Rule("enc/q/kernel", rank=4)])
+    state = {"lora": _tiny_adapter(0, spec, params)}
+    with training.Checkpoints(tmp_path / "a", params, other, keep=2) as theirs:
+        for step in (1, 2, 3):
+            theirs.save(step, {"lora": _tiny_adapter(0, other, params)})
+    mismatch = pytest.raises(AdapterMismatchError, match=r"checkpoint 2 was written for another spec")
+    with training.Checkpoints(tmp_path / "a", params, spec, keep=2) as mine, mismatch:
+        mine.save(10, state)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.isdigit()) == ["2", "3"]
+    # A folder of numbered files that no checkpoint wrote is named, not pruned.
+    (tmp_path / "b" / "1").mkdir(parents=True)
+    (tmp_path / "b" / "1" / "data.txt").write_text("mine")
+    unsigned = pytest.raises(CheckpointCorruptError, match=r"checkpoint 1 .* has no spec signature")
+    with training.Checkpoints(tmp_path / "b", params, spec, keep=1) as mine, unsigned:
+        mine.save(5, state)
+    assert (tmp_path / "b" / "1" / "data.txt").read_text() == "mine"
+    # The run's own directory saves on.
+    with training.Checkpoints(tmp_path / "c", params, spec, keep=2) as mine:
+        mine.save(1, state)
+    with training.Checkpoints(tmp_path / "c", params, spec, keep=2) as mine:
+        mine.save(2, state)
+        assert mine.steps() == [1, 2]

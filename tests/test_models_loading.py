@@ -304,3 +304,78 @@ def test_bad_model_file_is_named(tmp_path, kind):
         with pytest.raises(error, match=message) as err:
             models.from_pretrained(path)
     assert str(path / file) in str(err.value)
+
+
+def test_a_tensor_held_twice_across_shards_is_refused(tmp_path):
+    tensors = read_tensors(FIXTURES / "tiny_llama" / "model.safetensors")
+    names = sorted(tensors)
+    twice = names[0]
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    save_file(
+        {n: tensors[n] for n in shards["model-00001-of-00002.safetensors"]},
+        tmp_path / "model-00001-of-00002.safetensors",
+    )
+    stray = {n: tensors[n] for n in shards["model-00002-of-00002.safetensors"]} | {twice: np.zeros_like(tensors[twice])}
+    save_file(stray, tmp_path / "model-00002-of-00002.safetensors")
+    index = {"metadata": {}, "weight_map": {n: f for f, part in shards.items() for n in part}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copy(FIXTURES / "tiny_llama" / "config.json", tmp_path)
+    with pytest.raises(
+        models.CheckpointError, match=f"00002-of-00002.safetensors: tensor '{twice}' is the same weight"
+    ):
+        models.from_pretrained(tmp_path)
+
+
+def test_a_tensor_in_a_dtype_numpy_lacks_is_refused_naming_it(tmp_path):
+    path = copy_model("tiny_gpt2", tmp_path / "m")
+    file = path / "model.safetensors"
+    raw = file.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    entry = header["transformer.wpe.weight"]
+    # The same bytes read as four times as many FP8 numbers: a header numpy has no dtype for.
+    header["transformer.wpe.weight"] = {**entry, "dtype": "F8_E4M3", "shape": [int(np.prod(entry["shape"])) * 4]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size :])
+    with pytest.raises(
+        models.CheckpointError, match=r"model.safetensors: tensor 'transformer.wpe.weight' is stored as F8_E4M3"
+    ):
+        models.from_pretrained(path)
+
+
+def test_weights_holding_nan_or_beyond_the_param_dtype_are_refused(tmp_path):
+    path = copy_model("tiny_gpt2", tmp_path / "m")
+    tensors = read_tensors(path / "model.safetensors")
+    name = "transformer.h.0.mlp.c_fc.weight"
+    tensors[name] = tensors[name].copy()
+    tensors[name][0, 0] = 1e6
+    save_file(tensors, path / "model.safetensors")
+    models.from_pretrained(path)  # float32 holds it
+    with pytest.raises(models.CheckpointError, match=f"tensor '{name}' holds 1e\\+06, beyond float16's largest"):
+        models.from_pretrained(path, param_dtype=np.float16)
+    tensors[name][0, 0] = np.nan
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(models.CheckpointError, match=f"model.safetensors: tensor '{name}' holds NaN or Inf"):
+        models.from_pretrained(path)
+
+
+def test_export_refuses_nan_and_writes_its_files_as_one(tmp_path, monkeypatch):
+    model, params = models.from_pretrained(FIXTURES / "tiny_gpt2")
+    out = models.save_pretrained(tmp_path / "out", model, params)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves[-1] = leaves[-1].at[..., 0].set(np.nan)
+    with pytest.raises(lora_jax.errors.NonFiniteError, match="holds NaN or Inf: the model diverged"):
+        models.save_pretrained(out, model, jax.tree_util.tree_unflatten(treedef, leaves), overwrite=True)
+
+    # A write that fails part way (the config, after the weights) leaves the folder as it was.
+    def disk_full(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        models.save_pretrained(out, model, jax.tree_util.tree_map(lambda x: x * 2, params), overwrite=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no temporary folder left behind

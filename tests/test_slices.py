@@ -145,6 +145,7 @@ def test_describe_signature_and_stored_spec():
         "mode": "lora",
         "rank": 2,
         "scale": 2.0,
+        "axes": "stack() in(0,) out(1, 2, 3)",
         "slices": ["q", "k", "v"],
         "adapt": ["q", "v"],
         "slice_axis": 1,

@@ -50,8 +50,9 @@ except ImportError:  # Windows: leftovers are recognised by their age instead
 STALE_AFTER = 3600.0
 """Seconds after which a leftover temporary file is removed where file locks are unavailable (Windows)."""
 
-# The random part of a temporary name: ours (16 hex digits), and tempfile.mkstemp's (earlier versions of this module).
-_TOKEN = r"(?:[0-9a-f]{16}|[a-z0-9_]{8})"
+# The random part of a temporary name: 16 hex digits. Nothing else is recognised, since a name a person chose
+# (``.adapter.safetensors.20240101.old``) could match a looser pattern and would be removed or merged.
+_TOKEN = r"[0-9a-f]{16}"
 _POSIX = os.name != "nt"
 
 

@@ -26,11 +26,11 @@ import numpy as np
 
 from lora_jax.adapters import bind
 from lora_jax.errors import AdapterMismatchError, LoraError, SpecError
-from lora_jax.finite import is_traced
+from lora_jax.finite import check_finite, is_traced
 from lora_jax.paths import flatten, nested_set, path_str
 from lora_jax.plan import Target, plan
 from lora_jax.quant.array import as_array
-from lora_jax.serve.specs import exact_spec, kind
+from lora_jax.serve.specs import NONFINITE_FIX, exact_spec, kind
 from lora_jax.spec import ADAPTED_MODES, LoraSpec
 from lora_jax.typing import PyTree
 from lora_jax.variants import A_KEY, B_KEY, Dora, variant_of
@@ -280,6 +280,9 @@ def _check_slot(lora_set: AdapterSet, slot: Any) -> int:
 
 def _put(params: PyTree, lora: PyTree, spec: LoraSpec, lora_set: AdapterSet, slot: int) -> AdapterSet:
     row, scales, gains = _slot_values(params, lora, spec, lora_set)
+    # After the cast to the set's dtype, which can overflow; a NaN would reach every row served from this slot.
+    check_finite(row, f"adapter set slot {slot}: adapter leaf", NONFINITE_FIX, traced=is_traced(row))
+    check_finite(gains, f"adapter set slot {slot}: DoRA gain of", NONFINITE_FIX, traced=is_traced(gains))
     return _write(lora_set, jnp.int32(slot), row, scales, gains, jnp.bool_(True))
 
 

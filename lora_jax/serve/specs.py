@@ -10,6 +10,9 @@ from lora_jax.errors import SpecError
 from lora_jax.plan import Target
 from lora_jax.spec import LoraSpec, Rule
 
+NONFINITE_FIX = "the adapter diverged in training or its file is damaged; serve another"
+"""What a refusal of an adapter holding NaN or Inf tells the user to do."""
+
 
 def kind(target: Target) -> tuple[Any, ...]:
     """Return what must agree between two adapters of one kernel: the mode and the axes of its layout.

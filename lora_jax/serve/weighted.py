@@ -20,17 +20,20 @@ trained value (PEFT gives the new adapter a fresh copy of the base module).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.adapters import bind
 from lora_jax.errors import AdapterMismatchError, LoraError, SpecError
+from lora_jax.finite import check_finite, is_traced
 from lora_jax.paths import PathTuple, nested_set, path_str
 from lora_jax.plan import Target
-from lora_jax.serve.specs import check_lora_or_train, exact_spec, kind
+from lora_jax.serve.specs import NONFINITE_FIX, check_lora_or_train, exact_spec, kind
 from lora_jax.spec import LoraSpec
 from lora_jax.typing import PyTree
 from lora_jax.variants import A_KEY, B_KEY
@@ -118,8 +121,12 @@ def weighted_adapter(
     if len(weights) != len(loras):
         raise LoraError(f"weighted_adapter: {len(loras)} adapters but {len(weights)} weights; give one weight each")
     for i, w in enumerate(weights):
-        if not isinstance(w, int | float) or isinstance(w, bool) or not math.isfinite(w):
+        if getattr(w, "shape", None) == () and np.issubdtype(np.asarray(w).dtype, np.number):
+            w = np.asarray(w).item()  # a JAX or numpy scalar array
+        if not isinstance(w, numbers.Real) or isinstance(w, bool) or not math.isfinite(w):
             raise LoraError(f"weighted_adapter: weights[{i}] = {w!r} is not a finite number")
+    for i, (lora, _) in enumerate(loras):
+        check_finite(lora, f"weighted_adapter: adapter {i}'s leaf", NONFINITE_FIX, traced=is_traced(lora))
     if combination not in COMBINATIONS:
         raise LoraError(f"weighted_adapter: combination {combination!r} is not one of {', '.join(COMBINATIONS)}")
     if combination != "svd" and (rank is not None or clamp is not None):
@@ -193,4 +200,5 @@ def weighted_adapter(
         nested_set(new, (*path, B_KEY), b)
         targets.append(first)
         new_ranks.append(int(a.shape[-1]))
+    check_finite(new, "weighted_adapter: the combined leaf", "the weights overflow float32; use smaller ones")
     return new, exact_spec(targets, new_ranks, dtype="float32", name=RULE_NAME)

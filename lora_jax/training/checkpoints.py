@@ -68,6 +68,7 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=True)
         handlers = {STATE: ocp.StandardCheckpointHandler(), SIGNATURE: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._owned = False  # whether the steps already in the directory were checked to be this spec's
 
     def __enter__(self) -> Checkpoints:
         return self
@@ -90,9 +91,19 @@ class Checkpoints:
         return self._manager.latest_step()
 
     def save(self, step: int, state: PyTree) -> None:
-        """Write ``state`` as step ``step`` with the signature (nothing when that step is already saved)."""
+        """Write ``state`` as step ``step`` with the signature (nothing when that step is already saved).
+
+        Raises:
+          AdapterMismatchError / CheckpointCorruptError: on the first save, a step already in the directory was
+            written for another spec or base, or not by this class (a folder of numbered files, say): keeping only
+            the newest ``keep`` would delete it.
+        """
         ocp = require("orbax.checkpoint", "train")
 
+        if not self._owned:
+            for existing in self.steps():
+                self.check_signature(existing)
+            self._owned = True
         if step in self._manager.all_steps():
             return
         args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state), SIGNATURE: ocp.args.JsonSave(self.signature)})

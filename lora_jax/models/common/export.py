@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ import flax.linen as nn
 import numpy as np
 from safetensors.numpy import save_file
 
-from lora_jax.io.atomic import refuse_existing, write_atomic, write_bytes, write_text
+from lora_jax.finite import check_finite
+from lora_jax.io.atomic import refuse_existing, write_directory_atomic
 from lora_jax.models.bundled import ARCHITECTURES
 from lora_jax.models.common.config import to_hf
 from lora_jax.models.common.convert import CheckpointError, join_parts
@@ -168,10 +169,15 @@ def save_pretrained(
     tensors = checkpoint_tensors(model, params, registry=registry)
     base = read_config(source) if source is not None else None
     config = config_json(model, base=base, labels=labels, registry=registry)
+    check_finite(tensors, "tensor", "the model diverged or was merged from a damaged adapter; export an earlier state")
     metadata = {"format": "pt"}  # transformers reads the framework from the metadata
-    write_atomic(directory / SINGLE_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=True)
-    write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n", overwrite=True)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    files: dict[str, Callable[[str], object]] = {
+        SINGLE_FILE: lambda tmp: save_file(tensors, tmp, metadata=metadata),
+        CONFIG_FILE: lambda tmp: Path(tmp).write_text(text),
+    }
     for name in side:
-        assert source is not None
-        write_bytes(directory / name, (Path(source) / name).read_bytes(), overwrite=True)
-    return directory
+        content = (Path(source) / name).read_bytes() if source is not None else b""
+        files[name] = lambda tmp, content=content: Path(tmp).write_bytes(content)
+    # One folder swap: a reader never sees new weights beside an old config.
+    return write_directory_atomic(directory, files, overwrite=True)

@@ -129,7 +129,31 @@ def _tensors(files: list[Path]) -> Iterator[tuple[Path, str, np.ndarray]]:
     for file in files:
         with _opened(file) as f:
             for name in list(f.keys()):
-                yield file, name, f.get_tensor(name)
+                try:
+                    array = f.get_tensor(name)
+                except (AttributeError, TypeError) as err:  # a dtype numpy lacks (FP8, FP4) fails this way
+                    dtype = f.get_slice(name).get_dtype()
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} is stored as {dtype}, which numpy cannot hold ({err}); "
+                        "convert the checkpoint to float32, float16 or bfloat16"
+                    ) from None
+                yield file, name, array
+
+
+def _check_values(file: Path, name: str, array: np.ndarray, param_dtype: Any) -> None:
+    """Refuse a floating tensor holding NaN or Inf, or values beyond what ``param_dtype`` can hold."""
+    if not jnp.issubdtype(array.dtype, jnp.inexact) or not array.size:
+        return
+    values = array if array.dtype.itemsize >= 4 else array.astype(np.float32)
+    if not np.isfinite(values).all():
+        raise CheckpointError(f"{file}: tensor {name!r} holds NaN or Inf; {_REDOWNLOAD}")
+    if jnp.issubdtype(param_dtype, jnp.inexact):
+        limit, largest = float(jnp.finfo(param_dtype).max), float(np.abs(values).max())
+        if largest > limit:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} holds {largest:g}, beyond {np.dtype(param_dtype).name}'s largest value "
+                f"{limit:g}; load with param_dtype=jnp.float32 or jnp.bfloat16"
+            )
 
 
 def _check_options(registry: Registry, build: Build, options: Mapping[str, Any]) -> None:
@@ -269,12 +293,22 @@ def load_params(
     assembly = _Assembly(targets, scan, np.dtype(model.param_dtype), rules)
     spelling = _Spelling(mapping, arch.prefix)
     unexpected = []
+    seen: dict[str, tuple[Path, str]] = {}  # canonical name -> where it was read
     for file, raw_name, array in _tensors(files):
         name = spelling.match(raw_name)
         if name is None:
             if not arch.is_ignored(raw_name):
                 unexpected.append(raw_name)
             continue
+        if name in seen:
+            # Shards or spellings holding one tensor twice: whichever came last would win, unseen.
+            first_file, first_name = seen[name]
+            raise CheckpointError(
+                f"{file}: tensor {raw_name!r} is the same weight as {first_name!r} in {first_file}; the checkpoint "
+                f"holds it twice, so which one is meant is unknown; {_REDOWNLOAD}"
+            )
+        seen[name] = (file, raw_name)
+        _check_values(file, raw_name, array, model.param_dtype)
         if jnp.issubdtype(model.param_dtype, jnp.inexact) and not jnp.issubdtype(array.dtype, jnp.inexact):
             wanted = np.dtype(model.param_dtype)
             raise CheckpointError(
