@@ -1,6 +1,7 @@
 """PEFT folders are read with PEFT's own semantics or refused naming the file: per-module ranks and alphas,
 tensor layouts, targets, and every parse failure of the config and the weights."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -239,6 +240,17 @@ def test_export_refuses_rules_with_different_dropout_rates(tmp_path):
         peft.to_peft(params, lora, spec, names)
     same = lj.LoraSpec([lj.Rule(r".*/(query|value)/kernel", rank=2, alpha=4, in_axes=0, dropout=0.3)])
     assert peft.to_peft(params, lj.init(jax.random.key(0), params, same), same, names)[1]["lora_dropout"] == 0.3
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the cast being refused
+def test_a_peft_adapter_that_overflows_the_rules_dtype_is_refused(tmp_path):
+    model, params = _model()
+    folder = _copy(tmp_path)
+    _change_tensors(folder, lambda t: t.update({f"{Q0}.lora_B.weight": t[f"{Q0}.lora_B.weight"] * 0 + 1e5}))
+    narrow = lj.LoraSpec([dataclasses.replace(rule, dtype="float16") for rule in _simple_spec().rules])
+    with pytest.raises(lj.NonFiniteError, match=r"adapter_model.safetensors: in the spec's dtypes, leaf .*query"):
+        peft.load_peft(folder, params, narrow, models.hf_names(model))
+    peft.load_peft(folder, params, _simple_spec(), models.hf_names(model))  # float32 holds it
 
 
 def test_export_refuses_non_finite_adapters(tmp_path):

@@ -447,7 +447,14 @@ def load_peft(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTa
             "to plain LoRA in PEFT with save_pretrained(..., path_initial_model_for_weight_conversion=<the "
             "adapter saved before training>)"
         )
-    return _read(directory, config, params, spec, names)
+    lora = _read(directory, config, params, spec, names)
+    # The tensors were finite as stored; a rule's narrower dtype can still overflow them.
+    check_finite(
+        lora,
+        f"{directory / WEIGHTS}: in the spec's dtypes, leaf",
+        "its values exceed the rule's dtype; read it under rules with dtype='float32'",
+    )
+    return lora
 
 
 def load_peft_pissa(directory: PathLike, params: PyTree, spec: LoraSpec, names: NameTable) -> tuple[PyTree, dict]:
