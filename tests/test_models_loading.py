@@ -361,9 +361,13 @@ def test_weights_holding_nan_or_beyond_the_param_dtype_are_refused(tmp_path):
 
 
 def test_export_refuses_nan_and_writes_its_files_as_one(tmp_path, monkeypatch):
-    model, params = models.from_pretrained(FIXTURES / "tiny_gpt2")
-    out = models.save_pretrained(tmp_path / "out", model, params)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    source = copy_model("tiny_gpt2", tmp_path / "source")
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    model, params = models.from_pretrained(source)
+    out = models.save_pretrained(tmp_path / "out", model, params, source=source)
+    assert (out / "1_Pooling" / "config.json").read_text() == '{"pooling_mode_mean_tokens": true}'
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     leaves, treedef = jax.tree_util.tree_flatten(params)
     leaves[-1] = leaves[-1].at[..., 0].set(np.nan)
     with pytest.raises(lora_jax.errors.NonFiniteError, match="holds NaN or Inf: the model diverged"):
@@ -377,5 +381,5 @@ def test_export_refuses_nan_and_writes_its_files_as_one(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         models.save_pretrained(out, model, jax.tree_util.tree_map(lambda x: x * 2, params), overwrite=True)
     monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no temporary folder left behind
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]  # no temporary folder left behind

@@ -21,7 +21,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from lora_jax.finite import check_finite
-from lora_jax.io.atomic import refuse_existing, write_directory_atomic
+from lora_jax.io.atomic import refuse_existing, write_bytes, write_directory_atomic
 from lora_jax.models.bundled import ARCHITECTURES
 from lora_jax.models.common.config import to_hf
 from lora_jax.models.common.convert import CheckpointError, join_parts
@@ -176,8 +176,16 @@ def save_pretrained(
         SINGLE_FILE: lambda tmp: save_file(tensors, tmp, metadata=metadata),
         CONFIG_FILE: lambda tmp: Path(tmp).write_text(text),
     }
+    nested = [name for name in side if "/" in name]  # e.g. sentence-transformers' 1_Pooling/config.json
     for name in side:
         content = (Path(source) / name).read_bytes() if source is not None else b""
-        files[name] = lambda tmp, content=content: Path(tmp).write_bytes(content)
-    # One folder swap: a reader never sees new weights beside an old config.
-    return write_directory_atomic(directory, files, overwrite=True)
+        if name not in nested:
+            files[name] = lambda tmp, content=content: Path(tmp).write_bytes(content)
+    # One folder swap: a reader never sees new weights beside an old config. Files in subfolders follow, each
+    # written whole; they describe how to pool, not the weights.
+    write_directory_atomic(directory, files, overwrite=True)
+    for name in nested:
+        assert source is not None
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(directory / name, (Path(source) / name).read_bytes(), overwrite=True)
+    return directory
