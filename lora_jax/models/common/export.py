@@ -176,16 +176,15 @@ def save_pretrained(
         SINGLE_FILE: lambda tmp: save_file(tensors, tmp, metadata=metadata),
         CONFIG_FILE: lambda tmp: Path(tmp).write_text(text),
     }
-    nested = [name for name in side if "/" in name]  # e.g. sentence-transformers' 1_Pooling/config.json
-    for name in side:
-        content = (Path(source) / name).read_bytes() if source is not None else b""
-        if name not in nested:
+    copied = {name: (Path(source) / name).read_bytes() for name in side} if source is not None else {}
+    for name, content in copied.items():
+        if "/" not in name:
             files[name] = lambda tmp, content=content: Path(tmp).write_bytes(content)
-    # One folder swap: a reader never sees new weights beside an old config. Files in subfolders follow, each
-    # written whole; they describe how to pool, not the weights.
+    # One folder swap: a reader never sees new weights beside an old config. Files in subfolders (sentence-
+    # transformers' 1_Pooling/config.json) follow, each written whole; they describe pooling, not the weights.
     write_directory_atomic(directory, files, overwrite=True)
-    for name in nested:
-        assert source is not None
-        (directory / name).parent.mkdir(parents=True, exist_ok=True)
-        write_bytes(directory / name, (Path(source) / name).read_bytes(), overwrite=True)
+    for name, content in copied.items():
+        if "/" in name:
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            write_bytes(directory / name, content, overwrite=True)
     return directory
